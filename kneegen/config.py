@@ -1,0 +1,201 @@
+"""The run config: one dataclass per concern, loaded from YAML, overridden from the CLI.
+
+Every choice is validated once, here, so the rest of the code can trust it: unknown keys are
+named with the closest known key, wrong types name the key and the expected type. The resolved
+config is written into the run dir and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kneegen.errors import KneegenError
+
+Arch = Literal["unet", "seed"]
+ScheduleKind = Literal["linear", "cosine"]
+Prediction = Literal["eps", "v"]
+LossKind = Literal["l1", "l2", "huber"]
+OptimizerKind = Literal["adamw", "adam"]
+SamplerName = Literal["ddpm", "ddim"]
+Precision = Literal["auto", "fp32", "bf16"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+
+@dataclass
+class ModelConfig:
+    """The denoising network. `seed` is the original plain U-Net and ignores the other keys."""
+
+    arch: Arch = "unet"
+    channels: int = 64  # width of the first level; later levels multiply it
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    blocks_per_level: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [2])  # 0 = first level
+    patch_size: int = 1  # pixel-unshuffle factor applied before the first level
+    dropout: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network is trained to predict."""
+
+    timesteps: int = 1000
+    schedule: ScheduleKind = "cosine"
+    prediction: Prediction = "v"
+    loss: LossKind = "l2"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation, the EMA and the deterministic validation."""
+
+    epochs: int = 50
+    batch_size: int = 32
+    optimizer: OptimizerKind = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.999  # 0 disables EMA: sampling then uses the raw weights
+    seed: int = 0
+    val_every: int = 1  # epochs between validations
+    val_images: int = 256  # held-out images used for the validation loss
+    val_timesteps: int = 10  # fixed t grid: one bucket each
+
+
+@dataclass
+class SampleConfig:
+    """How images are drawn from a trained model."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 50
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ancestral-like
+    batch_size: int = 16
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved as `config.yaml` next to its outputs."""
+
+    data: str = "data/prepared"
+    device: DeviceName = "auto"
+    precision: Precision = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then dotted-key overrides (`train.lr`), validated once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        raw = read_yaml_mapping(path)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return from_dict(RunConfig, raw, source, prefix="")
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; any other content is the user's to fix."""
+    if not path.is_file():
+        raise KneegenError(f"config file {path} not found: give an existing YAML file (see examples/)")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise KneegenError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise KneegenError(f"{path}: expected a mapping of config keys at the top level")
+    return loaded
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` → ("train.lr", 3e-4); the value is read as YAML so lists work too."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise KneegenError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Put `value` at `a.b.c` in a nested dict, creating the sections on the way."""
+    *sections, leaf = dotted.split(".")
+    node = raw
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise KneegenError(f"config key {dotted!r}: {section!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML and checkpoint friendly)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
+    """Build dataclass `cls` from `raw`, naming `source` and the dotted key in every error."""
+    if not isinstance(raw, dict):
+        raise KneegenError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise KneegenError(f"{source}: unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for name in known:
+        if name in raw:
+            values[name] = coerce(hints[name], raw[name], source, f"{prefix}{name}")
+    return cls(**values)
+
+
+def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
+    """Check `value` against a field type (dataclass, Literal, list[int], scalar) and return it."""
+    if dataclasses.is_dataclass(expected):
+        return from_dict(expected, value, source, prefix=f"{key}.")
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        choices = typing.get_args(expected)
+        if value not in choices:
+            raise KneegenError(f"{source}: {key} = {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise KneegenError(f"{source}: {key} must be a list, e.g. [1, 2, 2]; got {value!r}")
+        return [coerce(item_type, item, source, key) for item in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"config field {key}: union types are not supported")
+    return coerce_scalar(expected, value, source, key)
+
+
+def coerce_scalar(expected: type, value: Any, source: str, key: str) -> Any:
+    """int/float/bool/str with the one lenience YAML needs: `1e-3` arrives as a string."""
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise KneegenError(f"{source}: {key} must be {expected.__name__}; got {value!r}")
