@@ -1,0 +1,57 @@
+"""Checkpoints: plain dicts of state_dicts, config and counters, written atomically.
+
+Loading uses `torch.load(weights_only=True)`, so a checkpoint can never run code; anything that
+is not a kneegen checkpoint of a known format version is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kneegen.errors import KneegenError
+
+FORMAT = "kneegen-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash mid-write leaves the previous checkpoint intact: rename is atomic on POSIX.
+    """
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint dict at `path`, on the CPU, after checking that it is one of ours."""
+    if not path.is_file():
+        raise KneegenError(f"checkpoint {path} not found: train first (kneegen train) or give an existing .pt file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise KneegenError(f"{path} is not a readable kneegen checkpoint ({reason[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise KneegenError(f"{path} is not a kneegen checkpoint: give a last.pt or best.pt from a kneegen run")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise KneegenError(
+            f"{path} has checkpoint format {payload['format_version']}, newer than this kneegen "
+            f"understands ({FORMAT_VERSION}): upgrade kneegen"
+        )
+    return payload

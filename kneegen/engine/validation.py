@@ -1,0 +1,76 @@
+"""A validation loss that is a function of the weights alone.
+
+The original drew new t and noise at every validation, so its curve swung from epoch to epoch.
+Here each held-out image is noised at a fixed grid of timesteps (one per bucket of the T
+steps) with noise from its own seed, so the same weights always give the same number, and the
+per-bucket losses show where in the noise range the model is weak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from kneegen.config import DiffusionConfig
+from kneegen.engine.device import Compute, evaluating
+from kneegen.engine.loss import per_image_loss
+from kneegen.engine.pixels import to_model_range
+from kneegen.engine.schedule import Schedule
+
+VALIDATION_SEED = 20_240_101  # noise of held-out image i comes from VALIDATION_SEED + i
+
+
+@dataclass
+class ValidationResult:
+    loss: float  # mean over images and buckets
+    bucket_timesteps: list[int]  # the t of each bucket
+    bucket_losses: list[float]  # mean loss at that t
+
+
+def bucket_timesteps(total: int, buckets: int) -> list[int]:
+    """The centre of each of `buckets` equal slices of [0, T)."""
+    return [int((k + 0.5) * total / buckets) for k in range(buckets)]
+
+
+def validation_loss(
+    network: nn.Module,
+    images: np.ndarray,
+    schedule: Schedule,
+    diffusion: DiffusionConfig,
+    compute: Compute,
+    buckets: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> ValidationResult:
+    """Mean loss of `network` on `images` ((N, H, W)) over a fixed t grid and fixed noise."""
+    grid = bucket_timesteps(schedule.timesteps, buckets)
+    totals = torch.zeros(len(grid), dtype=torch.float64)
+    with evaluating(network), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x0 = to_model_range(images[start : start + batch_size], compute.device)
+            noises = fixed_noise(range(start, start + len(x0)), len(grid), x0.shape[1:])  # (K, B, C, H, W)
+            for k, t_value in enumerate(grid):
+                t = torch.full((len(x0),), t_value, device=compute.device)
+                noise = noises[k].to(compute.device)
+                x_t = schedule.add_noise(x0, noise, t)
+                with compute.autocast():
+                    prediction = network(x_t.to(memory_format=compute.memory_format), t)
+                target = schedule.target(x0, noise, t, diffusion.prediction)
+                totals[k] += per_image_loss(prediction, target, diffusion.loss).double().sum().cpu()
+            if on_batch is not None:
+                on_batch(len(x0))
+    per_bucket = (totals / len(images)).tolist()
+    return ValidationResult(sum(per_bucket) / len(per_bucket), grid, per_bucket)
+
+
+def fixed_noise(image_indices: range, count: int, image_shape: torch.Size) -> torch.Tensor:
+    """`count` noise draws per image from that image's own seed: (count, B, *image_shape)."""
+    per_image = [
+        torch.randn((count, *image_shape), generator=torch.Generator().manual_seed(VALIDATION_SEED + i))
+        for i in image_indices
+    ]
+    return torch.stack(per_image, dim=1)
