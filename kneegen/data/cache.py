@@ -1,0 +1,63 @@
+"""The prepared-data cache: one memory-mapped image array and a JSON manifest.
+
+Images are stored split by split (train first, then val), so each split is a contiguous,
+zero-copy view of the memory map and training never decodes an image file again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kneegen.errors import KneegenError
+
+IMAGES_FILE = "images.npy"
+MANIFEST_FILE = "manifest.json"
+CACHE_FORMAT = "kneegen-cache"
+CACHE_VERSION = 1
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    images: np.ndarray  # (N, H, W) memory-mapped, ordered by split
+    manifest: dict[str, Any]
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> np.ndarray:
+        """The images of one split as a view of the memory map."""
+        start, stop = self.manifest["split_ranges"][name]
+        return self.images[start:stop]
+
+
+def is_cache(root: Path) -> bool:
+    return (root / MANIFEST_FILE).is_file()
+
+
+def open_cache(root: Path) -> PreparedData:
+    """Open a prepared data dir, or say how to make one."""
+    if not root.is_dir():
+        raise KneegenError(f"data dir {root} not found: run `kneegen prepare SRC --out {root}` first (or --phantom N)")
+    if not is_cache(root):
+        raise KneegenError(f"{root} holds no prepared data ({MANIFEST_FILE} missing): run `kneegen prepare` on it first")
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    if manifest.get("format") != CACHE_FORMAT:
+        raise KneegenError(f"{root / MANIFEST_FILE} is not a kneegen cache manifest: prepare the data again")
+    images = np.load(root / IMAGES_FILE, mmap_mode="r")
+    return PreparedData(root, images, manifest)
+
+
+def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> None:
+    """Write the array, then the manifest last, so a cache with a manifest is complete."""
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / IMAGES_FILE, images)
+    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
