@@ -1,0 +1,144 @@
+"""`kneegen sample single | illustrate N | generate N`: new images from a trained model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from kneegen.engine.device import resolve_compute
+from kneegen.engine.pixels import to_uint8
+from kneegen.engine.samplers import sample_timesteps
+from kneegen.engine.trained import TrainedModel, load_trained_model
+from kneegen.errors import KneegenError
+from kneegen.progress import console, progress_bar
+from kneegen.runs import resolve_checkpoint
+from kneegen.sampling import SamplerChoice, choose_sampler, pick_frames, sample_batches
+from kneegen.viz import image_grid, save_gif, save_png
+
+STRIP_FRAMES = 8
+GIF_FRAMES = 40
+
+app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
+
+Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: the latest run's best.pt.")]
+Sampler = Annotated[Optional[str], typer.Option(help="ddim or ddpm; default from the run's config.")]
+Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
+Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
+Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]
+Out = Annotated[Optional[Path], typer.Option(help="Output folder; default samples/<time>.")]
+BatchSize = Annotated[int, typer.Option(help="Images per network call.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that already has images.")]
+
+
+@app.command()
+def single(
+    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False,
+) -> None:
+    """Generate one image and print its path."""
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    (seeds, images), = sample_batches(model, compute, choice, [seed], 1)
+    print(write_image(folder, seeds[0], images[0], choice, model))
+
+
+@app.command()
+def generate(
+    n: Annotated[int, typer.Argument(help="How many images.")],
+    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    seed: Seed = 0, out: Out = None, batch_size: BatchSize = 16, device: Device = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Generate N images, written batch by batch, plus a grid of the first 64."""
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    seeds = list(range(seed, seed + positive(n)))
+    grid_tiles: list[np.ndarray] = []
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        task = progress.add_task("sampling", total=len(seeds), status=choice.describe())
+        for batch_seeds, images in sample_batches(model, compute, choice, seeds, batch_size):
+            for image_seed, image in zip(batch_seeds, images):
+                write_image(folder, image_seed, image, choice, model)
+            grid_tiles += list(images[: 64 - len(grid_tiles)])
+            progress.advance(task, len(batch_seeds))
+    save_png(image_grid(grid_tiles), folder / "grid.png")
+    seconds = time.perf_counter() - started
+    console.print(f"{len(seeds)} images in {folder} ({seconds:.1f} s, {seconds / len(seeds):.2f} s/image); grid: {folder / 'grid.png'}")
+
+
+@app.command()
+def illustrate(
+    n: Annotated[int, typer.Argument(help="How many images to illustrate.")],
+    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    seed: Seed = 0, out: Out = None, batch_size: BatchSize = 16, device: Device = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    seeds = list(range(seed, seed + positive(n)))
+    n_steps = len(sample_timesteps(model.schedule.timesteps, choice.steps))
+    strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
+    with progress_bar() as progress:
+        task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=choice.describe())
+        for start in range(0, len(seeds), batch_size):
+            frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+            def record(i: int, x_t, x0) -> None:  # type: ignore[no-untyped-def]
+                if i in strip_steps or i in gif_steps:
+                    frames[i] = (to_uint8(x_t), to_uint8(x0))
+                progress.advance(task, len(x_t))
+
+            batch = seeds[start : start + batch_size]
+            (_, finals), = sample_batches(model, compute, choice, batch, len(batch), on_step=record)
+            for b, image_seed in enumerate(batch):
+                write_illustration(folder, image_seed, b, frames, finals[b], strip_steps, gif_steps)
+    console.print(f"{len(seeds)} illustrations (strip PNG + GIF each) in {folder}")
+
+
+def setup(
+    checkpoint: Path | None, sampler: str | None, steps: int | None, eta: float | None,
+    out: Path | None, device: str, overwrite: bool,
+):  # type: ignore[no-untyped-def]
+    """Load the model, settle the sampler and make a fresh (or permitted) output folder."""
+    compute = resolve_compute(device, "auto")
+    model = load_trained_model(resolve_checkpoint(checkpoint), compute)
+    choice = choose_sampler(model, sampler, steps, eta)
+    folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
+    if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
+        raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    console.print(f"sampling {model.source} (epoch {model.epoch}) with {choice.describe()} on {compute.describe()}")
+    return model, choice, folder, compute
+
+
+def positive(n: int) -> int:
+    if n < 1:
+        raise KneegenError(f"N = {n}: ask for at least one image")
+    return n
+
+
+def write_image(folder: Path, seed: int, image: np.ndarray, choice: SamplerChoice, model: TrainedModel) -> Path:
+    """`{seed:06d}.png` with seed, sampler and steps in a PNG text chunk and a JSON sidecar."""
+    info = {"seed": str(seed), "sampler": choice.name, "steps": str(choice.steps), "eta": str(choice.eta),
+            "checkpoint": str(model.source)}
+    path = save_png(image, folder / f"{seed:06d}.png", text=info)
+    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def write_illustration(
+    folder: Path, seed: int, b: int, frames: dict[int, tuple[np.ndarray, np.ndarray]], final: np.ndarray,
+    strip_steps: list[int], gif_steps: list[int],
+) -> None:
+    """Strip: x_t frames then the final image on top, the predicted x0 of each frame below."""
+    top = [frames[i][0][b] for i in strip_steps] + [final]
+    bottom = [frames[i][1][b] for i in strip_steps] + [final]
+    save_png(image_grid(top + bottom, columns=len(top)), folder / f"illustrate_{seed:06d}.png")
+    gif = [np.concatenate([frames[i][0][b], frames[i][1][b]], axis=1) for i in gif_steps]
+    gif.append(np.concatenate([final, final], axis=1))
+    save_gif(gif, folder / f"illustrate_{seed:06d}.gif")

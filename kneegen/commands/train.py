@@ -1,0 +1,35 @@
+"""`kneegen train`: a YAML config, overridden by flags, trained into a run dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kneegen.config import load_config, parse_override
+from kneegen.runs import latest_run, new_run_dir
+from kneegen.training_run import CONFIG_FILE, run_training
+
+
+def train(
+    config: Annotated[Optional[Path], typer.Option(help="YAML run config (see examples/).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Train until this many epochs (train.epochs).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared data dir (data).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir (default: the latest run).")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (device).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (precision).")] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override any config key: --set train.lr=3e-4 (repeatable).")
+    ] = None,
+) -> None:
+    """Train a diffusion model; checkpoints, metrics and loss plots go to the run dir."""
+    if resume:
+        run_dir = run_dir or latest_run()
+        config = config or run_dir / CONFIG_FILE
+    run_dir = run_dir or new_run_dir()
+    overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
+    flags = {"train.epochs": epochs, "data": str(data) if data else None, "device": device, "precision": precision}
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    run_training(load_config(config, overrides), run_dir, resume)

@@ -1,0 +1,58 @@
+"""Where runs live and how a checkpoint argument is found.
+
+A run dir holds config.yaml, metrics.jsonl, the loss plots and last.pt / best.pt. Commands
+that need a checkpoint default to the latest run's best.pt, and accept a bare file name
+(`best.pt`, `last.pt`) that is looked up in the latest run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kneegen.errors import KneegenError
+
+RUNS_ROOT = Path("runs")
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def new_run_dir(root: Path = RUNS_ROOT) -> Path:
+    """runs/YYYYmmdd-HHMMSS, with a suffix if two runs start in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def latest_run(root: Path = RUNS_ROOT) -> Path:
+    """The run whose last checkpoint was written most recently."""
+    runs = [p.parent for p in root.glob(f"*/{LAST}")] if root.is_dir() else []
+    if not runs:
+        raise KneegenError(f"no trained run found under {root}/: train one first (kneegen train) or pass --checkpoint")
+    return max(runs, key=lambda run: (run / LAST).stat().st_mtime)
+
+
+def resolve_checkpoint(argument: Path | None, root: Path = RUNS_ROOT) -> Path:
+    """An explicit file, a run dir (its best.pt), a bare name in the latest run, or the latest best.pt."""
+    if argument is None:
+        return best_or_last(latest_run(root))
+    if argument.is_dir():
+        return best_or_last(argument)
+    if argument.exists() or len(argument.parts) > 1:
+        return argument
+    candidate = latest_run(root) / argument
+    if not candidate.exists():
+        raise KneegenError(
+            f"checkpoint {argument} not found here nor in the latest run {candidate.parent}: "
+            f"give a path such as {candidate.parent / BEST}"
+        )
+    return candidate
+
+
+def best_or_last(run_dir: Path) -> Path:
+    """best.pt, or last.pt for a run that has not validated yet."""
+    best = run_dir / BEST
+    return best if best.is_file() else run_dir / LAST
