@@ -1,0 +1,40 @@
+# kneegen: `make demo` and `make test` each install what they need into .venv on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KNEEGEN := $(BIN)/kneegen
+# torch and torchvision must come as a matched pair; override for another platform or CUDA build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Phantom data at 64², a CPU-sized model trained for a few minutes, then samples,
+# a noise-to-image animation and a validation report from the latest run.
+demo: install $(DEMO_DATA)/manifest.json
+	$(KNEEGEN) train --config examples/demo.yaml
+	$(KNEEGEN) sample generate 64 --seed 0 --out samples/demo-$$(date +%Y%m%d-%H%M%S)
+	$(KNEEGEN) sample illustrate 4 --seed 0 --out samples/demo-illustrate-$$(date +%Y%m%d-%H%M%S)
+	$(KNEEGEN) validate
+
+$(DEMO_DATA)/manifest.json: | install
+	$(KNEEGEN) prepare --phantom 1600 --size 64 --out $(DEMO_DATA) --phantom-dir data/demo-phantom
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
