@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from rich.markup import escape
+
 from kneegen.errors import KneegenError
 from kneegen.progress import console
 
@@ -49,7 +51,7 @@ def reporting_user_errors(function: Callable[..., Any] | None) -> Callable[..., 
         try:
             return function(*args, **kwargs)
         except KneegenError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     wrapper.reports_user_errors = True  # type: ignore[attr-defined]

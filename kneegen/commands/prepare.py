@@ -57,8 +57,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
-    refuse_to_clobber(folder, overwrite)
+    """Write the phantom; with --overwrite, an earlier phantom's slices go first so none linger."""
+    refuse_to_clobber(folder, overwrite, flag="--phantom-dir")
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("OAI*.png"):  # the phantom's AKOA-style names
+        old.unlink()
     with progress_bar() as progress:
         task = progress.add_task("phantom", total=n_images, status="")
         write_phantom(folder, n_images, seed=seed, on_volume=lambda n: progress.advance(task, n))

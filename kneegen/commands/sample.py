@@ -12,7 +12,7 @@ import typer
 
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import sample_timesteps
+from kneegen.engine.samplers import get_sampler, sample_timesteps
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
@@ -55,8 +55,8 @@ def generate(
     overwrite: Overwrite = False,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     seeds = list(range(seed, seed + positive(n)))
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     grid_tiles: list[np.ndarray] = []
     started = time.perf_counter()
     with progress_bar() as progress:
@@ -79,8 +79,8 @@ def illustrate(
     overwrite: Overwrite = False,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     seeds = list(range(seed, seed + positive(n)))
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     n_steps = len(sample_timesteps(model.schedule.timesteps, choice.steps))
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
     with progress_bar() as progress:
@@ -108,6 +108,8 @@ def setup(
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
     choice = choose_sampler(model, sampler, steps, eta)
+    get_sampler(choice.name)  # refuse a bad --sampler or --steps before anything is written
+    sample_timesteps(model.schedule.timesteps, choice.steps)
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
     if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
         raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")

@@ -153,13 +153,13 @@ def prepare_folder(
     )
 
 
-def refuse_to_clobber(out: Path, overwrite: bool) -> None:
-    """Never replace a user's folder by accident."""
+def refuse_to_clobber(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Never replace a user's folder by accident; `flag` is the option that named `out`."""
+    if out.is_file():
+        raise KneegenError(f"{out} is a file: choose a folder for {flag}")
     if overwrite or not out.exists():
         return
     if is_cache(out):
-        raise KneegenError(f"{out} already holds prepared data: pass --overwrite to replace it, or choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        raise KneegenError(f"{out} exists and is not empty: choose another --out, or pass --overwrite")
-    if out.is_file():
-        raise KneegenError(f"{out} is a file: choose a folder for --out")
+        raise KneegenError(f"{out} already holds prepared data: pass --overwrite to replace it, or choose another {flag}")
+    if any(out.iterdir()):
+        raise KneegenError(f"{out} exists and is not empty: choose another {flag}, or pass --overwrite")

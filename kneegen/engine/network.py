@@ -31,7 +31,7 @@ def check_image_size(cfg: ModelConfig, image_shape: tuple[int, int]) -> None:
     multiple = size_multiple(cfg)
     height, width = image_shape
     if height % multiple or width % multiple:
-        fit = f"{round(height / multiple) * multiple}x{round(width / multiple) * multiple}"
+        fit = f"{max(1, round(height / multiple)) * multiple}x{max(1, round(width / multiple)) * multiple}"
         raise KneegenError(
             f"image size {height}x{width} cannot be downsampled by model.arch={cfg.arch} "
             f"(needs multiples of {multiple}): prepare the data with --size {fit}, or change "

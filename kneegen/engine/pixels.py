@@ -10,7 +10,7 @@ from torch import Tensor
 def to_model_range(pixels: np.ndarray, device: torch.device) -> Tensor:
     """(B, H, W) unsigned integers → (B, 1, H, W) float32 in [-1, 1], scaled by the dtype's maximum."""
     scale = float(np.iinfo(pixels.dtype).max)
-    images = torch.from_numpy(np.array(pixels))  # a copy: the cache is read-only.to(device=device, dtype=torch.float32)
+    images = torch.from_numpy(np.array(pixels)).to(device=device, dtype=torch.float32)  # copy: the cache is read-only
     return (images / scale * 2.0 - 1.0).unsqueeze(1)
 
 

@@ -63,6 +63,7 @@ def state_payload(state: TrainState) -> dict[str, Any]:
         "ema": state.ema.model.state_dict() if state.ema is not None else None,
         "optimizer": state.optimizer.state_dict(),
         "generator": state.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
         "step": state.step,
         "epoch": state.epoch,
         "best_val_loss": state.best_val_loss,
@@ -76,6 +77,7 @@ def restore_state(state: TrainState, payload: dict[str, Any]) -> None:
         state.ema.model.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.generator.set_state(payload["generator"])
+    torch.set_rng_state(payload["torch_rng"])
     state.step, state.epoch = payload["step"], payload["epoch"]
     state.best_val_loss = payload["best_val_loss"]
 
