@@ -1,0 +1,417 @@
+"""The `kneegen` command line, in-process through Typer's CliRunner and as the installed console
+script: the whole prepare → train → validate → sample path, user errors as one clean line, and
+third-party commands from entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_run_dict
+from kneegen.cli import build_app
+
+PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(build_app(), [str(a) for a in args])
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image).copy()
+
+
+def assert_clean_user_error(result, *named: str) -> str:
+    """Exit status ≠ 0 and exactly one line of output that names the thing, no traceback."""
+    output = result.output
+    assert result.exit_code != 0, output
+    assert "Traceback" not in output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    for thing in named:
+        assert thing in lines[0], f"{thing!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def write_tiny_yaml(path: Path, data: str = "data/prepared", **sections) -> Path:
+    path.write_text(yaml.safe_dump(tiny_run_dict(data, **sections), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where `kneegen prepare --phantom` and `kneegen train` have run with their defaults."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        prepared = invoke("prepare", "--phantom", PHANTOM, "--size", 32)
+        assert prepared.exit_code == 0, prepared.output
+        # val_images covers the whole val split, so `validate` scores exactly what training scored.
+        write_tiny_yaml(root / "tiny.yaml", train={"val_images": 64})
+        trained = invoke("train", "--config", "tiny.yaml")
+        assert trained.exit_code == 0, trained.output
+    return root
+
+
+@pytest.fixture()
+def in_workspace(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(workspace)
+    return workspace
+
+
+def the_run(workspace: Path) -> Path:
+    (run,) = [p.parent for p in (workspace / "runs").glob("*/last.pt")]
+    return run
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+
+def test_prepare_and_train_write_the_cache_and_a_run(in_workspace):
+    manifest = json.loads((in_workspace / "data/prepared/manifest.json").read_text())
+    assert len(manifest["slices"]) == PHANTOM and manifest["image_shape"] == [32, 32]
+    assert (in_workspace / "data/prepared/contact_sheet.png").is_file()
+    assert len(list((in_workspace / "data/phantom").glob("*.png"))) == PHANTOM
+    run = the_run(in_workspace)
+    assert run.parent == in_workspace / "runs"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["channels"] == 16
+
+
+def test_train_set_and_epochs_flags_reach_the_config(in_workspace):
+    result = invoke("train", "--config", "tiny.yaml", "--epochs", 1, "--run-dir", "runs_flags/r",
+                    "--set", "train.lr=3e-4", "--set", "sample.steps=3")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((in_workspace / "runs_flags/r/config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["train"]["lr"] == 3e-4 and saved["sample"]["steps"] == 3
+    resumed = invoke("train", "--resume", "--run-dir", "runs_flags/r", "--epochs", 2)
+    assert resumed.exit_code == 0, resumed.output
+    records = (in_workspace / "runs_flags/r/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in records] == [1, 2]
+
+
+def test_validate_writes_a_report_beside_the_checkpoint(in_workspace):
+    result = invoke("validate", "--samples", 4)
+    assert result.exit_code == 0, result.output
+    run = the_run(in_workspace)
+    report = json.loads((run / "validation_best" / "report.json").read_text())
+    assert report["epoch"] in (1, 2) and report["val_images"] == 20
+    assert np.isfinite(report["val_loss"]) and report["val_loss"] > 0
+    assert len(report["loss_by_t"]) == 4
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert report["val_loss"] == pytest.approx(min(r["val_loss"] for r in metrics), rel=1e-5)
+    with Image.open(run / "validation_best" / "samples.png") as grid:
+        assert grid.mode == "L" and grid.size == (2 * 32 + 2, 2 * 32 + 2)
+
+
+def test_sample_single_prints_the_path_of_a_tagged_png(in_workspace):
+    result = invoke("sample", "single", "--seed", 3, "--out", "single")
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.name == "000003.png"
+    with Image.open(path) as image:
+        assert image.size == (32, 32) and image.mode == "L"
+        assert image.text["seed"] == "3"
+        assert image.text["sampler"] == "ddim" and image.text["steps"] == "4"
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["seed"] == "3" and sidecar["sampler"] == "ddim"
+    assert Path(sidecar["checkpoint"]).name in ("best.pt", "last.pt")
+
+
+def test_sample_generate_writes_n_images_and_a_grid(in_workspace):
+    result = invoke("sample", "generate", 5, "--out", "gen", "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    folder = in_workspace / "gen"
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(5)] + ["grid.png"]
+    assert len(list(folder.glob("*.json"))) == 5
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size == (3 * 32 + 2 * 2, 2 * 32 + 2)
+    images = [pixels(folder / f"{i:06d}.png") for i in range(5)]
+    assert all(image.shape == (32, 32) for image in images)
+    assert any(not np.array_equal(images[0], other) for other in images[1:])
+
+
+def test_image_k_depends_only_on_its_seed(in_workspace):
+    assert invoke("sample", "generate", 5, "--out", "seeds_a", "--batch-size", 2).exit_code == 0
+    assert invoke("sample", "generate", 5, "--out", "seeds_b", "--batch-size", 5).exit_code == 0
+    assert invoke("sample", "generate", 2, "--out", "seeds_c", "--seed", 3).exit_code == 0
+    for i in range(5):
+        assert np.array_equal(pixels(in_workspace / f"seeds_a/{i:06d}.png"), pixels(in_workspace / f"seeds_b/{i:06d}.png"))
+    for i in (3, 4):
+        assert np.array_equal(pixels(in_workspace / f"seeds_c/{i:06d}.png"), pixels(in_workspace / f"seeds_a/{i:06d}.png"))
+
+
+def test_same_seed_gives_the_same_single_image(in_workspace):
+    first = invoke("sample", "single", "--seed", 11, "--out", "again_1")
+    second = invoke("sample", "single", "--seed", 11, "--out", "again_2")
+    other = invoke("sample", "single", "--seed", 12, "--out", "again_3")
+    assert first.exit_code == second.exit_code == other.exit_code == 0
+    a, b = pixels(in_workspace / "again_1/000011.png"), pixels(in_workspace / "again_2/000011.png")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, pixels(in_workspace / "again_3/000012.png"))
+
+
+def test_sample_with_ddpm_and_eta_flags(in_workspace):
+    result = invoke("sample", "generate", 2, "--out", "ddpm", "--sampler", "ddpm", "--steps", 5)
+    assert result.exit_code == 0, result.output
+    with Image.open(in_workspace / "ddpm/000000.png") as image:
+        assert image.text["sampler"] == "ddpm" and image.text["steps"] == "5"
+    result = invoke("sample", "single", "--out", "eta", "--eta", "1.0", "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads((in_workspace / "eta/000000.json").read_text())["eta"] == "1.0"
+
+
+def test_sample_illustrate_writes_a_strip_and_a_gif_per_image(in_workspace):
+    result = invoke("sample", "illustrate", 2, "--out", "ill", "--seed", 4)
+    assert result.exit_code == 0, result.output
+    folder = in_workspace / "ill"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "illustrate_000004.gif", "illustrate_000004.png", "illustrate_000005.gif", "illustrate_000005.png"]
+    steps = 4  # the run's sample.steps: every step is a frame, then the final image
+    with Image.open(folder / "illustrate_000004.png") as strip:
+        assert strip.mode == "L"
+        assert strip.size == ((steps + 1) * 32 + steps * 2, 2 * 32 + 2)
+    with Image.open(folder / "illustrate_000004.gif") as gif:
+        assert gif.size == (2 * 32, 32)
+        assert gif.n_frames == steps + 1
+    # The final image of the strip is the image `generate` makes for that seed.
+    invoke("sample", "single", "--seed", 4, "--out", "ill_single")
+    strip = pixels(folder / "illustrate_000004.png")
+    final = strip[:32, steps * (32 + 2):]
+    assert np.array_equal(final, pixels(in_workspace / "ill_single/000004.png"))
+
+
+# --- user errors: one line, no traceback ----------------------------------------------------------
+
+
+def test_train_without_prepared_data_names_the_folder(in_workspace):
+    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--data", "nowhere_data"), "nowhere_data", "prepare")
+
+
+def test_prepare_on_a_folder_without_images(in_workspace, tmp_path):
+    empty = tmp_path / "no_images_here"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert_clean_user_error(invoke("prepare", empty, "--out", tmp_path / "out"), "no_images_here", "no PNG/JPG")
+
+
+def test_unknown_yaml_key_is_named(in_workspace, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("train:\n  epoch: 1\n")
+    line = assert_clean_user_error(invoke("train", "--config", config), "train.epoch", "train.epochs", "typo.yaml")
+    assert "did you mean" in line
+
+
+def test_wrong_value_type_is_named(in_workspace, tmp_path):
+    config = tmp_path / "wrong.yaml"
+    config.write_text('train:\n  epochs: "ten"\n')
+    assert_clean_user_error(invoke("train", "--config", config), "train.epochs", "int")
+
+
+def test_bad_set_override_is_named(in_workspace):
+    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--set", "train.lr"), "train.lr", "KEY=VALUE")
+    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--set", "sample.sampler=fancy"), "sample.sampler", "ddpm")
+
+
+def test_missing_checkpoint_is_named(in_workspace):
+    assert_clean_user_error(invoke("sample", "single", "--checkpoint", "runs/missing_run/last.pt", "--out", "x1"),
+                            "runs/missing_run/last.pt")
+    assert_clean_user_error(invoke("validate", "runs/missing_run/best.pt"), "runs/missing_run/best.pt")
+    assert not (in_workspace / "x1").exists()
+
+
+def test_bare_checkpoint_name_not_in_the_latest_run_is_named(in_workspace):
+    assert_clean_user_error(invoke("sample", "single", "--checkpoint", "epoch7.pt", "--out", "x2"), "epoch7.pt")
+
+
+@pytest.mark.parametrize("kind", ["torch-dict", "text", "random"])
+def test_a_file_that_is_not_a_kneegen_checkpoint(in_workspace, tmp_path, kind):
+    fake = tmp_path / "fake_model.pt"
+    if kind == "torch-dict":
+        torch.save({"weights": torch.zeros(2)}, fake)
+    elif kind == "text":
+        fake.write_text("hello world")
+    else:
+        fake.write_bytes(np.random.default_rng(17).bytes(64))
+    assert_clean_user_error(invoke("sample", "single", "--checkpoint", fake, "--out", tmp_path / "o"), "fake_model.pt")
+    assert_clean_user_error(invoke("validate", fake), "fake_model.pt")
+
+
+def test_image_size_the_network_cannot_downsample(in_workspace, tmp_path):
+    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36")
+    assert prepared.exit_code == 0, prepared.output
+    result = invoke("train", "--config", "tiny.yaml", "--data", tmp_path / "data36", "--run-dir", tmp_path / "run36",
+                    "--set", "model.channel_mults=[1, 2, 2]")
+    assert_clean_user_error(result, "36x36", "--size", "multiples of 8")
+    assert not (tmp_path / "run36").exists()
+
+
+def test_existing_run_dir_without_resume_is_left_untouched(in_workspace):
+    run = the_run(in_workspace)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    result = invoke("train", "--config", "tiny.yaml", "--run-dir", run)
+    assert_clean_user_error(result, str(run), "--resume")
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_sampling_into_a_folder_with_images_needs_overwrite(in_workspace):
+    assert invoke("sample", "generate", 2, "--out", "taken").exit_code == 0
+    before = {p.name: p.read_bytes() for p in (in_workspace / "taken").iterdir()}
+    assert_clean_user_error(invoke("sample", "generate", 2, "--out", "taken", "--seed", 9), "taken", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (in_workspace / "taken").iterdir()} == before
+    assert invoke("sample", "generate", 2, "--out", "taken", "--seed", 9, "--overwrite").exit_code == 0
+    assert (in_workspace / "taken/000009.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["single", "--sampler", "euler"], ["euler", "ddim", "ddpm"]),
+        (["single", "--steps", "5000"], ["--steps 5000"]),
+        (["generate", "0"], ["N = 0"]),
+    ],
+    ids=["sampler", "steps", "count"],
+)
+def test_bad_sampling_options_are_refused_before_anything_is_written(in_workspace, tmp_path, args, named):
+    out = tmp_path / "not_made"
+    result = invoke("sample", *args, "--out", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0]
+    assert all(thing in errors[0] for thing in named), errors[0]
+    assert not out.exists(), "a refused command left an output folder behind"
+
+
+def test_bad_size_is_named(in_workspace, tmp_path):
+    assert_clean_user_error(invoke("prepare", "--size", "big", "--out", tmp_path / "o"), "--size", "big")
+
+
+def test_error_messages_show_bracketed_paths_literally(in_workspace, tmp_path):
+    """File names are the user's text, not Rich markup: `[v2]` must not vanish from the message."""
+    line = assert_clean_user_error(invoke("prepare", tmp_path / "scans[v2]", "--out", tmp_path / "o"), "scans[v2]")
+    assert "not found" in line
+
+
+def test_error_message_with_a_closing_tag_lookalike_is_still_one_clean_line(in_workspace):
+    """`[/x]` in a user's key must not turn the one-line error into a Rich MarkupError traceback."""
+    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--set", "[/x]=1"), "[/x]", "unknown config key")
+
+
+def test_phantom_folder_clash_names_the_phantom_dir_flag(in_workspace, tmp_path):
+    phantom_dir = tmp_path / "ph"
+    first = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir)
+    assert first.exit_code == 0, first.output
+    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir)
+    assert_clean_user_error(result, str(phantom_dir), "--phantom-dir")
+
+
+def test_phantom_overwrite_prepares_exactly_the_new_images(in_workspace, tmp_path):
+    phantom_dir = tmp_path / "ph"
+    first = invoke("prepare", "--phantom", 50, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir)
+    assert first.exit_code == 0, first.output
+    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir,
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b/manifest.json").read_text())
+    assert len(manifest["slices"]) == 40, "images of the replaced phantom were prepared too"
+
+
+# --- the installed console script -----------------------------------------------------------------
+
+
+def console_script() -> str:
+    sibling = Path(sys.executable).parent / "kneegen"
+    found = str(sibling) if sibling.is_file() else shutil.which("kneegen")
+    assert found, "the kneegen console script is not installed"
+    return found
+
+
+def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([console_script(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_console_script_lists_the_builtin_commands(tmp_path):
+    result = run_script("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("prepare", "train", "validate", "sample"):
+        assert command in result.stdout
+
+
+def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path):
+    result = run_script("train", "--data", "nowhere_data", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nowhere_data" in lines[0] and lines[0].startswith("error:")
+
+
+def test_console_script_samples_the_same_image_as_the_in_process_cli(in_workspace, tmp_path):
+    checkpoint = the_run(in_workspace) / "best.pt"
+    result = run_script("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "script",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "script" / "000021.png" and path.is_file()
+    assert invoke("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "inproc").exit_code == 0
+    assert np.array_equal(pixels(path), pixels(tmp_path / "inproc" / "000021.png"))
+
+
+# --- plugins ----------------------------------------------------------------------------------
+
+
+def test_third_party_commands_are_found_through_entry_points(tmp_path, monkeypatch):
+    dist_info = tmp_path / "fakeplugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[kneegen.commands]\nhello = fakeplugin_mod:hello\nboom = fakeplugin_mod:boom\n")
+    (tmp_path / "fakeplugin_mod.py").write_text(textwrap.dedent('''
+        import typer
+        from kneegen.errors import KneegenError
+
+        def hello(name: str = typer.Option("knee", help="Who to greet.")) -> None:
+            """Say hello from a plugin."""
+            print(f"hello {name} from fakeplugin")
+
+        def boom() -> None:
+            """Fail the way a user error fails."""
+            raise KneegenError("fakeplugin needs --wings")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fakeplugin_mod", raising=False)
+    app = build_app()
+    runner = CliRunner()
+    listing = runner.invoke(app, ["--help"])
+    assert listing.exit_code == 0
+    assert "hello" in listing.output and "Say hello from a plugin" in listing.output
+    assert "prepare" in listing.output  # the built-ins are still there
+    greeted = runner.invoke(app, ["hello", "--name", "femur"])
+    assert greeted.exit_code == 0, greeted.output
+    assert greeted.stdout.strip() == "hello femur from fakeplugin"
+    assert_clean_user_error(runner.invoke(app, ["boom"]), "fakeplugin needs --wings")
+
+
+def test_without_the_plugin_the_command_is_unknown():
+    result = CliRunner().invoke(build_app(), ["hello"])
+    assert result.exit_code != 0
+    assert "hello" in result.output

@@ -1,0 +1,129 @@
+"""The denoising networks: sizes, shapes, the image-size check and BatchNorm's train/eval modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kneegen.config import ModelConfig
+from kneegen.engine.network import build_network, check_image_size, size_multiple
+from kneegen.engine.seed_unet import SeedUNet
+from kneegen.engine.unet import UNet
+from kneegen.errors import KneegenError
+
+TINY = dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)
+
+
+def n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_seed_unet_has_the_original_parameter_count():
+    assert n_parameters(SeedUNet()) == 31_140_577
+    assert n_parameters(build_network(ModelConfig(arch="seed"), (32, 32))) == 31_140_577
+
+
+def test_seed_arch_ignores_the_unet_keys():
+    network = build_network(ModelConfig(arch="seed", channels=8, channel_mults=[1], patch_size=4), (16, 16))
+    assert isinstance(network, SeedUNet)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(**TINY),
+        ModelConfig(**{**TINY, "patch_size": 2}),
+        ModelConfig(channels=8, channel_mults=[1, 2, 2], blocks_per_level=2, attention_levels=[0, 2], patch_size=1),
+    ],
+    ids=["tiny", "tiny-patch2", "three-levels"],
+)
+def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
+    torch.manual_seed(0)
+    network = build_network(cfg, (32, 48))
+    assert isinstance(network, UNet)
+    x = torch.randn(3, 1, 32, 48)
+    out = network(x, torch.tensor([0, 500, 999]))
+    assert out.shape == x.shape
+
+
+def test_unet_starts_as_zero_predictor_and_depends_on_t_once_trained():
+    torch.manual_seed(0)
+    network = build_network(ModelConfig(**TINY), (16, 16))
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(network(x, torch.tensor([3, 3])), torch.zeros_like(x))  # zero-initialised head
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    same_x = x[:1].expand(2, -1, -1, -1)
+    out = network(same_x, torch.tensor([10, 900]))
+    assert (out[0] - out[1]).abs().max().item() > 1e-4
+
+
+def test_seed_unet_output_shape_equals_input_shape_for_non_square_images():
+    torch.manual_seed(0)
+    network = build_network(ModelConfig(arch="seed"), (32, 48)).eval()
+    x = torch.randn(1, 1, 32, 48)
+    with torch.no_grad():
+        out = network(x, torch.tensor([10]))
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "cfg, shape, multiple",
+    [
+        (ModelConfig(arch="seed"), (40, 48), 16),
+        (ModelConfig(arch="seed"), (48, 36), 16),
+        (ModelConfig(channel_mults=[1, 2, 2]), (36, 30), 4),
+        (ModelConfig(channel_mults=[1, 2, 2], patch_size=2), (36, 36), 8),
+    ],
+)
+def test_build_network_refuses_a_size_it_cannot_downsample(cfg, shape, multiple):
+    assert size_multiple(cfg) == multiple
+    with pytest.raises(KneegenError) as info:
+        build_network(cfg, shape)
+    message = str(info.value)
+    assert "--size" in message
+    assert f"{shape[0]}x{shape[1]}" in message
+    assert f"multiples of {multiple}" in message
+
+
+def test_size_suggestion_fits_the_network():
+    """The --size the message suggests must itself be accepted."""
+    for cfg, shape in [
+        (ModelConfig(arch="seed"), (40, 56)),
+        (ModelConfig(arch="seed"), (8, 8)),  # the smallest size `prepare` accepts
+        (ModelConfig(channel_mults=[1, 2, 2, 2]), (12, 20)),
+    ]:
+        with pytest.raises(KneegenError) as info:
+            check_image_size(cfg, shape)
+        suggested = str(info.value).split("--size ")[1].split(",")[0].split()[0]
+        height, width = (int(v) for v in suggested.split("x"))
+        assert height > 0 and width > 0, f"suggested --size {suggested} for {shape}"
+        check_image_size(cfg, (height, width))
+
+
+def test_attention_level_outside_the_levels_is_refused():
+    with pytest.raises(KneegenError, match="attention_levels"):
+        build_network(ModelConfig(channel_mults=[1, 2], attention_levels=[2]), (32, 32))
+
+
+def test_seed_batchnorm_in_eval_mode_is_independent_of_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    network = SeedUNet()
+    # Non-trivial running statistics, as after training.
+    network.train()
+    with torch.no_grad():
+        network(torch.randn(4, 1, 16, 16), torch.tensor([1, 200, 400, 999]))
+    batch = torch.randn(4, 1, 16, 16) * torch.tensor([1.0, 3.0, 0.2, 5.0]).view(4, 1, 1, 1)
+    t = torch.tensor([100, 200, 300, 400])
+    network.eval()
+    with torch.no_grad():
+        alone = network(batch[:1], t[:1])
+        together = network(batch, t)[:1]
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-5)
+
+    network.train()
+    with torch.no_grad():
+        alone = network(batch[:2], t[:2])[:1]
+        together = network(batch, t)[:1]
+    assert (alone - together).abs().max().item() > 1e-3  # batch statistics couple the images
