@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
+from torch import Tensor
 
-from kneegen.engine.device import resolve_compute
+from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.samplers import get_sampler, sample_timesteps
 from kneegen.engine.trained import TrainedModel, load_trained_model
@@ -88,7 +89,7 @@ def illustrate(
         for start in range(0, len(seeds), batch_size):
             frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-            def record(i: int, x_t, x0) -> None:  # type: ignore[no-untyped-def]
+            def record(i: int, x_t: Tensor, x0: Tensor) -> None:
                 if i in strip_steps or i in gif_steps:
                     frames[i] = (to_uint8(x_t), to_uint8(x0))
                 progress.advance(task, len(x_t))
@@ -103,7 +104,7 @@ def illustrate(
 def setup(
     checkpoint: Path | None, sampler: str | None, steps: int | None, eta: float | None,
     out: Path | None, device: str, overwrite: bool,
-):  # type: ignore[no-untyped-def]
+) -> tuple[TrainedModel, SamplerChoice, Path, Compute]:
     """Load the model, settle the sampler and make a fresh (or permitted) output folder."""
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
