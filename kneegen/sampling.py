@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kneegen.engine.device import Compute
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import generate, get_sampler, sample_timesteps
+from kneegen.engine.samplers import generate, get_sampler, timesteps_for
 from kneegen.engine.trained import TrainedModel
 
 
@@ -45,7 +45,7 @@ def sample_batches(
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, (B, H, W) uint8 images) for each batch of `seeds`."""
     sampler = get_sampler(choice.name, eta=choice.eta)
-    timesteps = sample_timesteps(model.schedule.timesteps, choice.steps)
+    timesteps = timesteps_for(choice.name, model.schedule, choice.steps)
     denoise = model.denoiser(compute)
     shape = (1, *model.image_shape)
     for start in range(0, len(seeds), batch_size):

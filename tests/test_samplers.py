@@ -15,7 +15,7 @@ from kneegen.config import ModelConfig
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
-from kneegen.engine.samplers import ddim, ddpm, generate, get_sampler, sample_timesteps
+from kneegen.engine.samplers import ImageNoise, ddim, ddpm, generate, get_sampler, sample_timesteps, timesteps_for
 from kneegen.engine.schedule import Schedule
 from kneegen.errors import KneegenError
 
@@ -103,7 +103,7 @@ def test_deterministic_ddim_is_the_scalar_recursion_of_song_et_al(cosine):
     torch.testing.assert_close(out.flatten().double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0)])
 def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name, eta):
     timesteps = sample_timesteps(1000, 20)
     sampler = get_sampler(name, eta=eta)
@@ -187,3 +187,49 @@ def test_timesteps_run_from_T_minus_1_strictly_down_to_0():
     assert all(isinstance(t, int) for t in grid)
     assert sample_timesteps(1000, 1) == [999]
     assert sample_timesteps(1000, 1000) == list(range(999, -1, -1))
+
+
+def ode_error(schedule: Schedule, name: str, steps: int) -> float:
+    """Largest deviation from the exact probability-flow ODE end point for Gaussian data.
+
+    The ODE maps quantiles of N(√ᾱ_T μ, ᾱ_T s² + 1 − ᾱ_T) to those of N(μ, s²), so
+    x_0 = μ + s / √(ᾱ_T s² + 1 − ᾱ_T) · (x_T − √ᾱ_T μ) exactly.
+    """
+    seeds = list(range(100))
+    x_T = ImageNoise(seeds, CPU).randn(SHAPE)
+    abar_T = schedule.alphas_cumprod[-1].item()
+    exact = MU + STD / math.sqrt(abar_T * STD**2 + 1 - abar_T) * (x_T - math.sqrt(abar_T) * MU)
+    timesteps = timesteps_for(name, schedule, steps)
+    out = generate(gaussian_denoiser(schedule), get_sampler(name), timesteps, schedule, seeds, SHAPE, CPU)
+    return (out - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize(
+    "name, steps, min_ratio, max_ratio", [("ddim", 50, 1.7, 2.3), ("dpm++2m", 50, 3.0, 6.0), ("dpm++3m", 25, 4.5, 20.0)]
+)
+def test_deterministic_solvers_converge_at_their_order(kind, name, steps, min_ratio, max_ratio):
+    """Doubling the steps divides the error by ~2 (first order), ~4 (second) or more (third);
+    3M is checked from 25 steps, as by 100 its error nears float32 resolution."""
+    schedule = Schedule(kind, 1000)
+    ratio = ode_error(schedule, name, steps) / ode_error(schedule, name, 2 * steps)
+    assert min_ratio < ratio < max_ratio, f"{name} on {kind}: error ratio {ratio:.2f}"
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_multistep_solvers_beat_ddim_at_25_steps(kind):
+    schedule = Schedule(kind, 1000)
+    ddim_error = ode_error(schedule, "ddim", 25)
+    assert ode_error(schedule, "dpm++2m", 25) < ddim_error / 2.5
+    assert ode_error(schedule, "dpm++3m", 25) < ddim_error / 3.5
+
+
+def test_log_snr_timesteps_are_even_in_log_snr():
+    schedule = Schedule("linear", 1000)
+    grid = sample_timesteps(1000, 25, schedule)
+    assert grid[0] == 999 and grid[-1] == 0
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+    abar = schedule.alphas_cumprod[grid]
+    lambdas = 0.5 * (abar.log() - (1 - abar).log())
+    gaps = lambdas[1:] - lambdas[:-1]
+    assert (gaps > 0).all() and gaps.max() / gaps.min() < 1.5

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import get_sampler, sample_timesteps
+from kneegen.engine.samplers import get_sampler, timesteps_for
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
@@ -27,7 +27,7 @@ GIF_FRAMES = 40
 app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
 
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: the latest run's best.pt.")]
-Sampler = Annotated[Optional[str], typer.Option(help="ddim or ddpm; default from the run's config.")]
+Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m or dpm++3m; default from the run's config.")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
 Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]
@@ -82,7 +82,7 @@ def illustrate(
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = list(range(seed, seed + positive(n)))
     model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
-    n_steps = len(sample_timesteps(model.schedule.timesteps, choice.steps))
+    n_steps = len(timesteps_for(choice.name, model.schedule, choice.steps))
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
     with progress_bar() as progress:
         task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=choice.describe())
@@ -110,7 +110,7 @@ def setup(
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
     choice = choose_sampler(model, sampler, steps, eta)
     get_sampler(choice.name)  # refuse a bad --sampler or --steps before anything is written
-    sample_timesteps(model.schedule.timesteps, choice.steps)
+    timesteps_for(choice.name, model.schedule, choice.steps)
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
     if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
         raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
