@@ -2,7 +2,7 @@
 
 Measured in one process so the ratios are comparable on a noisy machine:
     .venv/bin/python benchmarks/speed.py                  # 64² and 256², fp32 (+ bf16 where native)
-    .venv/bin/python benchmarks/speed.py --sizes 64 --precisions fp32 bf16
+    .venv/bin/python benchmarks/speed.py --sizes 64 --precisions bf16 fp32 --models unet-demo
 bf16 on a CPU without bf16 units is emulated and far slower; it is skipped there unless asked for.
 """
 
@@ -26,9 +26,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 def models() -> dict[str, ModelConfig]:
     demo = yaml.safe_load(DEMO_CONFIG.read_text())["model"]
     return {
-        "unet (default)": ModelConfig(),
-        "unet (demo.yaml)": from_dict(ModelConfig, demo, str(DEMO_CONFIG), "model."),
-        "seed (original)": ModelConfig(arch="seed"),
+        "unet-default": ModelConfig(),
+        "unet-demo": from_dict(ModelConfig, demo, str(DEMO_CONFIG), "model."),
+        "seed": ModelConfig(arch="seed"),
     }
 
 
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(models()), choices=list(models()))
     args = parser.parse_args()
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {bf16_supported(cpu)}")
@@ -85,11 +86,14 @@ def main() -> None:
                 continue
             compute = Compute(cpu, torch.bfloat16 if precision == "bf16" else None)
             for name, cfg in models().items():
+                if name not in args.models:
+                    continue
                 images_per_s, ms = measure(cfg, size, batch, compute, args.repeats)
-                baseline.setdefault(f"{name}", (images_per_s, ms))
+                if precision == "fp32":
+                    baseline[name] = (images_per_s, ms)
                 print(f"{name:<18} {size:>5} {precision:>5} {batch:>5} {images_per_s:>12.1f} {ms:>12.1f}", flush=True)
-        if "seed (original)" in baseline:
-            seed_train, seed_ms = baseline["seed (original)"]
+        if "seed" in baseline:
+            seed_train, seed_ms = baseline["seed"]
             for name, (images_per_s, ms) in baseline.items():
                 print(f"  {size}² fp32 vs seed: {name}: train ×{images_per_s / seed_train:.2f}, sampling ×{seed_ms / ms:.2f} faster")
 
