@@ -23,6 +23,7 @@ from kneegen.viz import image_grid, save_gif, save_png
 
 STRIP_FRAMES = 8
 GIF_FRAMES = 40
+GRID_TILES = 64  # images shown in grid.png
 
 app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
 
@@ -32,7 +33,7 @@ Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T 
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
 Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]
 Out = Annotated[Optional[Path], typer.Option(help="Output folder; default samples/<time>.")]
-BatchSize = Annotated[int, typer.Option(help="Images per network call.")]
+BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Images per network call; default sample.batch_size.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that already has images.")]
 
@@ -52,12 +53,13 @@ def single(
 def generate(
     n: Annotated[int, typer.Argument(help="How many images.")],
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
-    seed: Seed = 0, out: Out = None, batch_size: BatchSize = 16, device: Device = "auto",
+    seed: Seed = 0, out: Out = None, batch_size: BatchSize = None, device: Device = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = list(range(seed, seed + positive(n)))
     model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    batch_size = batch_size or model.config.sample.batch_size
     grid_tiles: list[np.ndarray] = []
     started = time.perf_counter()
     with progress_bar() as progress:
@@ -65,7 +67,7 @@ def generate(
         for batch_seeds, images in sample_batches(model, compute, choice, seeds, batch_size):
             for image_seed, image in zip(batch_seeds, images):
                 write_image(folder, image_seed, image, choice, model)
-            grid_tiles += list(images[: 64 - len(grid_tiles)])
+            grid_tiles += list(images[: GRID_TILES - len(grid_tiles)])
             progress.advance(task, len(batch_seeds))
     save_png(image_grid(grid_tiles), folder / "grid.png")
     seconds = time.perf_counter() - started
@@ -76,7 +78,7 @@ def generate(
 def illustrate(
     n: Annotated[int, typer.Argument(help="How many images to illustrate.")],
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
-    seed: Seed = 0, out: Out = None, batch_size: BatchSize = 16, device: Device = "auto",
+    seed: Seed = 0, out: Out = None, batch_size: BatchSize = None, device: Device = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
@@ -86,6 +88,7 @@ def illustrate(
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
     with progress_bar() as progress:
         task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=choice.describe())
+        batch_size = batch_size or model.config.sample.batch_size
         for start in range(0, len(seeds), batch_size):
             frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -51,7 +51,8 @@ def validate(
         )
     choice = choose_sampler(model, sampler, steps, None)
     seeds = list(range(seed, seed + samples))
-    tiles = [image for _, images in sample_batches(model, compute, choice, seeds, batch) for image in images]
+    batches = sample_batches(model, compute, choice, seeds, model.config.sample.batch_size)
+    tiles = [image for _, images in batches for image in images]
     out_dir = path.parent / f"validation_{path.stem}"
     out_dir.mkdir(exist_ok=True)
     grid = save_png(image_grid(tiles), out_dir / "samples.png")
