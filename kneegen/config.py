@@ -24,7 +24,7 @@ ScheduleKind = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
 LossKind = Literal["l1", "l2", "huber"]
 OptimizerKind = Literal["adamw", "adam"]
-SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m"]
+SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 

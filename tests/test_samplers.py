@@ -103,7 +103,9 @@ def test_deterministic_ddim_is_the_scalar_recursion_of_song_et_al(cosine):
     torch.testing.assert_close(out.flatten().double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0)])
+@pytest.mark.parametrize(
+    "name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0), ("unipc", 0.0)]
+)
 def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name, eta):
     timesteps = sample_timesteps(1000, 20)
     sampler = get_sampler(name, eta=eta)
@@ -206,7 +208,12 @@ def ode_error(schedule: Schedule, name: str, steps: int) -> float:
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize(
-    "name, steps, min_ratio, max_ratio", [("ddim", 50, 1.7, 2.3), ("dpm++2m", 50, 3.0, 6.0), ("dpm++3m", 25, 4.5, 20.0)]
+    "name, steps, min_ratio, max_ratio", [
+        ("ddim", 50, 1.7, 2.3),
+        ("dpm++2m", 50, 3.0, 6.0),
+        ("dpm++3m", 25, 4.5, 20.0),
+        ("unipc", 25, 4.5, 20.0),  # order 2 plus the corrector: third order
+    ]
 )
 def test_deterministic_solvers_converge_at_their_order(kind, name, steps, min_ratio, max_ratio):
     """Doubling the steps divides the error by ~2 (first order), ~4 (second) or more (third);
@@ -222,6 +229,7 @@ def test_multistep_solvers_beat_ddim_at_25_steps(kind):
     ddim_error = ode_error(schedule, "ddim", 25)
     assert ode_error(schedule, "dpm++2m", 25) < ddim_error / 2.5
     assert ode_error(schedule, "dpm++3m", 25) < ddim_error / 3.5
+    assert ode_error(schedule, "unipc", 25) < ddim_error / 3.5
 
 
 def test_log_snr_timesteps_are_even_in_log_snr():

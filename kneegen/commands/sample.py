@@ -28,7 +28,7 @@ GRID_TILES = 64  # images shown in grid.png
 app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
 
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: the latest run's best.pt.")]
-Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m or dpm++3m; default from the run's config.")]
+Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++3m or unipc; default from the run's config.")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
 Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]

@@ -24,7 +24,7 @@ def validate(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint; default: the latest run's best.pt.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir; default: the one the run trained on.")] = None,
     samples: Annotated[int, typer.Option(help="Images generated for the report's grid.")] = 16,
-    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m or dpm++3m; default from the run's config.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++3m or unipc; default from the run's config.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps.")] = None,
     seed: Annotated[int, typer.Option(help="First seed of the sample grid.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",

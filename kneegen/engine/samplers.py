@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -174,6 +175,95 @@ def dpm_solver_pp(
     return x
 
 
+def unipc(
+    denoise: Denoiser,
+    x: Tensor,
+    timesteps: Sequence[int],
+    schedule: Schedule,
+    noise: ImageNoise,
+    on_step: StepCallback | None = None,
+    *,
+    order: int = 2,
+) -> Tensor:
+    """UniPC with B(h) = e^{−h} − 1 ("bh2"; Zhao et al. 2023, Alg. 2 and 3), on the data prediction.
+
+    Each step first corrects the current x with the network evaluation just made (UniC, no
+    extra evaluation), then predicts the next x from the recent x̂_0 (UniP). Orders ramp up
+    from 1 as history accumulates and the last step is first order, landing on x̂_0.
+    """
+    history: list[tuple[Tensor, float]] = []  # (x̂_0, λ) at the visited timesteps, newest last
+    previous: tuple[Tensor, int] | None = None  # (x before the last prediction, its order)
+    for i, (t, s) in enumerate(step_pairs(timesteps, x)):
+        x0, _ = denoise(x, t)
+        if on_step is not None:
+            on_step(i, x, x0)
+        t_value, s_value = int(t[0]), int(s[0])
+        # 1. Corrector: redo the last step with x̂_0 at its end point included.
+        if previous is not None:
+            x = unipc_update(previous[0], history, t_value, schedule, previous[1], x0_end=x0)
+        history.append((x0, log_snr(schedule, t_value)))
+        if s_value < 0:
+            return x0  # σ_s = 0: a first-order step lands exactly on x̂_0
+        # 2. Predictor, of the highest order the history and the remaining steps allow.
+        step_order = min(order, len(history), len(timesteps) - i)
+        previous = (x, step_order)
+        x = unipc_update(x, history, s_value, schedule, step_order)
+    return x
+
+
+def unipc_update(
+    x: Tensor,
+    history: list[tuple[Tensor, float]],
+    target: int,
+    schedule: Schedule,
+    order: int,
+    x0_end: Tensor | None = None,
+) -> Tensor:
+    """One UniP step from the newest history point to `target`, or, given `x0_end` (x̂_0 at
+    `target`), the UniC step that also uses it. Coefficients solve the order conditions
+    R ρ = b of the paper (eq. 7 and 9), with φ functions of hh = −h."""
+    m0, lambda_0 = history[-1]
+    lambda_t = log_snr(schedule, target)
+    abar_t = schedule.alphas_cumprod[target].item()
+    alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+    sigma_0 = 1 / math.sqrt(1 + math.exp(2 * lambda_0))  # σ from λ: α² + σ² = 1
+    h = lambda_t - lambda_0
+    # 1. Earlier x̂_0 as scaled differences D_k = (x̂_0^(k) − m0) / r_k, r_k = (λ_k − λ_0)/h.
+    ratios, differences = [], []
+    for m_k, lambda_k in reversed(history[-order:-1]):
+        ratios.append((lambda_k - lambda_0) / h)
+        differences.append((m_k - m0) / ratios[-1])
+    ratios.append(1.0)
+    # 2. Order conditions: R[i, k] = r_k^i, b[i] = i! φ_{i+1}(hh) / B(h).
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = h_phi_1
+    h_phi_k, factorial = h_phi_1 / hh - 1, 1
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in ratios])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b_vec = torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    # 3. First-order part, then the weighted differences (predictor) or with x̂_0_end (corrector).
+    x_next = (sigma_t / sigma_0) * x - alpha_t * h_phi_1 * m0
+    if x0_end is None:
+        if not differences:
+            return x_next
+        rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b_vec[:-1]).tolist()
+        return x_next - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, differences))
+    rhos = [0.5] if order == 1 else torch.linalg.solve(R, b_vec).tolist()
+    correction = sum((rho * d for rho, d in zip(rhos[:-1], differences)), torch.zeros_like(x))
+    return x_next - alpha_t * b_h * (correction + rhos[-1] * (x0_end - m0))
+
+
+def log_snr(schedule: Schedule, t: int) -> float:
+    """λ_t = log(α_t / σ_t)."""
+    abar = schedule.alphas_cumprod[t].item()
+    return 0.5 * (math.log(abar) - math.log(1 - abar))
+
+
 def log_snr_terms(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
     """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) as (B,) float64."""
     abar = schedule.alpha_bar(t)
@@ -185,10 +275,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": ddim,
     "dpm++2m": functools.partial(dpm_solver_pp, order=2),
     "dpm++3m": functools.partial(dpm_solver_pp, order=3),
+    "unipc": functools.partial(unipc, order=2),
 }
 
 
-LOG_SNR_SPACED = {"dpm++2m", "dpm++3m"}  # multistep solvers want even steps in λ
+LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "unipc"}  # multistep solvers want even steps in λ
 
 
 def timesteps_for(name: str, schedule: Schedule, steps: int) -> list[int]:
