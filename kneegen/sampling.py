@@ -16,6 +16,7 @@ from kneegen.engine.device import Compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.samplers import generate, get_sampler, timesteps_for
 from kneegen.engine.trained import TrainedModel
+from kneegen.errors import KneegenError
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,19 @@ def pick_frames(n_steps: int, n_frames: int) -> list[int]:
     if n_steps <= n_frames:
         return list(range(n_steps))
     return sorted({round(i * (n_steps - 1) / (n_frames - 1)) for i in range(n_frames)})
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-63" → 0…63; "1,5,9-12" → [1, 5, 9, 10, 11, 12]; order kept, repeats refused."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            seeds += list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise KneegenError(f"--seeds {text!r}: expected numbers and ranges such as 0-63 or 1,5,9-12") from None
+    if not seeds:
+        raise KneegenError(f"--seeds {text!r} names no seed: ranges run low-high, e.g. 0-63")
+    if len(set(seeds)) != len(seeds):
+        raise KneegenError(f"--seeds {text!r} names a seed twice: each seed is one image")
+    return seeds

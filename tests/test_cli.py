@@ -166,6 +166,34 @@ def test_same_seed_gives_the_same_single_image(in_workspace):
     assert not np.array_equal(a, pixels(in_workspace / "again_3/000012.png"))
 
 
+def test_seeds_option_makes_exactly_the_named_images(in_workspace):
+    result = invoke("sample", "generate", "--seeds", "11,3-4", "--out", "seeds", "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (in_workspace / "seeds").glob("0*.png")) == ["000003.png", "000004.png", "000011.png"]
+    single = invoke("sample", "single", "--seed", 11, "--out", "seed11")
+    assert single.exit_code == 0, single.output
+    assert np.array_equal(pixels(in_workspace / "seeds/000011.png"), pixels(in_workspace / "seed11/000011.png"))
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--seeds", "5-3"], "5-3"), (["--seeds", "x"], "x"), (["3", "--seeds", "1-2"], "--seeds 1-2"), ([], "how many")],
+    ids=["empty-range", "not-a-number", "count-mismatch", "neither"],
+)
+def test_bad_seed_requests_are_one_line_errors(in_workspace, args, named):
+    assert_clean_user_error(invoke("sample", "generate", *args, "--out", "never"), named)
+    assert not (in_workspace / "never").exists()
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "unipc"])
+def test_every_sampler_illustrates(in_workspace, sampler):
+    out = f"ill_{sampler}"
+    result = invoke("sample", "illustrate", 1, "--sampler", sampler, "--steps", 6, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (in_workspace / out / "illustrate_000000.png").is_file()
+    assert (in_workspace / out / "illustrate_000000.gif").is_file()
+
+
 def test_sample_with_ddpm_and_eta_flags(in_workspace):
     result = invoke("sample", "generate", 2, "--out", "ddpm", "--sampler", "ddpm", "--steps", 5)
     assert result.exit_code == 0, result.output

@@ -241,3 +241,14 @@ def test_log_snr_timesteps_are_even_in_log_snr():
     lambdas = 0.5 * (abar.log() - (1 - abar).log())
     gaps = lambdas[1:] - lambdas[:-1]
     assert (gaps > 0).all() and gaps.max() / gaps.min() < 1.5
+
+
+def test_seed_lists_and_ranges_parse_in_order():
+    from kneegen.sampling import parse_seeds
+
+    assert parse_seeds("0-3") == [0, 1, 2, 3]
+    assert parse_seeds("9, 1,5-6") == [9, 1, 5, 6]
+    assert parse_seeds("7") == [7]
+    for bad in ["", "a", "3-1", "1,1", "1-2,2"]:
+        with pytest.raises(KneegenError):
+            parse_seeds(bad)

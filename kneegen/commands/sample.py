@@ -18,7 +18,7 @@ from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
 from kneegen.runs import resolve_checkpoint
-from kneegen.sampling import SamplerChoice, choose_sampler, pick_frames, sample_batches
+from kneegen.sampling import SamplerChoice, choose_sampler, parse_seeds, pick_frames, sample_batches
 from kneegen.viz import image_grid, save_gif, save_png
 
 STRIP_FRAMES = 8
@@ -32,6 +32,8 @@ Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
 Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]
+Seeds = Annotated[Optional[str], typer.Option("--seeds", help="Exact seeds instead of N and --seed: 0-63 or 1,5,9-12.")]
+Count = Annotated[Optional[int], typer.Argument(help="How many images (or give --seeds).")]
 Out = Annotated[Optional[Path], typer.Option(help="Output folder; default samples/<time>.")]
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Images per network call; default sample.batch_size.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
@@ -51,13 +53,13 @@ def single(
 
 @app.command()
 def generate(
-    n: Annotated[int, typer.Argument(help="How many images.")],
+    n: Count = None,
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
-    seed: Seed = 0, out: Out = None, batch_size: BatchSize = None, device: Device = "auto",
-    overwrite: Overwrite = False,
+    seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
+    device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
-    seeds = list(range(seed, seed + positive(n)))
+    seeds = image_seeds(n, seed, seeds_)
     model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     batch_size = batch_size or model.config.sample.batch_size
     grid_tiles: list[np.ndarray] = []
@@ -76,13 +78,13 @@ def generate(
 
 @app.command()
 def illustrate(
-    n: Annotated[int, typer.Argument(help="How many images to illustrate.")],
+    n: Count = None,
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
-    seed: Seed = 0, out: Out = None, batch_size: BatchSize = None, device: Device = "auto",
-    overwrite: Overwrite = False,
+    seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
+    device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
-    seeds = list(range(seed, seed + positive(n)))
+    seeds = image_seeds(n, seed, seeds_)
     model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
     n_steps = len(timesteps_for(choice.name, model.schedule, choice.steps))
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
@@ -122,10 +124,18 @@ def setup(
     return model, choice, folder, compute
 
 
-def positive(n: int) -> int:
+def image_seeds(n: int | None, seed: int, seeds: str | None) -> list[int]:
+    """The seeds of the images to make: --seeds as given, else N seeds from --seed on."""
+    if seeds is not None:
+        chosen = parse_seeds(seeds)
+        if n is not None and n != len(chosen):
+            raise KneegenError(f"N = {n} but --seeds {seeds} names {len(chosen)} seeds: give one of them")
+        return chosen
+    if n is None:
+        raise KneegenError("say how many images (e.g. generate 16) or which seeds (--seeds 0-15)")
     if n < 1:
         raise KneegenError(f"N = {n}: ask for at least one image")
-    return n
+    return list(range(seed, seed + n))
 
 
 def write_image(folder: Path, seed: int, image: np.ndarray, choice: SamplerChoice, model: TrainedModel) -> Path:
