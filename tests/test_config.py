@@ -37,7 +37,7 @@ def test_defaults_without_a_file():
     assert cfg.diffusion == DiffusionConfig(1000, "cosine", "v", "l2")
     assert cfg.train.epochs == 50 and cfg.train.batch_size == 32 and cfg.train.lr == 2e-4
     assert cfg.train.ema_decay == 0.999 and cfg.train.val_timesteps == 10
-    assert cfg.sample == SampleConfig("ddim", 50, 0.0, 16)
+    assert cfg.sample == SampleConfig("dpm++2m", 25, 0.0, 16)
 
 
 def test_defaults_are_not_shared_between_configs():
