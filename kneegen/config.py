@@ -25,6 +25,7 @@ Prediction = Literal["eps", "v"]
 LossKind = Literal["l1", "l2", "huber"]
 OptimizerKind = Literal["adamw", "adam"]
 SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc"]
+Spacing = Literal["auto", "uniform", "logsnr", "karras"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -78,6 +79,7 @@ class SampleConfig:
     steps: int = 25
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ancestral-like
     batch_size: int = 16
+    spacing: Spacing = "auto"  # timesteps: auto = the sampler's best (log-SNR for multistep)
 
 
 @dataclass

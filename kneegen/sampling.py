@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 from torch import Tensor
 
+from kneegen.config import Spacing
 from kneegen.engine.device import Compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.samplers import generate, get_sampler, timesteps_for
+from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
 
@@ -23,17 +26,32 @@ from kneegen.errors import KneegenError
 class SamplerChoice:
     name: str
     steps: int
-    eta: float
+    eta: float = 0.0
+    spacing: str = "auto"
 
     def describe(self) -> str:
-        return f"{self.name}, {self.steps} steps" + (f", eta {self.eta}" if self.name == "ddim" else "")
+        eta = f", eta {self.eta}" if self.name == "ddim" else ""
+        spacing = f", {self.spacing} spacing" if self.spacing != "auto" else ""
+        return f"{self.name}, {self.steps} steps{eta}{spacing}"
+
+    def timesteps(self, schedule: Schedule) -> list[int]:
+        """The timesteps this choice visits; refuses a bad sampler name or step count."""
+        get_sampler(self.name)
+        return timesteps_for(self.name, schedule, self.steps, self.spacing)
 
 
-def choose_sampler(model: TrainedModel, name: str | None, steps: int | None, eta: float | None) -> SamplerChoice:
+def choose_sampler(
+    model: TrainedModel, name: str | None, steps: int | None, eta: float | None, spacing: str | None = None
+) -> SamplerChoice:
     """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained."""
-    chosen = name or model.config.sample.sampler
-    default_steps = model.schedule.timesteps if chosen == "ddpm" else model.config.sample.steps
-    return SamplerChoice(chosen, steps or default_steps, model.config.sample.eta if eta is None else eta)
+    sample = model.config.sample
+    chosen = name or sample.sampler
+    default_steps = model.schedule.timesteps if chosen == "ddpm" else sample.steps
+    if spacing is not None and spacing not in get_args(Spacing):
+        raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
+    return SamplerChoice(
+        chosen, steps or default_steps, sample.eta if eta is None else eta, spacing or sample.spacing
+    )
 
 
 def sample_batches(
@@ -46,7 +64,7 @@ def sample_batches(
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, (B, H, W) uint8 images) for each batch of `seeds`."""
     sampler = get_sampler(choice.name, eta=choice.eta)
-    timesteps = timesteps_for(choice.name, model.schedule, choice.steps)
+    timesteps = choice.timesteps(model.schedule)
     denoise = model.denoiser(compute)
     shape = (1, *model.image_shape)
     for start in range(0, len(seeds), batch_size):

@@ -185,6 +185,14 @@ def test_bad_seed_requests_are_one_line_errors(in_workspace, args, named):
     assert not (in_workspace / "never").exists()
 
 
+def test_spacing_flag_is_recorded_and_checked(in_workspace):
+    result = invoke("sample", "single", "--spacing", "karras", "--out", "karras")
+    assert result.exit_code == 0, result.output
+    assert json.loads((in_workspace / "karras/000000.json").read_text())["spacing"] == "karras"
+    assert_clean_user_error(invoke("sample", "single", "--spacing", "bogus", "--out", "nope"), "bogus")
+    assert not (in_workspace / "nope").exists()
+
+
 @pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "unipc"])
 def test_every_sampler_illustrates(in_workspace, sampler):
     out = f"ill_{sampler}"

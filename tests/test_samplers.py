@@ -252,3 +252,25 @@ def test_seed_lists_and_ranges_parse_in_order():
     for bad in ["", "a", "3-1", "1,1", "1-2,2"]:
         with pytest.raises(KneegenError):
             parse_seeds(bad)
+
+
+def test_karras_timesteps_are_even_in_sigma_to_the_one_over_rho():
+    """Karras et al. eq. 5: σ_i^{1/7} evenly spaced, σ = √((1−ᾱ)/ᾱ); up to integer rounding.
+    Compared with log-SNR spacing it spends more steps at high noise."""
+    schedule = Schedule("linear", 1000)
+    karras = sample_timesteps(1000, 25, schedule, "karras")
+    assert karras[0] == 999 and karras[-1] == 0
+    assert all(a > b for a, b in zip(karras, karras[1:]))
+    abar = schedule.alphas_cumprod[karras]
+    root_sigma = ((1 - abar) / abar).sqrt() ** (1 / 7)
+    gaps = root_sigma[:-1] - root_sigma[1:]
+    assert gaps.max() / gaps.min() < 1.15
+    logsnr = sample_timesteps(1000, 25, schedule, "logsnr")
+    assert sum(t > 900 for t in karras) > sum(t > 900 for t in logsnr)
+
+
+def test_auto_spacing_follows_the_sampler():
+    schedule = Schedule("cosine", 1000)
+    assert timesteps_for("ddim", schedule, 10) == sample_timesteps(1000, 10)
+    assert timesteps_for("dpm++2m", schedule, 10) == sample_timesteps(1000, 10, schedule, "logsnr")
+    assert timesteps_for("ddim", schedule, 10, "karras") == sample_timesteps(1000, 10, schedule, "karras")

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import get_sampler, timesteps_for
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
@@ -31,6 +30,7 @@ Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: t
 Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++3m or unipc; default from the run's config.")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
+Spacing = Annotated[Optional[str], typer.Option(help="Timesteps: auto, uniform, logsnr or karras.")]
 Seed = Annotated[int, typer.Option(help="Image k uses seed S+k: same seed, same images.")]
 Seeds = Annotated[Optional[str], typer.Option("--seeds", help="Exact seeds instead of N and --seed: 0-63 or 1,5,9-12.")]
 Count = Annotated[Optional[int], typer.Argument(help="How many images (or give --seeds).")]
@@ -43,10 +43,11 @@ Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that 
 @app.command()
 def single(
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    spacing: Spacing = None,
     seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Generate one image and print its path."""
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
     (seeds, images), = sample_batches(model, compute, choice, [seed], 1)
     print(write_image(folder, seeds[0], images[0], choice, model))
 
@@ -55,12 +56,13 @@ def single(
 def generate(
     n: Count = None,
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    spacing: Spacing = None,
     seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
     device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
     batch_size = batch_size or model.config.sample.batch_size
     grid_tiles: list[np.ndarray] = []
     started = time.perf_counter()
@@ -80,13 +82,14 @@ def generate(
 def illustrate(
     n: Count = None,
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    spacing: Spacing = None,
     seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
     device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, out, device, overwrite)
-    n_steps = len(timesteps_for(choice.name, model.schedule, choice.steps))
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
+    n_steps = len(choice.timesteps(model.schedule))
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
     with progress_bar() as progress:
         task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=choice.describe())
@@ -108,14 +111,13 @@ def illustrate(
 
 def setup(
     checkpoint: Path | None, sampler: str | None, steps: int | None, eta: float | None,
-    out: Path | None, device: str, overwrite: bool,
+    spacing: str | None, out: Path | None, device: str, overwrite: bool,
 ) -> tuple[TrainedModel, SamplerChoice, Path, Compute]:
     """Load the model, settle the sampler and make a fresh (or permitted) output folder."""
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
-    choice = choose_sampler(model, sampler, steps, eta)
-    get_sampler(choice.name)  # refuse a bad --sampler or --steps before anything is written
-    timesteps_for(choice.name, model.schedule, choice.steps)
+    choice = choose_sampler(model, sampler, steps, eta, spacing)
+    choice.timesteps(model.schedule)  # refuse a bad --sampler or --steps before anything is written
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
     if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
         raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
@@ -141,6 +143,7 @@ def image_seeds(n: int | None, seed: int, seeds: str | None) -> list[int]:
 def write_image(folder: Path, seed: int, image: np.ndarray, choice: SamplerChoice, model: TrainedModel) -> Path:
     """`{seed:06d}.png` with seed, sampler and steps in a PNG text chunk and a JSON sidecar."""
     info = {"seed": str(seed), "sampler": choice.name, "steps": str(choice.steps), "eta": str(choice.eta),
+            "spacing": choice.spacing,
             "checkpoint": str(model.source)}
     path = save_png(image, folder / f"{seed:06d}.png", text=info)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))

@@ -48,11 +48,16 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
-def sample_timesteps(total: int, steps: int, schedule: Schedule | None = None) -> list[int]:
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+def sample_timesteps(total: int, steps: int, schedule: Schedule | None = None, spacing: str = "logsnr") -> list[int]:
     """`steps` integer timesteps from T−1 down to 0, the first always T−1.
 
-    Evenly spaced in t, or, given a `schedule`, evenly spaced in log-SNR λ = log(α/σ), which
-    keeps the step sizes of the multistep solvers even (Lu et al. 2022, sec. 3.3).
+    Without a schedule: evenly spaced in t. With one: evenly spaced in log-SNR λ = log(α/σ),
+    which keeps the multistep solvers' steps even (Lu et al. 2022, sec. 3.3), or, for
+    `spacing="karras"`, in σ^{1/ρ} with σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022). Timesteps that
+    round to the same integer are visited once.
     """
     if not 1 <= steps <= total:
         raise KneegenError(f"--steps {steps}: must be between 1 and the model's {total} timesteps")
@@ -61,7 +66,13 @@ def sample_timesteps(total: int, steps: int, schedule: Schedule | None = None) -
         return list(dict.fromkeys(grid))
     abar = schedule.alphas_cumprod
     lambdas = 0.5 * (abar.log() - (1 - abar).log())  # decreasing in t, (T,)
-    targets = torch.linspace(lambdas[-1].item(), lambdas[0].item(), steps, dtype=torch.float64)
+    if spacing == "karras":
+        sigmas = (-lambdas).exp()  # σ = e^{−λ}, increasing in t
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        high, low = sigmas[-1] ** (1 / KARRAS_RHO), sigmas[0] ** (1 / KARRAS_RHO)
+        targets = -((high + ramp * (low - high)) ** KARRAS_RHO).log()
+    else:
+        targets = torch.linspace(lambdas[-1].item(), lambdas[0].item(), steps, dtype=torch.float64)
     nearest = (lambdas[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
     return list(dict.fromkeys(nearest))
 
@@ -282,10 +293,14 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "unipc"}  # multistep solvers want even steps in λ
 
 
-def timesteps_for(name: str, schedule: Schedule, steps: int) -> list[int]:
-    """The timesteps sampler `name` runs best on: log-SNR spacing for the multistep solvers,
-    even spacing in t for DDPM and DDIM (measured: DDIM loses accuracy with log-SNR spacing)."""
-    return sample_timesteps(schedule.timesteps, steps, schedule if name in LOG_SNR_SPACED else None)
+def timesteps_for(name: str, schedule: Schedule, steps: int, spacing: str = "auto") -> list[int]:
+    """Timesteps in the given spacing; `auto` is what sampler `name` runs best on: log-SNR for
+    the multistep solvers, even in t for DDPM and DDIM (measured: DDIM loses accuracy in λ)."""
+    if spacing == "auto":
+        spacing = "logsnr" if name in LOG_SNR_SPACED else "uniform"
+    if spacing == "uniform":
+        return sample_timesteps(schedule.timesteps, steps)
+    return sample_timesteps(schedule.timesteps, steps, schedule, spacing)
 
 
 def get_sampler(name: str, **options: float) -> Sampler:
