@@ -33,8 +33,11 @@ $(DEMO_DATA)/manifest.json: | install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Speed side by side (a few minutes each). Quality vs steps needs a trained run:
+#   $(BIN)/python benchmarks/sampler_quality.py --checkpoint runs/<run>/best.pt
 bench: install
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/sampling.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
