@@ -152,7 +152,7 @@ def test_literal_violation_lists_the_choices(tmp_path):
 
 @pytest.mark.parametrize(
     "key, choices",
-    [("model.arch", "unet, seed"), ("sample.sampler", "ddpm, ddim"), ("diffusion.prediction", "eps, v"),
+    [("model.arch", "unet, seed"), ("sample.sampler", "ddim, ddpm"), ("diffusion.prediction", "eps, v"),
      ("device", "auto, cpu, cuda, mps")],
 )
 def test_every_literal_field_lists_its_choices(key, choices):

@@ -274,3 +274,33 @@ def test_auto_spacing_follows_the_sampler():
     assert timesteps_for("ddim", schedule, 10) == sample_timesteps(1000, 10)
     assert timesteps_for("dpm++2m", schedule, 10) == sample_timesteps(1000, 10, schedule, "logsnr")
     assert timesteps_for("ddim", schedule, 10, "karras") == sample_timesteps(1000, 10, schedule, "karras")
+
+
+def test_a_plugin_package_adds_a_sampler_through_entry_points(tmp_path, monkeypatch):
+    """A `kneegen.samplers` entry point is usable by name, from flags and from YAML."""
+    import sys
+
+    from kneegen.config import load_config
+
+    dist_info = tmp_path / "halfddim-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: halfddim\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text("[kneegen.samplers]\nhalfddim = halfddim_mod:halfddim\n")
+    (tmp_path / "halfddim_mod.py").write_text(
+        "from kneegen.engine.samplers import ddim\n\n"
+        "def halfddim(denoise, x, timesteps, schedule, noise, on_step=None):\n"
+        "    return ddim(denoise, x, timesteps[::2], schedule, noise, on_step)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "halfddim_mod", raising=False)
+    schedule = Schedule("cosine", 1000)
+    timesteps = sample_timesteps(1000, 20)
+    plugin = generate(gaussian_denoiser(schedule), get_sampler("halfddim"), timesteps, schedule, [1, 2], SHAPE, CPU)
+    direct = generate(gaussian_denoiser(schedule), get_sampler("ddim"), timesteps[::2], schedule, [1, 2], SHAPE, CPU)
+    assert torch.equal(plugin, direct)
+    config = tmp_path / "run.yaml"
+    config.write_text("sample:\n  sampler: halfddim\n")
+    assert load_config(config).sample.sampler == "halfddim"
+    config.write_text("sample:\n  sampler: nosuch\n")
+    with pytest.raises(KneegenError, match="sample.sampler.*nosuch.*halfddim"):
+        load_config(config)

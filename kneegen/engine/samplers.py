@@ -11,6 +11,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Protocol
 
 import torch
@@ -303,14 +304,24 @@ def timesteps_for(name: str, schedule: Schedule, steps: int, spacing: str = "aut
     return sample_timesteps(schedule.timesteps, steps, schedule, spacing)
 
 
+SAMPLER_GROUP = "kneegen.samplers"  # entry-point group through which a package adds a sampler
+
+
+def registered_samplers() -> dict[str, Callable[..., Tensor]]:
+    """The built-in samplers plus every installed `kneegen.samplers` plugin (built-ins win)."""
+    plugins = {ep.name: ep for ep in entry_points(group=SAMPLER_GROUP) if ep.name not in SAMPLERS}
+    return {**{name: ep.load() for name, ep in plugins.items()}, **SAMPLERS}
+
+
 def get_sampler(name: str, **options: float) -> Sampler:
     """The sampler registered under `name` with its own options bound (e.g. DDIM's `eta`).
 
     Options a sampler does not take are dropped here, so one CLI can offer them all.
     """
-    if name not in SAMPLERS:
-        raise KneegenError(f"unknown sampler {name!r}: choose one of {', '.join(sorted(SAMPLERS))}")
-    function = SAMPLERS[name]
+    known = registered_samplers()
+    if name not in known:
+        raise KneegenError(f"unknown sampler {name!r}: choose one of {', '.join(sorted(known))}")
+    function = known[name]
     accepted = inspect.signature(function).parameters
     return functools.partial(function, **{k: v for k, v in options.items() if k in accepted})
 
