@@ -150,39 +150,35 @@ def dpm_solver_pp(
     x̂_0 become available, and lands on x̂_0 at the last step, where σ = 0. `noise` is unused
     beyond x_T: the solver is deterministic.
     """
-    history: list[tuple[Tensor, Tensor]] = []  # (x̂_0, h) of the previous steps, newest last
+    history: list[tuple[Tensor, float]] = []  # (x̂_0, h) of the previous steps, newest last
     for i, (t, s) in enumerate(step_pairs(timesteps, x)):
         x0, _ = denoise(x, t)
         if on_step is not None:
             on_step(i, x, x0)
-        if int(s[0]) < 0:
+        t_value, s_value = int(t[0]), int(s[0])
+        if s_value < 0:
             return x0  # σ_s = 0: the ODE's end point is the data prediction itself
-        alpha_t, sigma_t = log_snr_terms(schedule, t)
-        alpha_s, sigma_s = log_snr_terms(schedule, s)
-        h = (alpha_s / sigma_s).log() - (alpha_t / sigma_t).log()  # λ_s − λ_t > 0, (B,)
-        phi = torch.expm1(-h)  # e^{−h} − 1
-        # 1. The data-prediction term D, of the highest order the history allows.
-        d0 = x0
-        correction = torch.zeros_like(x)
-        if order >= 2 and len(history) >= 1:
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(schedule, t_value), alpha_sigma(schedule, s_value)
+        h = log_snr(schedule, s_value) - log_snr(schedule, t_value)  # > 0
+        phi = math.expm1(-h)  # e^{−h} − 1
+        # 1. First order (= DDIM): x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) x̂_0.
+        x_next = (sigma_s / sigma_t) * x - alpha_s * phi * x0
+        # 2. Higher orders add finite differences of earlier x̂_0 in λ, when there are some.
+        if order >= 2 and history:
             x0_1, h_1 = history[-1]
-            r0 = h_1 / h
-            d1_0 = (x0 - x0_1) / broadcast(r0, x)
+            d1_0 = (x0 - x0_1) / (h_1 / h)
             if order >= 3 and len(history) >= 2:
                 x0_2, h_2 = history[-2]
-                r1 = h_2 / h
-                d1_1 = (x0_1 - x0_2) / broadcast(r1, x)
-                d1 = d1_0 + broadcast(r0 / (r0 + r1), x) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / broadcast(r0 + r1, x)
-                # 2a. Third order: x̂_0 plus first and second finite differences in λ.
-                correction = broadcast(alpha_s * (phi / h + 1), x) * d1 - broadcast(
-                    alpha_s * ((phi + h) / h**2 - 0.5), x
-                ) * d2
+                r0, r1 = h_1 / h, h_2 / h
+                d1_1 = (x0_1 - x0_2) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                # 2a. Third order: first and second differences.
+                x_next = x_next + alpha_s * (phi / h + 1) * d1 - alpha_s * ((phi + h) / h**2 - 0.5) * d2
             else:
                 # 2b. Second order (the midpoint form): D = x̂_0 + (x̂_0 − x̂_0') / (2 r).
-                correction = -0.5 * broadcast(alpha_s * phi, x) * d1_0
-        # 3. x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) D  (+ the correction terms above).
-        x = broadcast(sigma_s / sigma_t, x) * x - broadcast(alpha_s * phi, x) * d0 + correction
+                x_next = x_next - 0.5 * alpha_s * phi * d1_0
+        x = x_next
         history.append((x0, h))
     return x
 
@@ -236,8 +232,7 @@ def unipc_update(
     R ρ = b of the paper (eq. 7 and 9), with φ functions of hh = −h."""
     m0, lambda_0 = history[-1]
     lambda_t = log_snr(schedule, target)
-    abar_t = schedule.alphas_cumprod[target].item()
-    alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+    alpha_t, sigma_t = alpha_sigma(schedule, target)
     sigma_0 = 1 / math.sqrt(1 + math.exp(2 * lambda_0))  # σ from λ: α² + σ² = 1
     h = lambda_t - lambda_0
     # 1. Earlier x̂_0 as scaled differences D_k = (x̂_0^(k) − m0) / r_k, r_k = (λ_k − λ_0)/h.
@@ -276,10 +271,10 @@ def log_snr(schedule: Schedule, t: int) -> float:
     return 0.5 * (math.log(abar) - math.log(1 - abar))
 
 
-def log_snr_terms(schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) as (B,) float64."""
-    abar = schedule.alpha_bar(t)
-    return abar.sqrt(), (1 - abar).sqrt()
+def alpha_sigma(schedule: Schedule, t: int) -> tuple[float, float]:
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) of one integer timestep."""
+    abar = schedule.alphas_cumprod[t].item()
+    return math.sqrt(abar), math.sqrt(1 - abar)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
