@@ -29,6 +29,7 @@ class Schedule:
         self.kind = kind
         self.betas = make_betas(kind, timesteps)  # β_t, (T,)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t, (T,)
+        self.padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # ᾱ_{−1} … ᾱ_{T−1}
 
     @property
     def timesteps(self) -> int:
@@ -36,8 +37,7 @@ class Schedule:
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t for integer t in [−1, T−1], with ᾱ_{−1} = 1; float64, same shape as t."""
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        return padded[t.long().cpu() + 1].to(t.device)
+        return self.padded[t.long().cpu() + 1].to(t.device)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(√ᾱ_t, √(1 − ᾱ_t)) shaped (B, 1, 1, 1) to broadcast over images like `like`."""
