@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,3 +30,27 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+@contextmanager
+def progress_once_started(description: str) -> Iterator[Callable[[int, int], None]]:
+    """An `update(done, total)` callback whose bar appears on its first call, not before.
+
+    Checks that fail before any work starts then print their one-line error alone, and a
+    failure during the work clears the bar so the error line stands alone too.
+    """
+    progress = progress_bar()
+    task = progress.add_task(description, total=None, status="")
+
+    def update(done: int, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    except BaseException:
+        progress.live.transient = True
+        raise
+    finally:
+        progress.stop()

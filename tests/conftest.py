@@ -23,7 +23,8 @@ torch.set_num_threads(1)
 
 from kneegen.config import RunConfig, load_config  # noqa: E402
 from kneegen.data.phantom import write_phantom  # noqa: E402
-from kneegen.data.prepare import prepare_folder  # noqa: E402
+from kneegen.data.prepare import PrepareOptions, prepare_folder  # noqa: E402
+from kneegen.data.splits import SplitFractions  # noqa: E402
 from kneegen.training_run import run_training  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -84,11 +85,17 @@ def phantom_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return src
 
 
+def prepare_options(size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), **changes: Any) -> PrepareOptions:
+    """The tests' prepare settings: 6 phantom patients → 5 train, 1 val, no test; one process."""
+    settings: dict[str, Any] = {"size": size, "fractions": SplitFractions(0.8, 0.2, 0.0), "seed": 0, "workers": 1}
+    return PrepareOptions(**{**settings, **changes})
+
+
 @pytest.fixture(scope="session")
 def prepared(phantom_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom prepared into a 32×32 cache (read-only for tests: prepare elsewhere to modify)."""
     out = tmp_path_factory.mktemp("prepared") / "cache"
-    prepare_folder(phantom_src, out, (IMAGE_SIZE, IMAGE_SIZE), val_fraction=0.2, seed=0, overwrite=False)
+    prepare_folder(phantom_src, out, prepare_options())
     return out
 
 

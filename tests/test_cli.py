@@ -23,6 +23,7 @@ from conftest import tiny_run_dict
 from kneegen.cli import build_app
 
 PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images
+TWO_PATIENT_SPLIT = ("--val-fraction", 0.5, "--test-fraction", 0)
 
 
 def invoke(*args: str):
@@ -58,7 +59,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        prepared = invoke("prepare", "--phantom", PHANTOM, "--size", 32)
+        prepared = invoke("prepare", "--phantom", PHANTOM, "--size", 32, *TWO_PATIENT_SPLIT)
         assert prepared.exit_code == 0, prepared.output
         # val_images covers the whole val split, so `validate` scores exactly what training scored.
         write_tiny_yaml(root / "tiny.yaml", train={"val_images": 64})
@@ -243,7 +244,7 @@ def test_prepare_on_a_folder_without_images(in_workspace, tmp_path):
     empty = tmp_path / "no_images_here"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
-    assert_clean_user_error(invoke("prepare", empty, "--out", tmp_path / "out"), "no_images_here", "no PNG/JPG")
+    assert_clean_user_error(invoke("prepare", empty, "--out", tmp_path / "out"), "no_images_here", "no images (PNG/JPG/TIFF)")
 
 
 def test_unknown_yaml_key_is_named(in_workspace, tmp_path):
@@ -289,7 +290,7 @@ def test_a_file_that_is_not_a_kneegen_checkpoint(in_workspace, tmp_path, kind):
 
 
 def test_image_size_the_network_cannot_downsample(in_workspace, tmp_path):
-    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36")
+    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36", *TWO_PATIENT_SPLIT)
     assert prepared.exit_code == 0, prepared.output
     result = invoke("train", "--config", "tiny.yaml", "--data", tmp_path / "data36", "--run-dir", tmp_path / "run36",
                     "--set", "model.channel_mults=[1, 2, 2]")
@@ -352,21 +353,69 @@ def test_error_message_with_a_closing_tag_lookalike_is_still_one_clean_line(in_w
 
 def test_phantom_folder_clash_names_the_phantom_dir_flag(in_workspace, tmp_path):
     phantom_dir = tmp_path / "ph"
-    first = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir)
+    first = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir,
+                   *TWO_PATIENT_SPLIT)
     assert first.exit_code == 0, first.output
-    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir)
+    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir,
+                    *TWO_PATIENT_SPLIT)
     assert_clean_user_error(result, str(phantom_dir), "--phantom-dir")
 
 
 def test_phantom_overwrite_prepares_exactly_the_new_images(in_workspace, tmp_path):
     phantom_dir = tmp_path / "ph"
-    first = invoke("prepare", "--phantom", 50, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir)
+    first = invoke("prepare", "--phantom", 50, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir,
+                   *TWO_PATIENT_SPLIT)
     assert first.exit_code == 0, first.output
     result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir,
-                    "--overwrite")
+                    "--overwrite", *TWO_PATIENT_SPLIT)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b/manifest.json").read_text())
     assert len(manifest["slices"]) == 40, "images of the replaced phantom were prepared too"
+
+
+def test_prepare_prints_the_summary_and_inspect_prints_it_again(in_workspace, tmp_path):
+    src = tmp_path / "slices"
+    shutil.copytree(in_workspace / "data/phantom", src)
+    (src / "broken.png").write_bytes(b"")
+    (src / "notes.txt").write_text("x")
+    result = invoke("prepare", src, "--size", "16x24", "--fit", "crop", "--out", tmp_path / "c", *TWO_PATIENT_SPLIT)
+    assert result.exit_code == 0, result.output
+    for expected in ("images", "40 (uint8, 16x24, fit crop)", "patients / volumes", "2 / 2", "228x260 40",
+                     "train", "20 images, 1 patients", "skipped", "broken.png: empty file (0 bytes)",
+                     "notes.txt: not an image or volume (.txt)", "contact sheet"):
+        assert expected in result.output, expected
+    inspected = invoke("prepare", "--inspect", tmp_path / "c")
+    assert inspected.exit_code == 0, inspected.output
+    table = result.output[: result.output.index("contact sheet")]
+    assert table.strip().endswith(inspected.output.strip())  # the same summary, from the manifest alone
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (("--fit", "squash"), ("--fit", "squash", "pad, crop, stretch")),
+        (("--axis", "oblique"), ("--axis", "oblique", "sagittal")),
+        (("--window", "99,1"), ("--window", "99,1")),
+        (("--val-fraction", 0.6, "--test-fraction", 0.6), ("add up to 1",)),
+        (("--test-fraction", 0.1, "--val-fraction", 0.1), ("2 patients cannot fill the test split", "--test-fraction 0")),
+    ],
+)
+def test_bad_prepare_flags_are_one_line(in_workspace, tmp_path, flags, named):
+    out = tmp_path / "o"
+    assert_clean_user_error(invoke("prepare", in_workspace / "data/phantom", "--out", out, *flags), *named)
+    assert not out.exists()
+
+
+def test_prepare_strict_names_the_bad_file(in_workspace, tmp_path):
+    src = tmp_path / "slices"
+    shutil.copytree(in_workspace / "data/phantom", src)
+    (src / "zz.png").write_text("text")
+    result = invoke("prepare", src, "--out", tmp_path / "o", "--strict", *TWO_PATIENT_SPLIT)
+    assert_clean_user_error(result, "zz.png", "not an image", "--strict")
+
+
+def test_inspect_of_a_folder_without_a_cache(tmp_path):
+    assert_clean_user_error(invoke("prepare", "--inspect", tmp_path), str(tmp_path), "kneegen prepare")
 
 
 # --- the installed console script -----------------------------------------------------------------

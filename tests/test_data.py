@@ -1,4 +1,4 @@
-"""AKOA names and `prepare_folder`: the patient-level split, the cache, and unreadable files."""
+"""AKOA names and `prepare_folder`: the patient-level split, the cache, and bad inputs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from PIL import Image
 
 from kneegen.data.akoa import SliceName, parse_akoa_name
 from kneegen.data.cache import open_cache
-from kneegen.data.prepare import load_slice, prepare_folder
+from kneegen.data.decode import read_gray
+from kneegen.data.geometry import fit_to_size
+from kneegen.data.prepare import prepare_folder
+from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
 
-from conftest import IMAGE_SIZE, PHANTOM_IMAGES
+from conftest import IMAGE_SIZE, PHANTOM_IMAGES, prepare_options
 
 REAL_NAME = "OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_12.png"
 
@@ -37,6 +40,7 @@ def test_real_akoa_name_is_parsed():
         ("OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_R_I_G_H_T.nii.gz_40.png", "RIGHT", 40),
         ("OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_right.nii_7.jpg", "RIGHT", 7),
         ("OAI9014797_BaseLine_3de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_12.png", "LEFT", 12),
+        ("OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_12.PNG", "LEFT", 12),
     ],
 )
 def test_akoa_name_variants_are_parsed(name, side, slice_index):
@@ -67,32 +71,45 @@ def manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
 
 
+def splits_by(records: list[dict], key: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for record in records:
+        found.setdefault(record[key], set()).add(record["split"])
+    return found
+
+
+def assert_no_leak(root: Path) -> None:
+    """No patient and no volume has slices in two splits, and the manifest agrees."""
+    records = manifest(root)["slices"]
+    for key in ("patient", "volume"):
+        leaks = {k: v for k, v in splits_by(records, key).items() if len(v) > 1}
+        assert not leaks, f"{key}s in two splits: {leaks}"
+    assert manifest(root)["patients"] == {p: next(iter(s)) for p, s in splits_by(records, "patient").items()}
+
+
 def test_patient_never_in_both_splits(prepared):
     records = manifest(prepared)["slices"]
     assert len(records) == PHANTOM_IMAGES
-    splits_of: dict[str, set[str]] = {}
     for record in records:
         parsed = parse_akoa_name(Path(record["path"]).name)
-        assert parsed is not None and parsed.patient == record["patient"]
-        splits_of.setdefault(record["patient"], set()).add(record["split"])
-    assert all(len(splits) == 1 for splits in splits_of.values()), splits_of
-    assert {next(iter(s)) for s in splits_of.values()} == {"train", "val"}
-    assert len(splits_of) == 6
-    assert manifest(prepared)["patients"] == {p: next(iter(s)) for p, s in splits_of.items()}
+        assert parsed is not None and parsed.patient == record["patient"] and parsed.volume == record["volume"]
+    assert_no_leak(prepared)
+    assert {next(iter(s)) for s in splits_by(records, "patient").values()} == {"train", "val"}
+    assert len(splits_by(records, "patient")) == 6
 
 
 def test_split_views_have_the_right_counts_shape_and_dtype(prepared):
     data = open_cache(prepared)
     records = manifest(prepared)["slices"]
-    counts = {name: sum(r["split"] == name for r in records) for name in ("train", "val")}
-    assert counts == {"train": 50, "val": 10}  # 6 patients of 10 slices, round(0.2 · 6) = 1 held out
+    counts = {name: sum(r["split"] == name for r in records) for name in ("train", "val", "test")}
+    assert counts == {"train": 50, "val": 10, "test": 0}  # 6 patients of 10 slices at 0.8/0.2/0
     assert data.images.shape == (PHANTOM_IMAGES, IMAGE_SIZE, IMAGE_SIZE)
     assert data.image_shape == (IMAGE_SIZE, IMAGE_SIZE)
     for name, count in counts.items():
         view = data.split(name)
         assert view.shape == (count, IMAGE_SIZE, IMAGE_SIZE)
         assert view.dtype == np.uint8
-        assert np.shares_memory(view, data.images)  # a view, not a copy
+        assert np.shares_memory(view, data.images) or count == 0  # a view, not a copy
     # Train first, then val; the manifest records are in cache order.
     assert [r["split"] for r in records] == ["train"] * 50 + ["val"] * 10
 
@@ -101,27 +118,38 @@ def test_cache_image_i_is_the_file_of_record_i(prepared, phantom_src):
     data = open_cache(prepared)
     records = manifest(prepared)["slices"]
     for i in [0, 17, 49, 50, 59]:
-        expected = load_slice(phantom_src / records[i]["path"], (IMAGE_SIZE, IMAGE_SIZE))
+        expected = fit_to_size(read_gray(phantom_src / records[i]["path"]), (IMAGE_SIZE, IMAGE_SIZE), "pad")
         np.testing.assert_array_equal(data.images[i], expected)
     assert data.images.std() > 10  # resized anatomy, not a blank image
 
 
-def test_split_is_deterministic_for_a_seed_and_changes_with_it(phantom_src, tmp_path):
-    a = prepare_folder(phantom_src, tmp_path / "a", (16, 16), 0.5, seed=4, overwrite=False)
-    b = prepare_folder(phantom_src, tmp_path / "b", (16, 16), 0.5, seed=4, overwrite=False)
+def test_three_way_split_is_deterministic_for_a_seed_and_changes_with_it(phantom_src, tmp_path):
+    thirds = SplitFractions(0.5, 0.25, 0.25)
+    a = prepare_folder(phantom_src, tmp_path / "a", prepare_options((16, 16), fractions=thirds, seed=4))
+    prepare_folder(phantom_src, tmp_path / "b", prepare_options((16, 16), fractions=thirds, seed=4))
     assert manifest(tmp_path / "a")["patients"] == manifest(tmp_path / "b")["patients"]
-    assert a.split_patients == {"train": 3, "val": 3}
+    assert a.split_patients == {"train": 3, "val": 2, "test": 1}  # 6 × (0.5, 0.25, 0.25): the tie goes to val
+    assert_no_leak(tmp_path / "a")
     assignments = {json.dumps(manifest(tmp_path / "a")["patients"], sort_keys=True)}
     for seed in range(5, 9):
-        prepare_folder(phantom_src, tmp_path / f"s{seed}", (16, 16), 0.5, seed=seed, overwrite=False)
+        prepare_folder(phantom_src, tmp_path / f"s{seed}", prepare_options((16, 16), fractions=thirds, seed=seed))
         assignments.add(json.dumps(manifest(tmp_path / f"s{seed}")["patients"], sort_keys=True))
     assert len(assignments) > 1
-    assert b.images == PHANTOM_IMAGES
+    assert a.images == PHANTOM_IMAGES
 
 
-def test_non_square_size_is_height_by_width(phantom_src, tmp_path):
-    summary = prepare_folder(phantom_src, tmp_path / "c", (16, 24), 0.2, seed=0, overwrite=False)
-    assert summary.image_shape == (16, 24)
+def test_both_worker_processes_give_the_same_cache(phantom_src, tmp_path):
+    prepare_folder(phantom_src, tmp_path / "one", prepare_options((16, 16)))
+    prepare_folder(phantom_src, tmp_path / "two", prepare_options((16, 16), workers=2))
+    np.testing.assert_array_equal(open_cache(tmp_path / "one").images, open_cache(tmp_path / "two").images)
+    assert manifest(tmp_path / "one")["slices"] == manifest(tmp_path / "two")["slices"]
+
+
+@pytest.mark.parametrize("fit", ["pad", "crop", "stretch"])
+def test_non_square_size_is_height_by_width(phantom_src, tmp_path, fit):
+    summary = prepare_folder(phantom_src, tmp_path / "c", prepare_options((16, 24), fit=fit))
+    assert summary.image_shape == (16, 24) and summary.fit == fit
+    assert summary.source_sizes == {"228x260": PHANTOM_IMAGES}
     assert open_cache(tmp_path / "c").images.shape == (PHANTOM_IMAGES, 16, 24)
 
 
@@ -135,79 +163,123 @@ def small_src(phantom_src: Path, tmp_path: Path) -> Path:
     return src
 
 
-def test_unreadable_files_are_skipped_and_reported(small_src, tmp_path):
+def half_split(**changes) -> dict:
+    return {"fractions": SplitFractions(0.5, 0.5, 0.0), **changes}
+
+
+def test_bad_files_are_skipped_with_their_reasons(small_src, tmp_path):
     (small_src / "empty.png").write_bytes(b"")
     (small_src / "notes.png").write_text("these are my notes, not an image\n")
-    (small_src / "readme.txt").write_text("ignored: not an image suffix\n")
+    whole = (small_src / sorted(p.name for p in small_src.glob("OAI*"))[0]).read_bytes()
+    (small_src / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (small_src / "readme.txt").write_text("not an image\n")
     out = tmp_path / "out"
-    summary = prepare_folder(small_src, out, (16, 16), 0.5, seed=0, overwrite=False)
+    summary = prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
     assert summary.images == 20
     skipped = {Path(path).name: reason for path, reason in summary.skipped}
-    assert set(skipped) == {"empty.png", "notes.png"}
-    assert all("unreadable" in reason for reason in skipped.values())
-    recorded = {Path(item["path"]).name for item in manifest(out)["skipped"]}
-    assert recorded == {"empty.png", "notes.png"}
+    assert skipped.keys() == {"empty.png", "notes.png", "truncated.png", "readme.txt"}
+    assert skipped["empty.png"] == "empty file (0 bytes)"
+    assert skipped["notes.png"] == "not an image Pillow can read"
+    assert skipped["truncated.png"].startswith("corrupt or truncated image")
+    assert skipped["readme.txt"] == "not an image or volume (.txt)"
+    assert {Path(item["path"]).name for item in manifest(out)["skipped"]} == set(skipped)
     assert open_cache(out).images.shape == (20, 16, 16)
 
 
-def test_folder_of_only_unreadable_images_is_refused(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.png").write_bytes(b"")
-    (src / "b.png").write_text("text")
-    with pytest.raises(KneegenError, match="could be read"):
-        prepare_folder(src, tmp_path / "out", (16, 16), 0.5, seed=0, overwrite=False)
-
-
-def test_empty_folder_is_refused(tmp_path):
-    src = tmp_path / "empty"
-    src.mkdir()
-    with pytest.raises(KneegenError) as info:
-        prepare_folder(src, tmp_path / "out", (16, 16), 0.2, seed=0, overwrite=False)
-    assert "no PNG/JPG images" in str(info.value) and str(src) in str(info.value)
+def test_strict_stops_at_the_first_bad_file_and_writes_nothing(small_src, tmp_path):
+    (small_src / "zz_broken.png").write_text("not a png")
+    with pytest.raises(KneegenError, match=r"zz_broken\.png: not an image .* --strict"):
+        prepare_folder(small_src, tmp_path / "out", prepare_options((16, 16), **half_split(strict=True)))
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_source_folder_is_refused(tmp_path):
-    with pytest.raises(KneegenError, match="not found"):
-        prepare_folder(tmp_path / "nope", tmp_path / "out", (16, 16), 0.2, seed=0, overwrite=False)
-
-
-def test_preparing_into_an_existing_cache_needs_overwrite(small_src, tmp_path):
-    out = tmp_path / "out"
-    prepare_folder(small_src, out, (16, 16), 0.5, seed=0, overwrite=False)
-    before = (out / "images.npy").read_bytes()
-    with pytest.raises(KneegenError, match="--overwrite"):
-        prepare_folder(small_src, out, (24, 24), 0.5, seed=0, overwrite=False)
-    assert (out / "images.npy").read_bytes() == before
-    prepare_folder(small_src, out, (24, 24), 0.5, seed=0, overwrite=True)
-    assert open_cache(out).images.shape == (20, 24, 24)
-
-
-def test_non_empty_foreign_folder_is_not_clobbered(small_src, tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "thesis.tex").write_text("precious")
-    with pytest.raises(KneegenError, match="not empty"):
-        prepare_folder(small_src, out, (16, 16), 0.5, seed=0, overwrite=False)
-    assert (out / "thesis.tex").read_text() == "precious"
-
-
-def test_files_without_akoa_names_are_one_group_each(tmp_path):
-    src = tmp_path / "plain"
-    (src / "sub").mkdir(parents=True)
+def test_mixed_sizes_and_modes_become_one_grayscale_cache(tmp_path):
+    src = tmp_path / "mixed"
+    src.mkdir()
     rng = np.random.default_rng(0)
-    names = [f"slice_{i:02d}.png" for i in range(8)] + ["sub/slice_00.png", "sub/other.jpg"]
-    for name in names:
-        Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / name)
-    summary = prepare_folder(src, tmp_path / "out", (16, 16), 0.2, seed=0, overwrite=False)
-    assert summary.images == 10
-    assert summary.patients == 10  # sub/slice_00.png is not slice_00.png
-    assert summary.split_images == {"train": 8, "val": 2}
+    gray = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    Image.fromarray(gray).save(src / "a_gray.png")
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(src / "b_rgb.png")  # as AKOA stores slices
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)])).save(src / "c_rgba.png")
+    Image.fromarray(gray).convert("P").save(src / "d_palette.png")
+    Image.fromarray(rng.integers(0, 256, (50, 20), dtype=np.uint8)).save(src / "e_tall.png")
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((20, 20), fractions=SplitFractions(0.6, 0.4, 0.0)))
+    assert summary.images == 5 and summary.dtype == "uint8"
+    assert summary.source_sizes == {"30x40": 4, "50x20": 1}
+    images = open_cache(tmp_path / "out").images
+    by_name = {Path(r["path"]).name: images[i] for i, r in enumerate(manifest(tmp_path / "out")["slices"])}
+    for name in ("b_rgb.png", "c_rgba.png", "d_palette.png"):  # equal channels → exactly the gray values
+        np.testing.assert_array_equal(by_name[name], by_name["a_gray.png"])
+
+
+def test_sixteen_bit_sources_keep_their_precision(tmp_path):
+    src = tmp_path / "deep"
+    src.mkdir()
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 251 + 7).astype(np.uint16)  # odd values
+    for i in range(4):
+        Image.fromarray(ramp + i).save(src / f"OAI900000{i}_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_1.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(src / "OAI9000009_BaseLine_3_de3d1_SAG_3D_DESS_WE_RIGHT.nii.gz_1.png")
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.6, 0.4, 0.0)))
+    data = open_cache(tmp_path / "out")
+    assert summary.dtype == "uint16" and data.images.dtype == np.uint16
     records = manifest(tmp_path / "out")["slices"]
-    assert {r["patient"] for r in records} == {f"file:{name}" for name in names}
-    assert all(r["side"] is None and r["slice"] is None for r in records)
+    for i, record in enumerate(records):
+        if record["patient"] == "9000009":  # the 8-bit file, widened so 255 ↦ 65535
+            np.testing.assert_array_equal(data.images[i], (ramp >> 8).astype(np.uint16) * 257)
+        else:
+            np.testing.assert_array_equal(data.images[i], ramp + int(record["patient"][-1]))
+
+
+def test_eight_bit_sources_stay_eight_bit(prepared):
+    assert open_cache(prepared).images.dtype == np.uint8
+
+
+def test_nested_akoa_folders_and_sub_folder_patients(tmp_path, phantom_src):
+    src = tmp_path / "nested"
+    for i, path in enumerate(sorted(phantom_src.glob("*.png"))[:30]):
+        folder = src / f"batch{i % 3}" / "deeper"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    rng = np.random.default_rng(1)
+    for subject in ("subject_a", "subject_b"):
+        (src / subject).mkdir()
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / subject / f"slice_{k}.png")
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.6, 0.4, 0.0)))
+    assert summary.images == 36
+    assert summary.patients == 3 + 2  # AKOA patients wherever they sit; a plain sub-folder is one patient
+    assert_no_leak(tmp_path / "out")
+    groups = {r["patient"] for r in manifest(tmp_path / "out")["slices"] if r["side"] is None}
+    assert groups == {"file:subject_a", "file:subject_b"}
+
+
+def test_loose_files_without_akoa_names_are_one_group_each(tmp_path):
+    src = tmp_path / "plain"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / f"slice_{i:02d}.png")
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+    assert summary.images == 10 and summary.patients == 10
+    assert summary.split_images == {"train": 8, "val": 2, "test": 0}
     assert summary.sides == {"unknown": 10}
+
+
+def test_sides_are_stratified_across_splits(tmp_path):
+    """20 left-knee and 20 right-knee patients at 0.5/0.25/0.25: every split gets both sides equally."""
+    src = tmp_path / "knees"
+    src.mkdir()
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    for n in range(40):
+        side = "LEFT" if n < 20 else "RIGHT"
+        Image.fromarray(pixels).save(src / f"OAI{9000000 + n}_BaseLine_3_de3d1_SAG_3D_DESS_WE_{side}.nii.gz_1.png")
+    for seed in range(3):
+        out = tmp_path / f"out{seed}"
+        summary = prepare_folder(src, out, prepare_options((8, 8), fractions=SplitFractions(0.5, 0.25, 0.25), seed=seed))
+        assert {name: c.sides for name, c in summary.splits.items()} == {
+            "train": {"LEFT": 10, "RIGHT": 10}, "val": {"LEFT": 5, "RIGHT": 5}, "test": {"LEFT": 5, "RIGHT": 5},
+        }
+        assert_no_leak(out)
 
 
 def test_both_knees_of_a_patient_stay_in_one_split(tmp_path):
@@ -219,13 +291,70 @@ def test_both_knees_of_a_patient_stay_in_one_split(tmp_path):
             for index in (1, 2):
                 name = f"OAI{patient}_BaseLine_3_de3d1_SAG_3D_DESS_WE_{side}.nii.gz_{index}.png"
                 Image.fromarray(pixels).save(src / name)
-    summary = prepare_folder(src, tmp_path / "out", (8, 8), 0.5, seed=0, overwrite=False)
-    assert summary.patients == 4 and summary.split_images == {"train": 8, "val": 8}
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((8, 8), **half_split()))
+    assert summary.patients == 4 and summary.volumes == 8
+    assert summary.split_images == {"train": 8, "val": 8, "test": 0}
     assert summary.sides == {"LEFT": 8, "RIGHT": 8}
-    by_patient: dict[str, set[str]] = {}
-    for record in manifest(tmp_path / "out")["slices"]:
-        by_patient.setdefault(record["patient"], set()).add(record["split"])
-    assert all(len(s) == 1 for s in by_patient.values())
+    assert_no_leak(tmp_path / "out")
+
+
+def test_a_split_that_would_be_empty_is_refused(tmp_path, small_src):
+    with pytest.raises(KneegenError, match="2 patients cannot fill the test split"):
+        prepare_folder(small_src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.8, 0.1, 0.1)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [((0.7, 0.2, 0.2), "must add up to 1"), ((1.0, 0.0, 0.0), "both train and val"), ((0.9, 0.2, -0.1), "--test-fraction -0.1: must be between 0 and 1")],
+)
+def test_bad_fractions_are_refused(small_src, tmp_path, fractions, message):
+    with pytest.raises(KneegenError, match=message):
+        prepare_folder(small_src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(*fractions)))
+
+
+def test_folder_of_only_unreadable_images_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"")
+    (src / "b.png").write_text("text")
+    with pytest.raises(KneegenError, match="could be read"):
+        prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+
+
+def test_empty_folder_is_refused(tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "notes.txt").write_text("no images here")
+    with pytest.raises(KneegenError) as info:
+        prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+    assert "no images (PNG/JPG/TIFF) or volumes" in str(info.value) and str(src) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_folder_is_refused(tmp_path):
+    with pytest.raises(KneegenError, match="not found"):
+        prepare_folder(tmp_path / "nope", tmp_path / "out", prepare_options((16, 16)))
+
+
+def test_preparing_into_an_existing_cache_needs_overwrite(small_src, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+    before = (out / "images.npy").read_bytes()
+    with pytest.raises(KneegenError, match="--overwrite"):
+        prepare_folder(small_src, out, prepare_options((24, 24), **half_split()))
+    assert (out / "images.npy").read_bytes() == before
+    prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
+    assert open_cache(out).images.shape == (20, 24, 24)
+
+
+def test_non_empty_foreign_folder_is_not_clobbered(small_src, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(KneegenError, match="not empty"):
+        prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+    assert (out / "thesis.tex").read_text() == "precious"
 
 
 def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):
@@ -234,13 +363,5 @@ def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):
     for path in sorted(phantom_src.glob("*.png"))[:10]:
         shutil.copy(path, src / path.name)
     assert len({parse_akoa_name(p.name).patient for p in src.iterdir()}) == 1
-    with pytest.raises(KneegenError, match="at least 2"):
-        prepare_folder(src, tmp_path / "out", (16, 16), 0.2, seed=0, overwrite=False)
-
-
-def test_open_cache_explains_a_missing_or_foreign_folder(tmp_path):
-    with pytest.raises(KneegenError, match="kneegen prepare"):
-        open_cache(tmp_path / "missing")
-    (tmp_path / "plain").mkdir()
-    with pytest.raises(KneegenError, match="manifest.json"):
-        open_cache(tmp_path / "plain")
+    with pytest.raises(KneegenError, match="1 patients cannot fill the val split"):
+        prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))

@@ -4,42 +4,70 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kneegen.data.cache import open_cache
+from kneegen.data.geometry import FITS
 from kneegen.data.phantom import write_phantom
-from kneegen.data.prepare import PrepareSummary, find_images, prepare_folder, refuse_to_clobber
+from kneegen.data.prepare import PrepareOptions, prepare_folder, refuse_to_clobber
+from kneegen.data.splits import SPLITS, SplitFractions
+from kneegen.data.summary import PrepareSummary, summarize
+from kneegen.data.volumes import AXES
 from kneegen.errors import KneegenError
-from kneegen.progress import console, progress_bar
+from kneegen.progress import console, progress_bar, progress_once_started
 from kneegen.viz import image_grid, save_png
 
 CONTACT_SHEET = "contact_sheet.png"
 SHEET_TILES_PER_SPLIT = 8
+SKIPPED_SHOWN = 10  # skipped files listed in the table; the manifest has them all
 
 
 def prepare(
-    src: Annotated[Optional[Path], typer.Argument(help="Folder of PNG/JPG slices (searched recursively).")] = None,
+    src: Annotated[Optional[Path], typer.Argument(help="Folder of slices (PNG/JPG/TIFF) and/or volumes (NIfTI, DICOM series), searched recursively.")] = None,
     out: Annotated[Path, typer.Option(help="Where the cache is written.")] = Path("data/prepared"),
     size: Annotated[str, typer.Option(help="Image size: 256 (square) or HxW, e.g. 224x256.")] = "256",
-    val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for validation.")] = 0.2,
+    fit: Annotated[str, typer.Option(help="pad (keep aspect, black borders), crop (keep aspect, fill) or stretch.")] = "pad",
+    val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for validation.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for the final test (0: none).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient split (and of the phantom).")] = 0,
+    axis: Annotated[str, typer.Option(help="Volumes: sagittal, coronal or axial slices.")] = "sagittal",
+    window: Annotated[str, typer.Option(help="Volumes: intensity percentiles mapped to black and white.")] = "0.5,99.5",
+    min_foreground: Annotated[float, typer.Option(help="Volumes: leave out slices with less foreground than this fraction.")] = 0.05,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable input instead of skipping it.")] = False,
+    workers: Annotated[int, typer.Option(help="Processes decoding inputs; 0 = one per core.")] = 0,
+    inspect: Annotated[Optional[Path], typer.Option(help="Print the summary of an existing cache and stop.")] = None,
     phantom: Annotated[int, typer.Option(help="Generate N synthetic knee slices and prepare them.")] = 0,
     phantom_dir: Annotated[Path, typer.Option(help="Where --phantom writes its PNGs.")] = Path("data/phantom"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache / phantom folder.")] = False,
 ) -> None:
-    """Decode slices once into a memory-mapped cache with a patient-level train/val split."""
-    shape = parse_size(size)
+    """Decode slices once into a memory-mapped cache with a patient-level train/val/test split."""
+    if inspect is not None:
+        data = open_cache(inspect)
+        console.print(summary_table(summarize(data.manifest), inspect))
+        return
+    options = PrepareOptions(
+        size=parse_size(size),
+        fit=parse_choice(fit, FITS, "--fit"),
+        fractions=SplitFractions(1.0 - val_fraction - test_fraction, val_fraction, test_fraction),
+        seed=seed,
+        axis=parse_choice(axis, AXES, "--axis"),
+        percentiles=parse_window(window),
+        min_foreground=min_foreground,
+        strict=strict,
+        workers=workers,
+    )
+    options.fractions.check()
     if phantom > 0:
         src = make_phantom(phantom, phantom_dir, seed, overwrite)
     if src is None:
-        raise KneegenError("give a folder of slices (kneegen prepare SRC) or --phantom N for synthetic data")
-    n_files = len(find_images(src))
-    with progress_bar() as progress:
-        task = progress.add_task("decoding", total=n_files, status="")
-        summary = prepare_folder(src, out, shape, val_fraction, seed, overwrite, lambda: progress.advance(task))
+        raise KneegenError("give a folder of slices or volumes (kneegen prepare SRC) or --phantom N for synthetic data")
+    with progress_once_started("reading") as on_progress:
+        summary = prepare_folder(src, out, options, overwrite, on_progress)
     console.print(summary_table(summary, out))
     console.print(f"contact sheet: {write_contact_sheet(out, seed)}")
 
@@ -56,6 +84,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+def parse_choice(text: str, choices: tuple[str, ...], flag: str) -> Any:
+    if text not in choices:
+        raise KneegenError(f"{flag} {text!r}: choose one of {', '.join(choices)}")
+    return text
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """"0.5,99.5" → (0.5, 99.5): the low and high intensity percentiles."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        low, high = -1.0, -1.0
+    if not 0.0 <= low < high <= 100.0:
+        raise KneegenError(f"--window {text!r}: expected two percentiles low,high with 0 <= low < high <= 100, e.g. 0.5,99.5")
+    return (low, high)
+
+
 def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
     """Write the phantom; with --overwrite, an earlier phantom's slices go first so none linger."""
     refuse_to_clobber(folder, overwrite, flag="--phantom-dir")
@@ -69,27 +114,46 @@ def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Pat
 
 
 def summary_table(summary: PrepareSummary, out: Path) -> Table:
+    """Everything a user should check before training: counts, sides, sizes, splits, skips."""
     table = Table(title=f"prepared {out}", show_header=False)
-    table.add_row("images", str(summary.images))
-    table.add_row("patients", str(summary.patients))
-    table.add_row("size (HxW)", f"{summary.image_shape[0]}x{summary.image_shape[1]}")
-    table.add_row("sides", ", ".join(f"{k} {v}" for k, v in sorted(summary.sides.items())))
-    for split, count in summary.split_images.items():
-        table.add_row(f"{split}", f"{count} images, {summary.split_patients[split]} patients")
-    table.add_row("skipped", str(len(summary.skipped)))
-    for path, reason in summary.skipped[:10]:
-        table.add_row("", f"{path}: {reason}")
+    table.add_row("images", f"{summary.images} ({summary.dtype}, {summary.image_shape[0]}x{summary.image_shape[1]}, fit {summary.fit})")
+    table.add_row("patients / volumes", f"{summary.patients} / {summary.volumes}")
+    table.add_row("sides", counts_text(summary.sides))
+    table.add_row("sizes found", counts_text(summary.source_sizes) or "-")
+    for split, counts in summary.splits.items():
+        table.add_row(
+            split,
+            f"{counts.images} images, {counts.patients} patients, {counts.volumes} volumes ({counts_text(counts.sides) or '-'})",
+        )
+    table.add_row("skipped", f"{len(summary.skipped)} ({counts_text(summary.skip_reasons())})" if summary.skipped else "0")
+    for path, reason in summary.skipped[:SKIPPED_SHOWN]:
+        table.add_row("", escape(f"{path}: {reason}"))
+    if len(summary.skipped) > SKIPPED_SHOWN:
+        table.add_row("", f"... and {len(summary.skipped) - SKIPPED_SHOWN} more, listed in the manifest")
     return table
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{escape(str(key))} {value}" for key, value in sorted(counts.items()))
+
+
 def write_contact_sheet(out: Path, seed: int) -> Path:
-    """Random slices of each split, one row per split, to eyeball what training will see."""
+    """Random slices of each split, one row per non-empty split, to eyeball what training will see."""
     data = open_cache(out)
     rng = random.Random(seed)
     tiles = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         images = data.split(split)
+        if len(images) == 0:
+            continue
         picks = sorted(rng.sample(range(len(images)), min(SHEET_TILES_PER_SPLIT, len(images))))
-        row = [images[i] for i in picks]
-        tiles += row + [images[0] * 0] * (SHEET_TILES_PER_SPLIT - len(row))
+        row = [to_uint8(images[i]) for i in picks]
+        tiles += row + [np.zeros_like(row[0])] * (SHEET_TILES_PER_SPLIT - len(row))
     return save_png(image_grid(tiles, columns=SHEET_TILES_PER_SPLIT), out / CONTACT_SHEET)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """What a PNG tile shows: 16-bit pixels scaled down to 8 bits."""
+    if pixels.dtype == np.uint16:
+        return (pixels // 257).astype(np.uint8)
+    return np.asarray(pixels)

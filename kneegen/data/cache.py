@@ -1,7 +1,8 @@
 """The prepared-data cache: one memory-mapped image array and a JSON manifest.
 
-Images are stored split by split (train first, then val), so each split is a contiguous,
-zero-copy view of the memory map and training never decodes an image file again.
+Images are stored split by split (train, val, then test), so each split is a contiguous,
+zero-copy view of the memory map and training never decodes an image file again. Pixels are
+uint8, or uint16 when a source had 16 bits.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from kneegen.errors import KneegenError
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
 CACHE_FORMAT = "kneegen-cache"
-CACHE_VERSION = 1
-SPLITS = ("train", "val")
+CACHE_VERSION = 2  # 2: test split, uint16 pixels, options and source sizes in the manifest
 
 
 @dataclass
@@ -33,8 +33,8 @@ class PreparedData:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def split(self, name: str) -> np.ndarray:
-        """The images of one split as a view of the memory map."""
-        start, stop = self.manifest["split_ranges"][name]
+        """The images of one split as a view of the memory map (empty if the cache has none)."""
+        start, stop = self.manifest["split_ranges"].get(name, (0, 0))
         return self.images[start:stop]
 
 

@@ -1,0 +1,56 @@
+"""One slice image file → a grayscale array that keeps the file's bit depth.
+
+AKOA slices are RGB PNGs with three equal channels; other sources bring palette, alpha or
+16-bit files. 8-bit sources become uint8, 16-bit ones uint16, so no precision is thrown away
+before training. Every way a file can fail is turned into a `SkippedFile` reason the summary
+can count, instead of an exception from deep inside Pillow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class UnreadableFile(Exception):
+    """A file that cannot be used, with the reason shown in the summary."""
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """(H, W) uint8 for 8-bit sources, uint16 for 16-bit ones; UnreadableFile otherwise."""
+    if path.stat().st_size == 0:
+        raise UnreadableFile("empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_gray_array(image)
+    except UnidentifiedImageError:
+        raise UnreadableFile("not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise UnreadableFile(f"corrupt or truncated image ({exc})") from None
+
+
+def to_gray_array(image: Image.Image) -> np.ndarray:
+    """Collapse colour, alpha and palette to one channel; keep 16-bit samples as uint16."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image)
+        if pixels.dtype != np.uint16:  # mode "I" is 32-bit; PNG stores at most 16 bits
+            if pixels.min() < 0 or pixels.max() > np.iinfo(np.uint16).max:
+                raise UnreadableFile(f"{image.mode} pixels outside 0..65535")
+            pixels = pixels.astype(np.uint16)
+        return pixels
+    if image.mode == "F":
+        raise UnreadableFile("floating-point image: convert it to 8- or 16-bit first")
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def widen_to_16_bit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 → uint16 with 255 ↦ 65535, so mixed-depth folders share one full range."""
+    if pixels.dtype == np.uint16:
+        return pixels
+    return pixels.astype(np.uint16) * np.uint16(257)
