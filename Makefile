@@ -41,6 +41,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
