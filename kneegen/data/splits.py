@@ -47,10 +47,14 @@ def split_patients(patient_sides: dict[str, set[str]], fractions: SplitFractions
     counts = split_counts(len(patient_sides), fractions)
     empty = [name for name in wanted if counts[name] == 0]
     if empty:
-        raise KneegenError(
-            f"{len(patient_sides)} patients cannot fill the {', '.join(empty)} split at fractions "
-            f"{fractions.as_dict()}: add patients, raise that fraction, or set --test-fraction 0"
+        n = len(patient_sides)
+        advice = (
+            f"a patient-level split into {', '.join(wanted)} needs at least {len(wanted)} patients"
+            + ("; or set --test-fraction 0" if "test" in wanted else "")
+            if n < len(wanted)
+            else f"raise --{empty[0]}-fraction or add patients"
         )
+        raise KneegenError(f"{n} patients cannot fill the {', '.join(empty)} split at fractions {fractions.as_dict()}: {advice}")
 
     # Deal each stratum out in turn; a running tally keeps the totals at `counts`.
     rng = random.Random(seed)

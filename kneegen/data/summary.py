@@ -6,6 +6,7 @@ for an existing cache; both go through `summarize`, so they can never disagree.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,10 @@ class PrepareSummary:
         return {name: counts.patients for name, counts in self.splits.items()}
 
     def skip_reasons(self) -> Counter[str]:
-        """How many inputs were skipped for each kind of reason (details after '(' dropped)."""
-        return Counter(reason.split(" (")[0] for _, reason in self.skipped)
+        """How many inputs were skipped for each kind of reason: details in brackets and advice
+        after a colon dropped, numbers made alike, so one kind of problem counts as one line."""
+        kinds = (re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", reason)).split(":")[0] for _, reason in self.skipped)
+        return Counter(kinds)
 
 
 def summarize(manifest: dict[str, Any]) -> PrepareSummary:
