@@ -61,3 +61,14 @@ def test_training_and_sampling_on_a_non_square_sixteen_bit_cache(deep_cache, tmp
     assert model.image_shape == SHAPE
     (_, images), = list(sample_batches(model, compute, choose_sampler(model, "ddim", 2, None), [0, 1], 2))
     assert np.asarray(images).shape == (2, *SHAPE)
+
+
+def test_validate_scores_a_sixteen_bit_cache_in_eight_bits(deep_cache, tmp_path):
+    """Inception, MS-SSIM and the pixel metrics see the 16-bit cache as its high byte."""
+    from kneegen.evaluation.reference import held_out_images
+
+    data = open_cache(deep_cache)
+    split, held_out = held_out_images(data)
+    assert split == "test" and held_out.dtype == np.uint8
+    np.testing.assert_array_equal(held_out, (data.split("test") >> 8).astype(np.uint8))
+    assert data.split_8bit("train").dtype == np.uint8

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kneegen.data.cache import open_cache
+from kneegen.data.cache import eight_bit, open_cache
 from kneegen.data.geometry import FITS
 from kneegen.data.phantom import write_phantom
 from kneegen.data.prepare import PrepareOptions, prepare_folder, refuse_to_clobber
@@ -147,13 +147,7 @@ def write_contact_sheet(out: Path, seed: int) -> Path:
         if len(images) == 0:
             continue
         picks = sorted(rng.sample(range(len(images)), min(SHEET_TILES_PER_SPLIT, len(images))))
-        row = [to_uint8(images[i]) for i in picks]
+        row = list(eight_bit(images[picks]))
         tiles += row + [np.zeros_like(row[0])] * (SHEET_TILES_PER_SPLIT - len(row))
     return save_png(image_grid(tiles, columns=SHEET_TILES_PER_SPLIT), out / CONTACT_SHEET)
 
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """What a PNG tile shows: 16-bit pixels scaled down to 8 bits."""
-    if pixels.dtype == np.uint16:
-        return (pixels // 257).astype(np.uint8)
-    return np.asarray(pixels)

@@ -38,6 +38,18 @@ class PreparedData:
         return self.images[start:stop]
 
 
+    def split_8bit(self, name: str) -> np.ndarray:
+        """A split as PNGs, Inception and the pixel metrics see it (see `eight_bit`)."""
+        return eight_bit(self.split(name))
+
+
+def eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels as they are (a view); uint16 ones with the low byte dropped (a copy)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return (pixels >> 8).astype(np.uint8)
+
+
 def is_cache(root: Path) -> bool:
     return (root / MANIFEST_FILE).is_file()
 

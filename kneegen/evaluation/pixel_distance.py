@@ -2,14 +2,16 @@
 
 Each image becomes a small feature vector of what a reader of knee slices notices first:
 intensity percentiles, mean and spread, edge strength, and a coarse 4×4 layout. Two sets of
-images are compared as Gaussians in that space with the Fréchet distance (the FID formula,
-without Inception features). It is not FID: use it to compare samplers or steps on one model,
-not to compare models across papers.
+images are compared as Gaussians in that space with the Fréchet distance (evaluation/frechet.py,
+the FID formula without Inception features). It is not FID: use it to compare samplers or steps
+on one model, not to compare models across papers.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from kneegen.evaluation.frechet import frechet_distance, psd_sqrt  # noqa: F401 (re-exported)
 
 PERCENTILES = (5, 25, 50, 75, 95)
 LAYOUT_CELLS = 4  # the coarse layout is a LAYOUT_CELLS × LAYOUT_CELLS average
@@ -28,21 +30,6 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     cells = x[:, : height // LAYOUT_CELLS * LAYOUT_CELLS, : width // LAYOUT_CELLS * LAYOUT_CELLS]
     layout = cells.reshape(n, LAYOUT_CELLS, height // LAYOUT_CELLS, LAYOUT_CELLS, width // LAYOUT_CELLS).mean(axis=(2, 4))
     return np.concatenate([percentiles, moments, edges, layout.reshape(n, -1)], axis=1)
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a^½ Σ_b Σ_a^½)^½) between feature sets (N, F)."""
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root_a = psd_sqrt(cov_a)
-    cross = psd_sqrt(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * cross))
-
-
-def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (negative round-off clipped)."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
 def pixel_distance(generated: np.ndarray, reference: np.ndarray) -> float:

@@ -1,0 +1,249 @@
+"""`kneegen validate` as a function: score checkpoints on held-out slices and write their reports.
+
+Per checkpoint: the deterministic validation loss (engine/validation.py) on the val split, N
+images drawn with seeds S…S+N−1, and, against the held-out split (reference.py):
+1. fidelity — FID and KID of Inception features (frechet.py, kid.py),
+2. diversity — mean pairwise MS-SSIM of the samples and of the held-out slices (diversity.py),
+3. memorisation — nearest training slices in pixels and features, copy fraction (memorisation.py).
+Every checkpoint is scored on the same data with the same seeds, so `--compare` is fair. A
+metric whose extra or weights are missing is skipped with a one-line note; the loss is always
+there.
+
+Sample counts: FID and KID need at least MIN_SAMPLES images. Below FEATURE_DIM (2048) images on
+either side the covariance is singular and FID is biased upward, so the notes say to compare
+FIDs only at equal counts; KID has no such bias and is the number to trust at CPU sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import Progress, TaskID
+
+from kneegen.data.cache import PreparedData, open_cache
+from kneegen.engine.device import Compute
+from kneegen.engine.trained import TrainedModel, load_trained_model
+from kneegen.engine.validation import validation_loss
+from kneegen.errors import KneegenError
+from kneegen.evaluation import frechet, kid
+from kneegen.evaluation.diversity import mean_pairwise_ms_ssim, ms_ssim_available, ms_ssim_setting
+from kneegen.evaluation.features import (
+    FEATURE_DIM, INSTALL_HINT, InceptionFeatures, extract_features, find_feature_weights, load_feature_extractor,
+)
+from kneegen.evaluation.memorisation import (
+    SpaceReport, compare_with_training, copy_chance, copy_fraction, pixel_vectors,
+)
+from kneegen.evaluation.reference import held_out_images, reference_features
+from kneegen.evaluation.report import write_report
+from kneegen.progress import progress_bar
+from kneegen.sampling import choose_sampler, sample_batches
+
+MIN_SAMPLES = max(frechet.MIN_IMAGES, kid.MIN_IMAGES)
+FEATURE_BATCH = 32  # images per Inception call
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    checkpoints: list[Path]  # the first one's data is the default --data
+    data: Path | None
+    samples: int
+    sampler: str | None
+    steps: int | None
+    seed: int
+    feature_weights: Path | None
+
+
+@dataclass
+class Reference:
+    """The real images samples are judged against, with Inception features when the weights exist."""
+
+    root: Path
+    split: str  # the held-out split: test, else val
+    held_out: np.ndarray  # (H, h, w) uint8
+    train: np.ndarray  # (T, h, w) uint8
+    extractor: InceptionFeatures | None
+    held_out_features: np.ndarray | None  # (H, 2048)
+    train_features: np.ndarray | None  # (T, 2048)
+    held_out_ms_ssim: float | None
+
+
+@dataclass
+class Evaluation:
+    reports: list[dict[str, Any]]
+    notes: list[str]  # one line each: what was skipped, what to read with care
+
+
+def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluation:
+    """Score every checkpoint of `request` and write report.json/report.png beside each."""
+    if request.samples < MIN_SAMPLES:
+        raise KneegenError(
+            f"--samples {request.samples}: FID, KID and MS-SSIM need at least {MIN_SAMPLES} images "
+            f"(a stable FID needs {FEATURE_DIM})"
+        )
+    models = [load_trained_model(path, compute) for path in request.checkpoints]
+    cache = open_cache(request.data or Path(models[0].config.data))
+    for model in models:
+        check_image_size(model, cache)
+    split, held_out = held_out_images(cache)
+    if len(cache.split("val")) == 0:
+        raise KneegenError(f"{cache.root} has no validation split: prepare it again with --val-fraction > 0")
+    weights = find_feature_weights(request.feature_weights)
+    with progress_bar() as progress:
+        extractor = load_feature_extractor(weights, compute.device) if weights is not None else None
+        reference = load_reference(cache, split, held_out, extractor, compute, progress)
+        reports = [evaluate_model(model, cache, reference, request, compute, progress) for model in models]
+    return Evaluation(reports, evaluation_notes(reference, request.samples))
+
+
+def check_image_size(model: TrainedModel, cache: PreparedData) -> None:
+    if cache.image_shape != model.image_shape:
+        raise KneegenError(
+            f"{model.source} was trained on {model.image_shape[0]}x{model.image_shape[1]} images but {cache.root} holds "
+            f"{cache.image_shape[0]}x{cache.image_shape[1]}: pass --data with a cache of the trained size"
+        )
+
+
+def load_reference(
+    cache: PreparedData,
+    split: str,
+    held_out: np.ndarray,
+    extractor: InceptionFeatures | None,
+    compute: Compute,
+    progress: Progress | None = None,
+) -> Reference:
+    """Held-out and training images, their features (cached in the data dir) and the held-out MS-SSIM."""
+    train = cache.split_8bit("train")
+    features: dict[str, np.ndarray | None] = {split: None, "train": None}
+    if extractor is not None:
+        for name, images in ((split, held_out), ("train", train)):
+            advance = counter(progress, f"features: {name}", len(images))
+            features[name] = reference_features(cache, name, extractor, FEATURE_BATCH, compute.device, advance)
+    diversity = mean_pairwise_ms_ssim(held_out) if ms_ssim_available() and len(held_out) >= 2 else None
+    return Reference(cache.root, split, held_out, train, extractor, features[split], features["train"], diversity)
+
+
+def evaluate_model(
+    model: TrainedModel,
+    cache: PreparedData,
+    reference: Reference,
+    request: ValidateRequest,
+    compute: Compute,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Loss, samples, scores and report files of one checkpoint."""
+    # 1. The deterministic validation loss.
+    val_images = cache.split("val")
+    loss = validation_loss(
+        model.network, val_images, model.schedule, model.config.diffusion, compute,
+        model.config.train.val_timesteps, model.config.train.batch_size,
+        counter(progress, f"loss: {model.source.name}", len(val_images)),
+    )
+
+    # 2. Samples, one seed per image.
+    choice = choose_sampler(model, request.sampler, request.steps, None)
+    seeds = list(range(request.seed, request.seed + request.samples))
+    advance = counter(progress, f"sampling: {choice.describe()}", len(seeds))
+    batches = []
+    for _, images in sample_batches(model, compute, choice, seeds, model.config.sample.batch_size):
+        batches.append(images)
+        advance(len(images))
+    samples = np.concatenate(batches)  # (N, H, W) uint8
+
+    # 3. Scores against the held-out split.
+    scores = score_samples(samples, reference, compute, progress)
+
+    # 4. The report beside the checkpoint.
+    report: dict[str, Any] = {
+        "checkpoint": str(model.source), "epoch": model.epoch, "data": str(cache.root),
+        "val_images": len(val_images), "val_loss": loss.loss,
+        "loss_by_t": dict(zip(loss.bucket_timesteps, loss.bucket_losses)),
+        "sampler": choice.describe(), "samples": len(seeds), "seeds": [seeds[0], seeds[-1]],
+        "held_out_split": reference.split, "held_out_images": len(reference.held_out),
+        **scores.summary(reference),
+    }
+    out_dir = model.source.parent / f"validation_{model.source.stem}"
+    return write_report(out_dir, report, samples, reference.train, scores.pixels, scores.features)
+
+
+@dataclass
+class Scores:
+    fid: float | None
+    kid: kid.KernelDistance | None
+    ms_ssim: float | None  # mean pairwise MS-SSIM of the samples
+    pixels: SpaceReport  # memorisation in pixel space
+    features: SpaceReport | None  # and in Inception feature space
+
+    def summary(self, reference: Reference) -> dict[str, Any]:
+        spaces = [space for space in (self.pixels, self.features) if space is not None]
+        return {
+            "fid": self.fid,
+            "kid_mean": self.kid.mean if self.kid else None,
+            "kid_std": self.kid.std if self.kid else None,
+            "kid_subset_size": self.kid.subset_size if self.kid else None,
+            "ms_ssim_samples": self.ms_ssim,
+            "ms_ssim_held_out": reference.held_out_ms_ssim,
+            "ms_ssim_setting": ms_ssim_setting(*reference.held_out.shape[1:]).describe() if self.ms_ssim else None,
+            "copy_fraction": copy_fraction(*spaces),
+            "copy_chance": copy_chance(*spaces),
+            "memorisation": {
+                "pixels": self.pixels.summary(),
+                "features": self.features.summary() if self.features else None,
+            },
+        }
+
+
+def score_samples(
+    samples: np.ndarray, reference: Reference, compute: Compute, progress: Progress | None = None
+) -> Scores:
+    """FID, KID, MS-SSIM and memorisation of (N, H, W) uint8 samples; None where unavailable."""
+    fid = kernel = feature_space = None
+    if reference.extractor is not None and reference.held_out_features is not None:
+        advance = counter(progress, "features: samples", len(samples))
+        features = extract_features(reference.extractor, samples, FEATURE_BATCH, compute.device, advance)
+        if len(reference.held_out_features) >= MIN_SAMPLES:
+            fid = frechet.frechet_distance(features, reference.held_out_features)
+            kernel = kid.kernel_inception_distance(features, reference.held_out_features)
+        if reference.train_features is not None and len(reference.train_features):
+            feature_space = compare_with_training(features, reference.held_out_features, reference.train_features)
+    diversity = mean_pairwise_ms_ssim(samples) if reference.held_out_ms_ssim is not None else None
+    pixels = compare_with_training(samples, reference.held_out, reference.train, pixel_vectors)
+    return Scores(fid, kernel, diversity, pixels, feature_space)
+
+
+def counter(progress: Progress | None, description: str, total: int) -> Callable[[int], None]:
+    """advance(n) of a progress task that appears at its first advance (a cached phase shows none)."""
+    tasks: list[TaskID] = []
+
+    def advance(n: int) -> None:
+        if progress is None:
+            return
+        if not tasks:
+            tasks.append(progress.add_task(description, total=total, status=""))
+        progress.advance(tasks[0], n)
+
+    return advance
+
+
+def evaluation_notes(reference: Reference, samples: int) -> list[str]:
+    """One line per thing the reader should know: skipped metrics, small-sample FID."""
+    skipped = []
+    if reference.extractor is None:
+        skipped.append("FID, KID and feature-space memorisation (no Inception weights)")
+    if reference.held_out_ms_ssim is None:
+        skipped.append("MS-SSIM (torchmetrics not installed)")
+    notes = []
+    if skipped:
+        notes.append(f"skipped {' and '.join(skipped)}: {INSTALL_HINT} (or give --feature-weights PATH)")
+    held_out = len(reference.held_out)
+    if reference.extractor is not None and held_out < MIN_SAMPLES:
+        notes.append(f"skipped FID and KID: {reference.root} has {held_out} held-out images, they need {MIN_SAMPLES}")
+    elif reference.extractor is not None and min(samples, held_out) < FEATURE_DIM:
+        notes.append(
+            f"FID from {samples} samples vs {held_out} held-out images is biased upward (a stable FID needs "
+            f"{FEATURE_DIM} of each, the feature dimension): compare FIDs only at equal counts; KID is unbiased"
+        )
+    return notes
