@@ -50,6 +50,8 @@ class DiffusionConfig:
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     loss: LossKind = "l2"
+    min_snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0 = off
+    offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
 
 
 @dataclass
@@ -68,6 +70,15 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations
     val_images: int = 256  # held-out images used for the validation loss
     val_timesteps: int = 10  # fixed t grid: one bucket each
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to 0 over train.epochs
+    grad_accumulation: int = 1  # micro-batches per step; batch_size stays the images per step
+    max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss/gradient; 0 = never
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = at epoch ends only)
+    keep_checkpoints: int = 0  # keep the last K checkpoints as checkpoints/step-*.pt; 0 = only last.pt/best.pt
+    log_every_steps: int = 0  # a metrics.jsonl record every N steps as well as per epoch; 0 = per epoch only
+    preview_every: int = 0  # a fixed-seed sample grid in previews/ every N epochs; 0 = off
+    compile: bool = False  # torch.compile the network for training (not validation)
+    tensorboard: bool = False  # also write TensorBoard scalars to tensorboard/ when it is installed
 
 
 @dataclass
@@ -79,6 +90,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ancestral-like
     batch_size: int = 16
     spacing: Spacing = "auto"  # timesteps: auto = the sampler's best (log-SNR for multistep)
+    compile: bool = False  # `kneegen sample` only: torch.compile the network (CUDA graphs on GPU); slow first batch
 
 
 @dataclass

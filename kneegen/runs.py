@@ -1,6 +1,7 @@
 """Where runs live and how a checkpoint argument is found.
 
-A run dir holds config.yaml, metrics.jsonl, the loss plots and last.pt / best.pt. Commands
+A run dir holds config.yaml, metrics.jsonl, the loss plots and last.pt / best.pt, and with
+`train.keep_checkpoints` the newest step checkpoints as checkpoints/step-NNNNNNNN.pt. Commands
 that need a checkpoint default to the latest run's best.pt, and accept a bare file name
 (`best.pt`, `last.pt`) that is looked up in the latest run.
 """
@@ -15,6 +16,8 @@ from kneegen.errors import KneegenError
 RUNS_ROOT = Path("runs")
 LAST = "last.pt"
 BEST = "best.pt"
+STEP_CHECKPOINTS = "checkpoints"  # folder of the kept step checkpoints
+STEP_PATTERN = "step-*.pt"
 
 
 def new_run_dir(root: Path = RUNS_ROOT) -> Path:
@@ -56,3 +59,25 @@ def best_or_last(run_dir: Path) -> Path:
     """best.pt, or last.pt for a run that has not validated yet."""
     best = run_dir / BEST
     return best if best.is_file() else run_dir / LAST
+
+
+def step_checkpoint(run_dir: Path, step: int) -> Path:
+    """checkpoints/step-00001234.pt: zero-padded, so names sort in step order."""
+    return run_dir / STEP_CHECKPOINTS / f"step-{step:08d}.pt"
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The kept step checkpoints of a run, oldest first."""
+    return sorted((run_dir / STEP_CHECKPOINTS).glob(STEP_PATTERN))
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Where a resumed run may continue from, newest first: last.pt (written first at every
+    checkpoint, so never older than a step checkpoint), then the step checkpoints."""
+    return [run_dir / LAST, *reversed(step_checkpoints(run_dir))]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run dir a checkpoint file belongs to (runs/x for runs/x/last.pt and runs/x/checkpoints/*.pt)."""
+    parent = checkpoint.parent
+    return parent.parent if parent.name == STEP_CHECKPOINTS else parent

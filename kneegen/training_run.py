@@ -1,106 +1,281 @@
-"""A training run on disk: epochs of the engine, with validation, metrics, plots and checkpoints.
+"""A training run on disk: epochs of the engine, with validation, metrics, previews and checkpoints.
 
-The engine trains; this module decides where things are written and makes sure that a run
-dir is never overwritten by accident and that `--resume` continues exactly.
+The engine trains; this module decides where things are written, makes sure that a run dir is
+never overwritten by accident, and that `--resume` continues exactly, even from a checkpoint
+written mid-epoch or after a crash. Under torchrun every process runs `run_training`; rank 0
+alone validates and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from kneegen.config import RunConfig, from_dict, save_config, to_dict
 from kneegen.data.cache import open_cache
-from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
-from kneegen.engine.device import resolve_compute
+from kneegen.engine.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
+from kneegen.engine.device import Compute, evaluating, resolve_compute
+from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.training import TrainState, create_state, restore_state, state_payload, train_epoch
+from kneegen.engine.trained import TrainedModel
+from kneegen.engine.training import (
+    StepResult,
+    TrainState,
+    create_state,
+    epoch_steps,
+    restore_state,
+    rng_states,
+    state_payload,
+    steps_per_epoch,
+)
 from kneegen.engine.validation import ValidationResult, validation_loss
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
-from kneegen.runs import BEST, LAST
-from kneegen.viz import plot_losses
+from kneegen.runs import (
+    BEST,
+    LAST,
+    STEP_CHECKPOINTS,
+    latest_run,
+    new_run_dir,
+    resume_candidates,
+    run_dir_of,
+    step_checkpoint,
+    step_checkpoints,
+)
+from kneegen.sampling import choose_sampler, sample_batches
+from kneegen.viz import image_grid, plot_losses, save_png
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+PREVIEWS = "previews"
+TENSORBOARD = "tensorboard"
+PREVIEW_SEEDS = list(range(16))  # the same images at every preview, so they show progress
 ARCHITECTURE_SECTIONS = ("model", "diffusion")  # a resumed run may not change these
+POSITION_KEYS = ("batch_size", "seed")  # train keys that place a mid-epoch position in the data
 
 
-def run_training(cfg: RunConfig, run_dir: Path, resume: bool) -> TrainState:
-    """Train `cfg` in `run_dir` (new, or resumed from its last.pt) up to `train.epochs`."""
+def run_training(
+    cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, checkpoint: Path | None = None
+) -> TrainState:
+    """Train `cfg` up to `train.epochs`: in a new `run_dir` (default runs/<time>), or with `resume`
+    continue `run_dir` (default: the latest run) from its newest readable checkpoint, or from
+    `checkpoint` (default run dir: the checkpoint's own)."""
+    check_ranges(cfg)
     data = open_cache(Path(cfg.data))
     train_images = data.split("train")
     val_images = data.split("val")[: cfg.train.val_images]
     if len(train_images) == 0 or len(val_images) == 0:
         raise KneegenError(f"{cfg.data}: the train or val split is empty; prepare the data again with more patients")
-    compute = resolve_compute(cfg.device, cfg.precision)
+    dist = from_environment()
+    check_world_fits(cfg.train.batch_size, cfg.train.grad_accumulation, len(train_images), dist.world_size)
+    compute = resolve_compute(cfg.device, cfg.precision, allow_fp16=True)
+    torch.backends.cudnn.benchmark = compute.device.type == "cuda"  # fixed shapes: cuDNN may pick the fastest
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    state = create_state(cfg, data.image_shape, compute)
 
-    # 1. A new run dir, or the state of the interrupted one.
-    if resume:
-        restore_state(state, resumable_checkpoint(run_dir, cfg))
-        keep_metrics_up_to(run_dir / METRICS_FILE, state.epoch)
-        if state.epoch >= cfg.train.epochs:
-            raise KneegenError(f"{run_dir} already has {state.epoch} epochs: raise --epochs to train further")
-    else:
-        start_run_dir(run_dir)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    console.print(
-        f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
-        f"({compute.describe()}), validating on {len(val_images)}; run dir {run_dir}"
-    )
-
-    # 2. Epochs: train, validate, record, checkpoint.
-    steps_per_epoch = -(-len(train_images) // cfg.train.batch_size)
-    with progress_bar() as progress:
-        task = progress.add_task(
-            "training",
-            total=steps_per_epoch * cfg.train.epochs,
-            completed=steps_per_epoch * state.epoch,
-            status="",
-        )
-        while state.epoch < cfg.train.epochs:
-            epoch = state.epoch + 1
-            started = time.perf_counter()
-
-            def on_batch(loss: float, epoch: int = epoch) -> None:
-                progress.update(task, advance=1, status=f"epoch {epoch}/{cfg.train.epochs} loss {loss:.4f}")
-
-            losses = train_epoch(state, train_images, schedule, cfg, compute, on_batch)
-            seconds = time.perf_counter() - started
-            validation = None
-            if epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs:
-                validation = validation_loss(
-                    state.eval_network, val_images, schedule, cfg.diffusion, compute,
-                    cfg.train.val_timesteps, cfg.train.batch_size,
-                )
-            record = epoch_record(state, losses, validation, seconds, len(train_images))
-            append_metrics(run_dir / METRICS_FILE, record)
-            save_epoch_checkpoints(state, cfg, data.image_shape, validation, run_dir)
-            refresh_plots(run_dir)
-            val_text = f", val {validation.loss:.4f}" if validation else ""
-            progress.console.print(
-                f"epoch {epoch}: loss {record['train_loss']:.4f}{val_text}, {record['images_per_s']:.1f} img/s"
+    with process_group(dist, compute) as (dist, compute):
+        state = create_state(cfg, data.image_shape, compute, dist)
+        # 1. A new run dir (chosen by rank 0), or the state of the interrupted run (read by all).
+        if resume:
+            run_dir = run_dir or (run_dir_of(checkpoint) if checkpoint else latest_run())
+            path, payload = resume_point(run_dir, checkpoint, cfg)
+            restore_state(state, payload, dist)
+            if state.epoch >= cfg.train.epochs:
+                raise KneegenError(f"{path} already has {state.epoch} epochs: raise --epochs to train further")
+            if dist.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                keep_metrics_up_to(run_dir / METRICS_FILE, state)
+                for folder in (run_dir, run_dir / STEP_CHECKPOINTS):
+                    remove_partial_writes(folder)
+        else:
+            run_dir = Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
+        if dist.is_main:
+            save_config(cfg, run_dir / CONFIG_FILE)
+        processes = f", {dist.world_size} processes" if dist.enabled else ""
+        with quiet_unless(dist.is_main):
+            console.print(
+                f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
+                f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
             )
+            train_epochs(state, cfg, run_dir, data.image_shape, train_images, val_images, schedule, compute, dist)
     return state
 
 
-def start_run_dir(run_dir: Path) -> None:
+def train_epochs(
+    state: TrainState,
+    cfg: RunConfig,
+    run_dir: Path,
+    image_shape: tuple[int, int],
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    schedule: Schedule,
+    compute: Compute,
+    dist: Distributed,
+) -> None:
+    """Epochs up to `train.epochs`: steps, then validation, the epoch record, checkpoints, plots
+    and previews. Every process steps; rank 0 alone validates and writes."""
+    train = cfg.train
+    per_epoch = steps_per_epoch(len(train_images), train.batch_size, dist.world_size)
+    log = MetricsLog(run_dir, dist.is_main, train.tensorboard)
+    with progress_bar() as progress, contextlib.closing(log):
+        task = progress.add_task(
+            "training",
+            total=per_epoch * train.epochs,
+            completed=per_epoch * state.epoch + state.batch_in_epoch,
+            status="",
+        )
+        while state.epoch < train.epochs:
+            epoch_started = window_started = time.perf_counter()
+            epoch_images = window_images = 0
+
+            # 1. Steps; a metrics record every `log_every_steps`, a checkpoint every `checkpoint_every_steps`
+            #    (not at the epoch's end, which saves anyway, nor amid non-finite steps).
+            for result in epoch_steps(state, train_images, schedule, cfg, compute, dist):
+                epoch_images, window_images = epoch_images + result.images, window_images + result.images
+                status = f"epoch {state.epoch + 1}/{train.epochs} loss {result.loss:.4f}"
+                progress.update(task, advance=1, status=status)
+                if every(state.step, train.log_every_steps):
+                    log.write(window_record(state, result, train.log_every_steps, window_images, window_started))
+                    window_started, window_images = time.perf_counter(), 0
+                at_epoch_end, in_bad_streak = state.batch_in_epoch == per_epoch, state.bad_in_a_row > 0
+                if every(state.step, train.checkpoint_every_steps) and not (at_epoch_end or in_bad_streak):
+                    save_training_checkpoint(state, cfg, image_shape, dist, run_dir)
+
+            # 2. Validation on rank 0 with the EMA weights, and the epoch record.
+            epoch = state.epoch
+            validation = None
+            if dist.is_main and (epoch % train.val_every == 0 or epoch == train.epochs):
+                validation = validation_loss(
+                    state.eval_network, val_images, schedule, cfg.diffusion, compute,
+                    train.val_timesteps, train.batch_size,
+                )
+            record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images)
+            log.write(record)
+
+            # 3. Checkpoints (last.pt, the kept step history, best.pt on a better validation loss),
+            #    plots and the preview grid; then every process waits for rank 0.
+            save_training_checkpoint(state, cfg, image_shape, dist, run_dir, validation)
+            if dist.is_main:
+                refresh_plots(run_dir)
+                if every(epoch, train.preview_every):
+                    preview = run_dir / PREVIEWS / f"epoch-{epoch:04d}.png"
+                    save_preview(state, cfg, schedule, image_shape, compute, preview)
+                val_text = f", val {validation.loss:.4f}" if validation else ""
+                train_text = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+                skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""
+                progress.console.print(
+                    f"epoch {epoch}: loss {train_text}{val_text}, {record['images_per_s']:.1f} img/s{skipped}"
+                )
+            dist.barrier()
+
+
+def every(count: int, interval: int) -> bool:
+    """True at each multiple of `interval`; never when it is 0 (off)."""
+    return interval > 0 and count % interval == 0
+
+
+# --- the run dir -------------------------------------------------------------------------------
+
+
+def start_run_dir(run_dir: Path) -> Path:
     """Create the run dir; an existing one holds someone's results and is never reused silently."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise KneegenError(f"run dir {run_dir} already exists: pass --resume to continue it, or choose another --run-dir")
+        raise KneegenError(
+            f"run dir {run_dir} already exists: pass --resume to continue it, or choose another --run-dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
-def resumable_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-    """last.pt of `run_dir`, refusing a config that would change the network or the process."""
-    path = run_dir / LAST
-    if not path.is_file():
-        raise KneegenError(f"--resume: {path} not found; start a new run without --resume")
-    payload = load_checkpoint(path)
+def check_ranges(cfg: RunConfig) -> None:
+    """The bounds the config's types cannot express, each named by its key."""
+    train, diffusion = cfg.train, cfg.diffusion
+    lowest = {
+        "train.epochs": (train.epochs, 1),
+        "train.batch_size": (train.batch_size, 1),
+        "train.grad_accumulation": (train.grad_accumulation, 1),
+        "train.val_every": (train.val_every, 1),
+        "train.max_bad_steps": (train.max_bad_steps, 0),
+        "train.checkpoint_every_steps": (train.checkpoint_every_steps, 0),
+        "train.keep_checkpoints": (train.keep_checkpoints, 0),
+        "train.log_every_steps": (train.log_every_steps, 0),
+        "train.preview_every": (train.preview_every, 0),
+        "diffusion.min_snr_gamma": (diffusion.min_snr_gamma, 0),
+        "diffusion.offset_noise": (diffusion.offset_noise, 0),
+    }
+    for key, (value, low) in lowest.items():
+        if value < low:
+            raise KneegenError(f"{key} = {value} must be at least {low}: fix it in the config or with --set {key}=…")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    state: TrainState,
+    cfg: RunConfig,
+    image_shape: tuple[int, int],
+    dist: Distributed,
+    run_dir: Path,
+    validation: ValidationResult | None = None,
+) -> None:
+    """Every process hands its RNG states to rank 0, which writes last.pt, the step history
+    (`train.keep_checkpoints`) and best.pt when the validation loss improved."""
+    rng = dist.gather(rng_states())
+    if not dist.is_main:
+        return
+    improved = validation is not None and validation.loss < state.best_val_loss
+    if improved:
+        state.best_val_loss = validation.loss  # type: ignore[union-attr]
+    payload = {**state_payload(state, rng), "config": to_dict(cfg), "image_shape": list(image_shape)}
+    keep = cfg.train.keep_checkpoints
+    paths = [run_dir / LAST]  # first: last.pt is never older than a step checkpoint
+    if keep > 0:
+        paths.append(step_checkpoint(run_dir, state.step))
+    if improved:
+        paths.append(run_dir / BEST)
+    save_checkpoint(payload, *paths)
+    if keep > 0:
+        for stale in step_checkpoints(run_dir)[:-keep]:
+            stale.unlink()
+
+
+def resume_point(run_dir: Path, checkpoint: Path | None, cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+    """`checkpoint`, or the newest readable checkpoint of `run_dir` (a truncated or corrupt one is
+    named and skipped), after checking that `cfg` may continue it."""
+    if checkpoint is not None:
+        payload = load_checkpoint(checkpoint)
+        check_resumable(checkpoint, payload, cfg)
+        return checkpoint, payload
+    candidates = [path for path in resume_candidates(run_dir) if path.is_file()]
+    if not candidates:
+        raise KneegenError(f"--resume: {run_dir / LAST} not found; start a new run without --resume")
+    for path in candidates:
+        try:
+            payload = load_checkpoint(path)
+        except KneegenError as error:
+            console.print(f"skipping a damaged checkpoint: {error}", highlight=False, soft_wrap=True)
+            continue
+        check_resumable(path, payload, cfg)
+        return path, payload
+    raise KneegenError(f"--resume: no readable checkpoint in {run_dir}; start a new run without --resume")
+
+
+def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse a checkpoint too old to resume, and a config that would change the network, the
+    process, or (mid-epoch) the meaning of the saved position in the data."""
+    if payload["format_version"] < 2:
+        raise KneegenError(
+            f"{path} has checkpoint format {payload['format_version']}, which cannot be resumed exactly: "
+            f"sample from it, or start a new run"
+        )
     saved = to_dict(from_dict(RunConfig, payload["config"], source=str(path), prefix=""))
     current = to_dict(cfg)
     changed = [
@@ -109,56 +284,146 @@ def resumable_checkpoint(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         for key in current[section]
         if current[section][key] != saved[section][key]
     ]
+    if payload["batch_in_epoch"] > 0:
+        changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
     if changed:
-        raise KneegenError(f"--resume: {', '.join(changed)} differ from the checkpoint's config; keep them as they were")
-    return payload
+        raise KneegenError(f"--resume: {', '.join(changed)} differ from the config of {path}; keep them as they were")
 
 
-def epoch_record(
-    state: TrainState, losses: list[float], validation: ValidationResult | None, seconds: float, n_images: int
-) -> dict[str, Any]:
+# --- metrics, plots and previews ------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record per line, and TensorBoard scalars when asked for and
+    installed; written by rank 0 only."""
+
+    SCALARS = ("train_loss", "val_loss", "lr", "grad_norm", "images_per_s", "skipped_steps")
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path = run_dir / METRICS_FILE if enabled else None
+        self.writer = open_tensorboard(run_dir / TENSORBOARD) if enabled and tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in self.SCALARS:
+                if isinstance(record.get(key), (int, float)):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def open_tensorboard(folder: Path) -> Any:
+    """A SummaryWriter, or None (with a note) when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        console.print("train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                      "writing metrics.jsonl only")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a non-finite loss is written as null."""
+    return value if math.isfinite(value) else None
+
+
+def mean_of_good(losses: list[float], skipped: list[int], first: int = 0) -> float | None:
+    """The mean loss of the steps that updated the weights, from index `first` on."""
+    good = [loss for i, loss in enumerate(losses) if i >= first and i not in skipped]
+    return sum(good) / len(good) if good else None
+
+
+def window_record(state: TrainState, result: StepResult, window: int, images: int, started: float) -> dict[str, Any]:
+    """The last `window` steps (fewer at the start of an epoch: windows do not span epochs)."""
+    first = max(0, len(state.epoch_losses) - window)
     return {
+        "kind": "steps",
+        "epoch": state.epoch + 1,  # the epoch in progress
+        "step": state.step,
+        "train_loss": mean_of_good(state.epoch_losses, state.epoch_skipped, first),
+        "skipped_steps": sum(1 for i in state.epoch_skipped if i >= first),
+        "lr": result.lr,
+        "grad_norm": finite_or_none(result.grad_norm),
+        "images_per_s": images / max(time.perf_counter() - started, 1e-9),
+    }
+
+
+def epoch_record(state: TrainState, validation: ValidationResult | None, seconds: float, images: int) -> dict[str, Any]:
+    return {
+        "kind": "epoch",
         "epoch": state.epoch,
         "step": state.step,
-        "train_loss": sum(losses) / len(losses),
-        "train_losses": losses,
+        "train_loss": mean_of_good(state.epoch_losses, state.epoch_skipped),
+        "train_losses": [finite_or_none(loss) for loss in state.epoch_losses],
+        "skipped_steps": len(state.epoch_skipped),
         "val_loss": validation.loss if validation else None,
         "val_buckets": dict(zip(validation.bucket_timesteps, validation.bucket_losses)) if validation else None,
         "lr": state.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
-        "images_per_s": n_images / seconds,
+        "images_per_s": images / max(seconds, 1e-9),
     }
 
 
-def save_epoch_checkpoints(
-    state: TrainState, cfg: RunConfig, image_shape: tuple[int, int], validation: ValidationResult | None, run_dir: Path
-) -> None:
-    """last.pt every epoch; best.pt whenever the validation loss improves."""
-    improved = validation is not None and validation.loss < state.best_val_loss
-    if improved:
-        state.best_val_loss = validation.loss  # type: ignore[union-attr]
-    payload = {**state_payload(state), "config": to_dict(cfg), "image_shape": list(image_shape)}
-    save_checkpoint(payload, run_dir / LAST)
-    if improved:
-        save_checkpoint(payload, run_dir / BEST)
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl; a line cut short by a kill mid-write is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
-def keep_metrics_up_to(path: Path, epoch: int) -> None:
-    """Drop records of epochs after the checkpoint (written before a crash), so none repeat."""
-    kept = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+def epoch_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind", "epoch") == "epoch"]
+
+
+def keep_metrics_up_to(path: Path, state: TrainState) -> None:
+    """Drop the records written after the checkpoint (before a crash), so none repeat: epoch
+    records of later epochs, step records of later steps."""
+    kept = [
+        r for r in read_metrics(path)
+        if (r["step"] <= state.step if r.get("kind") == "steps" else r["epoch"] <= state.epoch)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def refresh_plots(run_dir: Path) -> None:
-    plot_losses(read_metrics(run_dir / METRICS_FILE), run_dir)
+    plot_losses(epoch_records(read_metrics(run_dir / METRICS_FILE)), run_dir)
+
+
+def save_preview(
+    state: TrainState, cfg: RunConfig, schedule: Schedule, image_shape: tuple[int, int], compute: Compute, path: Path
+) -> None:
+    """Samples of `PREVIEW_SEEDS` with the run's sampler settings from the weights sampling
+    would use (the EMA), as one grid."""
+    model = TrainedModel(state.eval_network, schedule, cfg, image_shape, state.epoch, path)
+    choice = choose_sampler(model, None, None, None)
+    with evaluating(model.network):
+        batches = sample_batches(model, compute, choice, PREVIEW_SEEDS, cfg.sample.batch_size)
+        tiles = [image for _, images in batches for image in images]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seeds = f"{PREVIEW_SEEDS[0]}-{PREVIEW_SEEDS[-1]}"
+    save_png(image_grid(tiles), path, {"epoch": str(state.epoch), "sampler": choice.describe(), "seeds": seeds})
+
+
+@contextlib.contextmanager
+def quiet_unless(speaking: bool) -> Iterator[None]:
+    """Silence this process's console (progress bar, messages) for the block unless it speaks
+    for the run: under torchrun only rank 0 does."""
+    was_quiet = console.quiet
+    console.quiet = was_quiet or not speaking
+    try:
+        yield
+    finally:
+        console.quiet = was_quiet

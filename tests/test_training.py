@@ -21,10 +21,10 @@ from kneegen.engine.ema import EMA
 from kneegen.engine.pixels import to_model_range, to_uint8
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
-from kneegen.engine.training import create_state, learning_rate, train_epoch
+from kneegen.engine.training import create_state, epoch_steps, learning_rate
 from kneegen.engine.validation import bucket_timesteps, validation_loss
 from kneegen.errors import KneegenError
-from kneegen.training_run import read_metrics, run_training
+from kneegen.training_run import epoch_records, read_metrics, run_training
 
 CPU = Compute(torch.device("cpu"), None)
 
@@ -48,7 +48,7 @@ def test_tiny_model_learns_on_phantom_slices(prepared, tmp_path):
     assert 0.3 < initial < 1.5  # a zero-output network against v targets
     losses = []
     for _ in range(6):
-        losses += train_epoch(state, train_images, schedule, cfg, CPU)
+        losses += [step.loss for step in epoch_steps(state, train_images, schedule, cfg, CPU)]
     final = run_validation(state.eval_network, val_images, cfg).loss
     assert state.epoch == 6 and state.step == 6 * math.ceil(len(train_images) / cfg.train.batch_size)
     assert all(math.isfinite(loss) for loss in losses)
@@ -106,8 +106,8 @@ def test_pixels_land_on_the_requested_device():
 
 def test_learning_rate_warms_up_linearly_then_stays():
     cfg = TrainConfig(lr=1e-3, warmup_steps=4)
-    assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    assert learning_rate(TrainConfig(lr=1e-3, warmup_steps=0), 0) == 1e-3
+    assert [learning_rate(cfg, s, 100) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert learning_rate(TrainConfig(lr=1e-3, warmup_steps=0), 0, 100) == 1e-3
 
 
 def test_ema_follows_the_warmed_up_decay():
@@ -213,7 +213,8 @@ def test_trained_model_loads_the_ema_weights(trained_run):
 
 
 def losses_of(run_dir: Path) -> list[tuple[int, list[float], float | None]]:
-    return [(r["epoch"], r["train_losses"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+    records = epoch_records(read_metrics(run_dir / "metrics.jsonl"))
+    return [(r["epoch"], r["train_losses"], r["val_loss"]) for r in records]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])

@@ -1,4 +1,7 @@
-"""`kneegen train`: a YAML config, overridden by flags, trained into a run dir."""
+"""`kneegen train`: a YAML config, overridden by flags, trained into a run dir.
+
+Data-parallel on several GPUs (or CPU processes): `torchrun --nproc_per_node N -m kneegen train …`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kneegen.config import load_config, parse_override
-from kneegen.runs import latest_run, new_run_dir
+from kneegen.errors import KneegenError
+from kneegen.runs import latest_run, run_dir_of
 from kneegen.training_run import CONFIG_FILE, run_training
 
 
@@ -17,7 +21,13 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Train until this many epochs (train.epochs).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir (data).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir (default: the latest run).")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --run-dir (default: the latest run) from its newest good checkpoint."),
+    ] = False,
+    resume_from: Annotated[
+        Optional[Path], typer.Option(help="Continue from this run dir, or this checkpoint file (implies --resume).")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (device).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (precision).")] = None,
     set_: Annotated[
@@ -25,11 +35,17 @@ def train(
     ] = None,
 ) -> None:
     """Train a diffusion model; checkpoints, metrics and loss plots go to the run dir."""
+    checkpoint = None
+    if resume_from is not None:
+        if not resume_from.exists():
+            raise KneegenError(f"--resume-from {resume_from} not found: give a run dir or a .pt checkpoint in one")
+        resume = True
+        checkpoint = resume_from if resume_from.is_file() else None
+        run_dir = run_dir or (run_dir_of(resume_from) if checkpoint else resume_from)
     if resume:
         run_dir = run_dir or latest_run()
-        config = config or run_dir / CONFIG_FILE
-    run_dir = run_dir or new_run_dir()
+        config = config or (run_dir_of(checkpoint) if checkpoint else run_dir) / CONFIG_FILE
     overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
     flags = {"train.epochs": epochs, "data": str(data) if data else None, "device": device, "precision": precision}
     overrides.update({key: value for key, value in flags.items() if value is not None})
-    run_training(load_config(config, overrides), run_dir, resume)
+    run_training(load_config(config, overrides), run_dir, resume, checkpoint)

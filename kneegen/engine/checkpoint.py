@@ -2,10 +2,14 @@
 
 Loading uses `torch.load(weights_only=True)`, so a checkpoint can never run code; anything that
 is not a kneegen checkpoint of a known format version is refused with a clear message.
+
+Format 2 added what continuing mid-epoch needs (position in the epoch, every RNG state, the
+loss-scaler state); a format-1 checkpoint still samples and validates, but cannot be resumed.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -16,25 +20,31 @@ import torch
 from kneegen.errors import KneegenError
 
 FORMAT = "kneegen-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TEMPORARY_SUFFIX = ".tmp"
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
+    """Serialise `payload` once and write it to each path: a temporary file in the same folder,
+    fsync, then rename over the path.
 
-    A crash mid-write leaves the previous checkpoint intact: rename is atomic on POSIX.
+    A crash mid-write leaves the previous file intact (rename is atomic on POSIX) and at worst a
+    hidden `.NAME.*.tmp`, which `remove_partial_writes` clears and resuming never reads.
     """
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, buffer)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -54,3 +64,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}): upgrade kneegen"
         )
     return payload
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete the temporary files a process killed mid-`save_checkpoint` left behind."""
+    for leftover in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+        leftover.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 bf16 autocast with channels_last is a large win only where the hardware has bf16 units
 (CUDA Ampere+, CPUs with AMX or AVX512-BF16); elsewhere it emulates bf16 and is slower than
-fp32, so `auto` asks the hardware instead of assuming.
+fp32, so `auto` asks the hardware instead of assuming. Training on an older GPU (no bf16) may
+ask for fp16 instead, which needs loss scaling (`Compute.grad_scaler`).
 """
 
 from __future__ import annotations
@@ -32,18 +33,28 @@ class Compute:
         """Autocast to `dtype`, or nothing: one code path either way."""
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (its gradients underflow without it); a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
     def describe(self) -> str:
-        return f"{self.device.type} ({'bf16' if self.dtype else 'fp32'})"
+        names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return f"{self.device.type} ({names[self.dtype]})"
 
 
-def resolve_compute(device: DeviceName | str, precision: Precision | str) -> Compute:
-    """Turn the config's `device` and `precision` into a Compute, checking availability."""
+def resolve_compute(device: DeviceName | str, precision: Precision | str, allow_fp16: bool = False) -> Compute:
+    """Turn the config's `device` and `precision` into a Compute, checking availability.
+
+    `allow_fp16` (training): `auto` on a CUDA GPU without bf16 picks fp16 with loss scaling.
+    """
     chosen = pick_device(device)
     if precision == "fp32":
         return Compute(chosen, None)
     supported = bf16_supported(chosen)
     if precision == "bf16" and not supported:
         raise KneegenError(f"precision bf16 is not supported on {chosen.type} here: use --precision fp32 or auto")
+    if not supported and allow_fp16 and chosen.type == "cuda":
+        return Compute(chosen, torch.float16)
     return Compute(chosen, torch.bfloat16 if supported else None)
 
 

@@ -1,42 +1,57 @@
-"""One training epoch, and the state that makes a resumed run equal an uninterrupted one.
+"""The training step, one epoch of them, and the state that makes a resumed run equal an
+uninterrupted one.
 
 Every random draw of training comes from sources kept in `TrainState`: the data order of an
-epoch from (seed, epoch), and t and ε from one generator whose state is checkpointed. So a run
-resumed from the checkpoint of epoch k continues with exactly the losses it would have had.
+epoch from (seed, epoch); t and ε from one generator whose state is checkpointed; dropout from
+the global RNGs, whose states are checkpointed too. With the position inside the epoch, a run
+resumed from any checkpoint, even one written mid-epoch, continues with exactly the losses it
+would have had (bit for bit on the CPU). How data-parallel processes share a step is described
+in `kneegen.engine.distributed`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kneegen.config import RunConfig, TrainConfig
 from kneegen.engine.device import Compute
+from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
-from kneegen.engine.loss import per_image_loss
+from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
 from kneegen.engine.pixels import to_model_range
 from kneegen.engine.schedule import Schedule
+from kneegen.errors import KneegenError
 
 EPOCH_SEED_STRIDE = 1_000_003  # separates the per-epoch shuffling seeds of different run seeds
+PROCESS_SEED_STRIDE = 7_919  # separates the dropout seeds of data-parallel processes
+CPU = torch.device("cpu")
 
 
 @dataclass
 class TrainState:
     """What a checkpoint must hold to continue training exactly."""
 
-    network: nn.Module
-    ema: EMA | None
+    network: nn.Module  # the weights, as checkpoints hold them
+    train_network: nn.Module  # what a step calls: `network`, compiled and/or wrapped by DDP
+    ema: EMA | None  # on rank 0 only
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # draws t and ε
-    step: int = 0
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; switched off otherwise
+    generator: torch.Generator  # draws t and ε; in the same state in every process
+    step: int = 0  # optimizer steps taken, skipped ones included
     epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of the current epoch already trained
+    epoch_losses: list[float] = field(default_factory=list)  # loss of each step of the current epoch
+    epoch_skipped: list[int] = field(default_factory=list)  # indices into epoch_losses of skipped steps
+    bad_in_a_row: int = 0  # consecutive steps with a non-finite loss or gradient
     best_val_loss: float = math.inf
 
     @property
@@ -45,48 +60,132 @@ class TrainState:
         return self.ema.model if self.ema is not None else self.network
 
 
-def create_state(cfg: RunConfig, image_shape: tuple[int, int], compute: Compute) -> TrainState:
-    """A fresh network, EMA and optimizer, all seeded from `train.seed`."""
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean per-image loss of the global batch, unweighted (comparable to validation)
+    grad_norm: float  # of the whole gradient, before clipping
+    lr: float
+    images: int  # in the global batch
+    skipped: bool  # the loss or a gradient was not finite: the weights were left as they were
+
+
+def create_state(
+    cfg: RunConfig, image_shape: tuple[int, int], compute: Compute, dist: Distributed = SINGLE
+) -> TrainState:
+    """A fresh network, EMA and optimizer, all seeded from `train.seed`, ready for `dist`."""
     torch.manual_seed(cfg.train.seed)
-    network = build_network(cfg.model, image_shape).to(compute.device, memory_format=compute.memory_format)
-    optimizer_class = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(network.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    ema = EMA(network, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    return TrainState(network, ema, optimizer, generator)
+    network = build_network(cfg.model, image_shape)
+    if dist.enabled and compute.device.type == "cuda":
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
+    network = network.to(compute.device, memory_format=compute.memory_format)
+    ema = EMA(network, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and dist.is_main else None
+    if dist.enabled:
+        torch.manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * dist.rank)  # each process its own dropout
+    train_network = torch.compile(network) if cfg.train.compile else network
+    return TrainState(
+        network=network,
+        train_network=dist.wrap(train_network),
+        ema=ema,
+        optimizer=make_optimizer(network, cfg.train),
+        scaler=compute.grad_scaler(),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
 
 
-def state_payload(state: TrainState) -> dict[str, Any]:
-    """The checkpoint's training part (the caller adds config and data facts)."""
+def make_optimizer(network: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or Adam with the fused kernel, one kernel for all parameters: on a 2-core CPU its
+    step took 21 ms for the default 6.9 M-parameter model, against 69 ms for the per-parameter
+    loop and 104 ms for the multi-tensor (foreach) version."""
+    optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(network.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint's training part, with `rng` the RNG states of every process in rank order
+    (the caller adds config and data facts)."""
     return {
         "model": state.network.state_dict(),
         "ema": state.ema.model.state_dict() if state.ema is not None else None,
         "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
         "generator": state.generator.get_state(),
-        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+        "rng": rng,
         "step": state.step,
         "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "epoch_losses": list(state.epoch_losses),
+        "epoch_skipped": list(state.epoch_skipped),
+        "bad_in_a_row": state.bad_in_a_row,
         "best_val_loss": state.best_val_loss,
     }
 
 
-def restore_state(state: TrainState, payload: dict[str, Any]) -> None:
-    """Load a checkpoint written by `state_payload` into a state built from the same config."""
+def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed = SINGLE) -> None:
+    """Load a checkpoint written by `state_payload` into a state built from the same config.
+
+    Dropout continues exactly when the number of processes is the one that wrote the checkpoint;
+    data order, t and ε continue exactly in any case.
+    """
     state.network.load_state_dict(payload["model"])
-    if state.ema is not None and payload["ema"] is not None:
-        state.ema.model.load_state_dict(payload["ema"])
+    if state.ema is not None:
+        state.ema.model.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
+    if payload["scaler"]:
+        state.scaler.load_state_dict(payload["scaler"])
     state.generator.set_state(payload["generator"])
-    torch.set_rng_state(payload["torch_rng"])
-    state.step, state.epoch = payload["step"], payload["epoch"]
+    if len(payload["rng"]) == dist.world_size:
+        set_rng_states(payload["rng"][dist.rank])
+    state.step, state.epoch, state.batch_in_epoch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
+    state.epoch_losses, state.epoch_skipped = list(payload["epoch_losses"]), list(payload["epoch_skipped"])
+    state.bad_in_a_row = payload["bad_in_a_row"]
     state.best_val_loss = payload["best_val_loss"]
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant."""
-    if cfg.warmup_steps <= 0:
+def rng_states() -> dict[str, Any]:
+    """This process's global RNG states (dropout draws from torch's), in checkpoint-safe types."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+        "has_gauss": numpy_state["has_gauss"],
+        "gauss": numpy_state["gauss"],
+    })
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# --- the data and the draws of an epoch ---------------------------------------------------------------
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant, or a half cosine that reaches 0 after
+    `total_steps`. A function of the step alone: there is no schedule state to checkpoint."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def epoch_order(n_images: int, seed: int, epoch: int) -> torch.Tensor:
@@ -95,45 +194,109 @@ def epoch_order(n_images: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_images, generator=generator)
 
 
-def train_epoch(
+def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Full batches, and the last, smaller one unless it has fewer images than processes."""
+    full, rest = divmod(n_images, batch_size)
+    return full + int(rest >= world_size)
+
+
+def epoch_batches(n_images: int, train: TrainConfig, epoch: int, world_size: int = 1) -> list[np.ndarray]:
+    """The global batches of one epoch: sorted indices (the memory-mapped cache reads sequentially)."""
+    order = epoch_order(n_images, train.seed, epoch).numpy()
+    size = train.batch_size
+    return [np.sort(order[k * size : (k + 1) * size]) for k in range(steps_per_epoch(n_images, size, world_size))]
+
+
+def draw_noise(generator: torch.Generator, shape: tuple[int, ...], offset: float) -> Tensor:
+    """ε ~ N(0, I), plus with offset noise (Guttenberg 2023) a constant per image and channel of
+    std `offset`, which lets the model change the mean brightness of an image."""
+    noise = torch.randn(shape, generator=generator)  # (B, C, H, W)
+    if offset > 0:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device`; to CUDA through pinned memory, so the copy does not block."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def epoch_steps(
     state: TrainState,
     images: np.ndarray,
     schedule: Schedule,
     cfg: RunConfig,
     compute: Compute,
-    on_batch: Callable[[float], None] | None = None,
-) -> list[float]:
-    """One pass over `images` ((N, H, W) unsigned ints); returns the loss of every step."""
-    train = cfg.train
-    state.network.train()
-    order = epoch_order(len(images), train.seed, state.epoch)
-    losses = []
-    for start in range(0, len(order), train.batch_size):
-        # 1. Batch: sorted indices read the memory-mapped cache sequentially.
-        index = np.sort(order[start : start + train.batch_size].numpy())
-        x0 = to_model_range(images[index], compute.device).to(memory_format=compute.memory_format)
-        # 2. Forward process: t uniform, ε standard normal, both from the state's generator.
-        t = torch.randint(0, schedule.timesteps, (len(index),), generator=state.generator)
-        noise = torch.randn(x0.shape, generator=state.generator).to(compute.device)
-        t = t.to(compute.device)
-        x_t = schedule.add_noise(x0, noise, t)
-        target = schedule.target(x0, noise, t, cfg.diffusion.prediction)
-        # 3. Loss and update, with warm-up, clipping and EMA.
-        with compute.autocast():
-            prediction = state.network(x_t, t)
-        loss = per_image_loss(prediction, target, cfg.diffusion.loss).mean()
-        for group in state.optimizer.param_groups:
-            group["lr"] = learning_rate(train, state.step)
+    dist: Distributed = SINGLE,
+) -> Iterator[StepResult]:
+    """Train the rest of the current epoch of `images` ((N, H, W) unsigned ints), one optimizer
+    step per item; `state.epoch` counts up after the last. Between items the state may be
+    checkpointed: a run resumed from it continues with the next batch."""
+    train, diffusion = cfg.train, cfg.diffusion
+    batches = epoch_batches(len(images), train, state.epoch, dist.world_size)
+    total_steps = train.epochs * len(batches)
+    if state.batch_in_epoch == 0:
+        state.epoch_losses, state.epoch_skipped = [], []
+    state.train_network.train()
+    for index in batches[state.batch_in_epoch :]:
+        # 1. t, ε and loss weights of the whole global batch, from the generator every process
+        #    holds in the same state; this process trains on its share of the rows.
+        t_all = torch.randint(0, schedule.timesteps, (len(index),), generator=state.generator)
+        noise_all = draw_noise(state.generator, (len(index), 1, *images.shape[1:]), diffusion.offset_noise)
+        weight_all = min_snr_weight(schedule.alpha_bar(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+        rows = dist.share(len(index))
+        micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
+
+        # 2. Forward and backward per micro-batch. Gradients add up; DDP averages them over the
+        #    processes on the last one. The scale makes the sum the gradient of the mean loss.
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(state.network.parameters(), train.grad_clip)
-        state.optimizer.step()
-        if state.ema is not None:
-            state.ema.update(state.network, state.step)
+        loss_sum = torch.zeros((), device=compute.device)
+        for k, part in enumerate(micro_batches):
+            x0 = to_device(to_model_range(images[index[part]], CPU), compute.device)  # (b, 1, H, W)
+            x0 = x0.to(memory_format=compute.memory_format)
+            t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
+            x_t = schedule.add_noise(x0, noise, t)
+            target = schedule.target(x0, noise, t, diffusion.prediction)
+            with dist.no_sync(state.train_network, sync=k == len(micro_batches) - 1):
+                with compute.autocast():
+                    prediction = state.train_network(x_t, t)
+                per_image = per_image_loss(prediction, target, diffusion.loss)  # (b,)
+                loss = (weight * per_image).sum() * (dist.world_size / len(index))
+                state.scaler.scale(loss).backward()
+            loss_sum += per_image.detach().sum()
+
+        # 3. Update: unscale, clip, step and EMA, unless the loss or a gradient is not finite.
+        lr = learning_rate(train, state.step, total_steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), train.grad_clip or math.inf).item()
+        mean_loss = dist.sum(loss_sum) / len(index)
+        skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
+        if not skipped:
+            state.scaler.step(state.optimizer)
+            if state.ema is not None:
+                state.ema.update(state.network, state.step)
+        state.scaler.update()
+
+        # 4. Position and tallies; too many bad steps in a row stop the run before it saves them.
         state.step += 1
-        losses.append(loss.item())
-        if on_batch is not None:
-            on_batch(losses[-1])
+        state.batch_in_epoch += 1
+        state.epoch_losses.append(mean_loss)
+        if skipped:
+            state.epoch_skipped.append(len(state.epoch_losses) - 1)
+        state.bad_in_a_row = state.bad_in_a_row + 1 if skipped else 0
+        if train.max_bad_steps and state.bad_in_a_row >= train.max_bad_steps:
+            raise KneegenError(
+                f"{state.bad_in_a_row} steps in a row up to step {state.step} had a non-finite loss or gradient "
+                f"(train.max_bad_steps): stopped without saving them, so the last checkpoint holds finite "
+                f"weights; lower train.lr or set train.grad_clip, then --resume"
+            )
+        yield StepResult(mean_loss, grad_norm, lr, len(index), skipped)
     state.epoch += 1
-    return losses
+    state.batch_in_epoch = 0

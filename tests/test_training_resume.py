@@ -1,0 +1,134 @@
+"""Reliability of long runs: a training process killed with SIGKILL mid-epoch, or a run whose
+newest checkpoints were damaged, resumes to exactly the losses of an uninterrupted run; and two
+data-parallel processes (torchrun, gloo) make exactly the updates of one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config, tiny_run_dict
+from kneegen.cli import build_app
+from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.errors import KneegenError
+from kneegen.runs import step_checkpoint, step_checkpoints
+from kneegen.training_run import read_metrics, resume_point, run_training
+
+# Batch 4 on the 50 training images: 13 steps an epoch, so a kill after a few steps is mid-epoch.
+LONG_RUN = {"batch_size": 4, "epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 3, "log_every_steps": 5}
+KILL_AFTER_STEP = 3
+TIMING_KEYS = ("seconds", "images_per_s")
+
+
+def losses(run_dir: Path) -> list[dict]:
+    """Every metrics record without its timings: the per-step losses, step windows, validation."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(prepared, tmp_path_factory) -> Path:
+    """LONG_RUN trained without interruption: the reference."""
+    work = tmp_path_factory.mktemp("straight")
+    run_training(tiny_config(prepared, work, train=LONG_RUN), work / "run")
+    return work / "run"
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_losses_of_a_straight_run(prepared, straight_run, tmp_path):
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=LONG_RUN)))
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kneegen", "train", "--config", config, "--run-dir", run_dir],
+            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+        marker = step_checkpoint(run_dir, KILL_AFTER_STEP)
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+
+    path, payload = resume_point(run_dir, None, tiny_config(prepared, tmp_path, train=LONG_RUN))
+    assert payload["epoch"] == 0 and 0 < payload["batch_in_epoch"] < 13, f"not killed mid-epoch: {path}"
+    resumed = CliRunner().invoke(build_app(), ["train", "--resume-from", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert losses(run_dir) == losses(straight_run)
+    assert not list(run_dir.rglob(".*.tmp"))  # a write the kill interrupted was cleared
+    straight, again = load_checkpoint(straight_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
+    assert all(torch.equal(straight["model"][k], again["model"][k]) for k in straight["model"])
+
+
+def test_resume_skips_damaged_checkpoints_and_continues_exactly(prepared, straight_run, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(prepared, tmp_path, train=LONG_RUN)
+    run_training(cfg, run_dir)
+    kept = step_checkpoints(run_dir)
+    assert [p.name for p in kept] == ["step-00000021.pt", "step-00000024.pt", "step-00000026.pt"]
+    # A crash mid-write: the newest files cut short (as by a full disk), a temporary file left.
+    for damaged in (run_dir / "last.pt", kept[-1]):
+        damaged.write_bytes(damaged.read_bytes()[:1000])
+    (run_dir / ".last.pt.x1y2.tmp").write_bytes(b"partial")
+
+    path, payload = resume_point(run_dir, None, cfg)
+    assert path == kept[1] and payload["step"] == 24 and payload["batch_in_epoch"] == 11  # mid-epoch 2
+    with pytest.raises(KneegenError, match="train.batch_size differ"):  # the saved position means batches of 4
+        run_training(tiny_config(prepared, tmp_path, train={**LONG_RUN, "batch_size": 5}), run_dir, resume=True)
+    run_training(cfg, run_dir, resume=True)
+    assert losses(run_dir) == losses(straight_run)
+    assert not (run_dir / ".last.pt.x1y2.tmp").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_the_first_format(trained_run, prepared, tmp_path):
+    payload = torch.load(trained_run / "last.pt", weights_only=True)
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    torch.save({**payload, "format_version": 1}, run_dir / "last.pt")
+    with pytest.raises(KneegenError, match="format 1, which cannot be resumed"):
+        run_training(tiny_config(prepared, tmp_path, train={"epochs": 3}), run_dir, resume=True)
+
+
+def test_resume_from_a_missing_path_is_one_clean_line(tmp_path):
+    result = CliRunner().invoke(build_app(), ["train", "--resume-from", str(tmp_path / "gone")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--resume-from" in result.output and "gone" in result.output
+
+
+def test_two_processes_make_the_updates_of_one(prepared, tmp_path):
+    """torchrun, 2 CPU processes (gloo), each with half of every batch of 16, against one process
+    with the same batches in 2 micro-batches (the same halves): bit-identical weights and losses."""
+    two_epochs = {"epochs": 2}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=two_epochs)))
+    ddp_dir = tmp_path / "ddp"
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kneegen", "train", "--config", config, "--run-dir", ddp_dir],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one_dir = tmp_path / "one"
+    run_training(tiny_config(prepared, tmp_path, train={**two_epochs, "grad_accumulation": 2}), one_dir)
+
+    ddp, one = load_checkpoint(ddp_dir / "last.pt"), load_checkpoint(one_dir / "last.pt")
+    assert len(ddp["rng"]) == 2 and ddp["step"] == one["step"] == 8
+    for key in ("model", "ema"):
+        assert all(torch.equal(ddp[key][k], one[key][k]) for k in one[key]), key
+    assert [r["train_losses"] for r in read_metrics(ddp_dir / "metrics.jsonl")] == [
+        r["train_losses"] for r in read_metrics(one_dir / "metrics.jsonl")
+    ]  # rank 0 alone wrote metrics: one record per epoch
+    assert launched.stderr.count("epoch 2:") == 1  # and spoke
