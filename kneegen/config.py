@@ -27,6 +27,7 @@ OptimizerKind = Literal["adamw", "adam"]
 Spacing = Literal["auto", "uniform", "logsnr", "karras"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     preview_every: int = 0  # a fixed-seed sample grid in previews/ every N epochs; 0 = off
     compile: bool = False  # torch.compile the network for training (not validation)
     tensorboard: bool = False  # also write TensorBoard scalars to tensorboard/ when it is installed
+    augment: list[AugmentKind] = field(default_factory=list)  # e.g. [shift, intensity]; flip swaps knee sides
 
 
 @dataclass

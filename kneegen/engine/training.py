@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kneegen.config import RunConfig, TrainConfig
+from kneegen.engine.augment import augment
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
@@ -244,20 +245,22 @@ def epoch_steps(
         state.epoch_losses, state.epoch_skipped = [], []
     state.train_network.train()
     for index in batches[state.batch_in_epoch :]:
-        # 1. t, ε and loss weights of the whole global batch, from the generator every process
-        #    holds in the same state; this process trains on its share of the rows.
+        # 1. t, ε, loss weights (and augmentation, if any) of the whole global batch, from the
+        #    generator every process holds in the same state; this process trains on its rows.
         t_all = torch.randint(0, schedule.timesteps, (len(index),), generator=state.generator)
         noise_all = draw_noise(state.generator, (len(index), 1, *images.shape[1:]), diffusion.offset_noise)
         weight_all = min_snr_weight(schedule.alpha_bar(t_all), diffusion.min_snr_gamma, diffusion.prediction)
         rows = dist.share(len(index))
         micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
+        augmented = augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
 
         # 2. Forward and backward per micro-batch. Gradients add up; DDP averages them over the
         #    processes on the last one. The scale makes the sum the gradient of the mean loss.
         state.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=compute.device)
         for k, part in enumerate(micro_batches):
-            x0 = to_device(to_model_range(images[index[part]], CPU), compute.device)  # (b, 1, H, W)
+            x0 = augmented[part] if augmented is not None else to_model_range(images[index[part]], CPU)
+            x0 = to_device(x0, compute.device)  # (b, 1, H, W)
             x0 = x0.to(memory_format=compute.memory_format)
             t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
             x_t = schedule.add_noise(x0, noise, t)
