@@ -36,12 +36,14 @@ $(DEMO_DATA)/manifest.json: | install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Speed side by side (a few minutes each). Quality vs steps needs a trained run:
+# Speed side by side (a few minutes each). Quality needs a trained run or a long budget:
 #   $(BIN)/python benchmarks/sampler_quality.py --checkpoint runs/<run>/best.pt
+#   $(BIN)/python benchmarks/quality.py --minutes 20
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
