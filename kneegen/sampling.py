@@ -2,6 +2,8 @@
 
 Image k of a run uses seed `seed + k`, so the same seed gives the same images whatever the
 batch size; batches are yielded as they finish so N images never sit in memory at once.
+The device's settings (bf16 autocast and channels_last where native, inference mode) come with
+the `Compute`; whether the network is `torch.compile`d comes with the `SamplerChoice`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 from torch import Tensor
 
 from kneegen.config import Spacing
+from kneegen.engine.compilation import compile_for_inference
+from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.samplers import generate, get_sampler, timesteps_for
@@ -28,11 +32,13 @@ class SamplerChoice:
     steps: int
     eta: float = 0.0
     spacing: str = "auto"
+    compile: bool = False  # torch.compile the network (engine/compilation.py)
 
     def describe(self) -> str:
         eta = f", eta {self.eta}" if self.name == "ddim" else ""
         spacing = f", {self.spacing} spacing" if self.spacing != "auto" else ""
-        return f"{self.name}, {self.steps} steps{eta}{spacing}"
+        compiled = ", compiled" if self.compile else ""
+        return f"{self.name}, {self.steps} steps{eta}{spacing}{compiled}"
 
     def timesteps(self, schedule: Schedule) -> list[int]:
         """The timesteps this choice visits; refuses a bad sampler name or step count."""
@@ -41,16 +47,22 @@ class SamplerChoice:
 
 
 def choose_sampler(
-    model: TrainedModel, name: str | None, steps: int | None, eta: float | None, spacing: str | None = None
+    model: TrainedModel, name: str | None, steps: int | None, eta: float | None, spacing: str | None = None,
+    compile: bool = False,
 ) -> SamplerChoice:
-    """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained."""
+    """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained.
+
+    `compile` is the caller's decision, not read from `sample.compile`: `kneegen sample` honours
+    that key, while the short runs of validation and training previews would spend longer
+    compiling than sampling (and a preview would compile the network being trained)."""
     sample = model.config.sample
     chosen = name or sample.sampler
     default_steps = model.schedule.timesteps if chosen == "ddpm" else sample.steps
     if spacing is not None and spacing not in get_args(Spacing):
         raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
     return SamplerChoice(
-        chosen, steps or default_steps, sample.eta if eta is None else eta, spacing or sample.spacing
+        chosen, steps or default_steps, sample.eta if eta is None else eta, spacing or sample.spacing,
+        compile,
     )
 
 
@@ -62,10 +74,12 @@ def sample_batches(
     batch_size: int,
     on_step: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(seeds, (B, H, W) uint8 images) for each batch of `seeds`."""
+    """(seeds, (B, H, W) uint8 images) for each batch of `seeds`; with `choice.compile` the network
+    is compiled once, here, for the first batch's size (the last batch is padded to it)."""
     sampler = get_sampler(choice.name, eta=choice.eta)
     timesteps = choice.timesteps(model.schedule)
-    denoise = model.denoiser(compute)
+    network = compile_for_inference(model.network, compute) if choice.compile else model.network
+    denoise = make_denoiser(network, model.schedule, model.config.diffusion.prediction, compute)
     shape = (1, *model.image_shape)
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]

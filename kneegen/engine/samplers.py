@@ -158,7 +158,7 @@ def dpm_solver_pp(
         t_value, s_value = int(t[0]), int(s[0])
         if s_value < 0:
             return x0  # σ_s = 0: the ODE's end point is the data prediction itself
-        (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(schedule, t_value), alpha_sigma(schedule, s_value)
+        sigma_t, (alpha_s, sigma_s) = alpha_sigma(schedule, t_value)[1], alpha_sigma(schedule, s_value)
         h = log_snr(schedule, s_value) - log_snr(schedule, t_value)  # > 0
         phi = math.expm1(-h)  # e^{−h} − 1
         # 1. First order (= DDIM): x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) x̂_0.

@@ -9,10 +9,8 @@ from torch import nn
 
 from kneegen.config import RunConfig, from_dict
 from kneegen.engine.checkpoint import load_checkpoint
-from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
-from kneegen.engine.samplers import Denoiser
 from kneegen.engine.schedule import Schedule
 
 
@@ -24,9 +22,6 @@ class TrainedModel:
     image_shape: tuple[int, int]
     epoch: int
     source: Path
-
-    def denoiser(self, compute: Compute) -> Denoiser:
-        return make_denoiser(self.network, self.schedule, self.config.diffusion.prediction, compute)
 
 
 def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
