@@ -81,6 +81,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network for training (not validation)
     tensorboard: bool = False  # also write TensorBoard scalars to tensorboard/ when it is installed
     augment: list[AugmentKind] = field(default_factory=list)  # e.g. [shift, intensity]; flip swaps knee sides
+    fid_every: int = 0  # FID/KID of fixed-seed samples vs the val split every N epochs; 0 = off
+    fid_samples: int = 64  # images drawn for that FID
+    best_by: Literal["val_loss", "fid"] = "val_loss"  # what makes best.pt best; fid needs fid_every
 
 
 @dataclass

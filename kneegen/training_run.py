@@ -38,6 +38,7 @@ from kneegen.engine.training import (
 )
 from kneegen.engine.validation import ValidationResult, validation_loss
 from kneegen.errors import KneegenError
+from kneegen.evaluation.during_training import SampleQuality, TrainingFid
 from kneegen.progress import console, progress_bar
 from kneegen.runs import (
     BEST,
@@ -82,6 +83,7 @@ def run_training(
 
     with process_group(dist, compute) as (dist, compute):
         state = create_state(cfg, data.image_shape, compute, dist)
+        fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
         # 1. A new run dir (chosen by rank 0), or the state of the interrupted run (read by all).
         if resume:
             run_dir = run_dir or (run_dir_of(checkpoint) if checkpoint else latest_run())
@@ -104,7 +106,7 @@ def run_training(
                 f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
                 f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
             )
-            train_epochs(state, cfg, run_dir, data.image_shape, train_images, val_images, schedule, compute, dist)
+            train_epochs(state, cfg, run_dir, data.image_shape, train_images, val_images, schedule, compute, dist, fid)
     return state
 
 
@@ -118,9 +120,10 @@ def train_epochs(
     schedule: Schedule,
     compute: Compute,
     dist: Distributed,
+    fid: TrainingFid | None = None,
 ) -> None:
-    """Epochs up to `train.epochs`: steps, then validation, the epoch record, checkpoints, plots
-    and previews. Every process steps; rank 0 alone validates and writes."""
+    """Epochs up to `train.epochs`: steps, then validation (and FID every `fid_every`), the epoch
+    record, checkpoints, plots and previews. Every process steps; rank 0 alone validates and writes."""
     train = cfg.train
     per_epoch = steps_per_epoch(len(train_images), train.batch_size, dist.world_size)
     log = MetricsLog(run_dir, dist.is_main, train.tensorboard)
@@ -156,18 +159,24 @@ def train_epochs(
                     state.eval_network, val_images, schedule, cfg.diffusion, compute,
                     train.val_timesteps, train.batch_size,
                 )
-            record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images)
+            quality = None
+            if fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):
+                progress.update(task, status=f"epoch {epoch}: FID of {train.fid_samples} samples")
+                model = TrainedModel(state.eval_network, schedule, cfg, image_shape, epoch, run_dir)
+                quality = fid.score(state.eval_network, model)
+            record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
 
-            # 3. Checkpoints (last.pt, the kept step history, best.pt on a better validation loss),
-            #    plots and the preview grid; then every process waits for rank 0.
-            save_training_checkpoint(state, cfg, image_shape, dist, run_dir, validation)
+            # 3. Checkpoints (last.pt, the kept step history, best.pt on a better validation loss
+            #    or FID), plots and the preview grid; then every process waits for rank 0.
+            save_training_checkpoint(state, cfg, image_shape, dist, run_dir, validation, quality)
             if dist.is_main:
                 refresh_plots(run_dir)
                 if every(epoch, train.preview_every):
                     preview = run_dir / PREVIEWS / f"epoch-{epoch:04d}.png"
                     save_preview(state, cfg, schedule, image_shape, compute, preview)
                 val_text = f", val {validation.loss:.4f}" if validation else ""
+                val_text += f", FID {quality.fid:.1f}, KID {quality.kid:.4f}" if quality else ""
                 train_text = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
                 skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""
                 progress.console.print(
@@ -207,12 +216,16 @@ def check_ranges(cfg: RunConfig) -> None:
         "train.keep_checkpoints": (train.keep_checkpoints, 0),
         "train.log_every_steps": (train.log_every_steps, 0),
         "train.preview_every": (train.preview_every, 0),
+        "train.fid_every": (train.fid_every, 0),
+        "train.fid_samples": (train.fid_samples, 4),
         "diffusion.min_snr_gamma": (diffusion.min_snr_gamma, 0),
         "diffusion.offset_noise": (diffusion.offset_noise, 0),
     }
     for key, (value, low) in lowest.items():
         if value < low:
             raise KneegenError(f"{key} = {value} must be at least {low}: fix it in the config or with --set {key}=…")
+    if train.best_by == "fid" and train.fid_every == 0:
+        raise KneegenError("train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, e.g. --set train.fid_every=5")
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -225,15 +238,21 @@ def save_training_checkpoint(
     dist: Distributed,
     run_dir: Path,
     validation: ValidationResult | None = None,
+    quality: SampleQuality | None = None,
 ) -> None:
     """Every process hands its RNG states to rank 0, which writes last.pt, the step history
-    (`train.keep_checkpoints`) and best.pt when the validation loss improved."""
+    (`train.keep_checkpoints`) and best.pt when the validation loss (or, with `train.best_by:
+    fid`, the FID) improved."""
     rng = dist.gather(rng_states())
     if not dist.is_main:
         return
-    improved = validation is not None and validation.loss < state.best_val_loss
-    if improved:
+    loss_improved = validation is not None and validation.loss < state.best_val_loss
+    fid_improved = quality is not None and quality.fid < state.best_fid
+    if loss_improved:
         state.best_val_loss = validation.loss  # type: ignore[union-attr]
+    if fid_improved:
+        state.best_fid = quality.fid  # type: ignore[union-attr]
+    improved = fid_improved if cfg.train.best_by == "fid" else loss_improved
     payload = {**state_payload(state, rng), "config": to_dict(cfg), "image_shape": list(image_shape)}
     keep = cfg.train.keep_checkpoints
     paths = [run_dir / LAST]  # first: last.pt is never older than a step checkpoint
@@ -297,7 +316,7 @@ class MetricsLog:
     """metrics.jsonl, one JSON record per line, and TensorBoard scalars when asked for and
     installed; written by rank 0 only."""
 
-    SCALARS = ("train_loss", "val_loss", "lr", "grad_norm", "images_per_s", "skipped_steps")
+    SCALARS = ("train_loss", "val_loss", "fid", "kid", "lr", "grad_norm", "images_per_s", "skipped_steps")
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.path = run_dir / METRICS_FILE if enabled else None
@@ -355,7 +374,9 @@ def window_record(state: TrainState, result: StepResult, window: int, images: in
     }
 
 
-def epoch_record(state: TrainState, validation: ValidationResult | None, seconds: float, images: int) -> dict[str, Any]:
+def epoch_record(
+    state: TrainState, validation: ValidationResult | None, seconds: float, images: int, quality: SampleQuality | None
+) -> dict[str, Any]:
     return {
         "kind": "epoch",
         "epoch": state.epoch,
@@ -365,6 +386,8 @@ def epoch_record(state: TrainState, validation: ValidationResult | None, seconds
         "skipped_steps": len(state.epoch_skipped),
         "val_loss": validation.loss if validation else None,
         "val_buckets": dict(zip(validation.bucket_timesteps, validation.bucket_losses)) if validation else None,
+        "fid": quality.fid if quality else None,
+        "kid": quality.kid if quality else None,
         "lr": state.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
         "images_per_s": images / max(seconds, 1e-9),

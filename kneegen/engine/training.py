@@ -54,6 +54,7 @@ class TrainState:
     epoch_skipped: list[int] = field(default_factory=list)  # indices into epoch_losses of skipped steps
     bad_in_a_row: int = 0  # consecutive steps with a non-finite loss or gradient
     best_val_loss: float = math.inf
+    best_fid: float = math.inf  # only tracked with train.fid_every
 
     @property
     def eval_network(self) -> nn.Module:
@@ -121,6 +122,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "epoch_skipped": list(state.epoch_skipped),
         "bad_in_a_row": state.bad_in_a_row,
         "best_val_loss": state.best_val_loss,
+        "best_fid": state.best_fid,
     }
 
 
@@ -143,6 +145,7 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     state.epoch_losses, state.epoch_skipped = list(payload["epoch_losses"]), list(payload["epoch_skipped"])
     state.bad_in_a_row = payload["bad_in_a_row"]
     state.best_val_loss = payload["best_val_loss"]
+    state.best_fid = payload.get("best_fid", math.inf)  # absent from checkpoints before train.fid_every
 
 
 def rng_states() -> dict[str, Any]:
