@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,7 +107,14 @@ def run_training(
                 f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
                 f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
             )
-            train_epochs(state, cfg, run_dir, data.image_shape, train_images, val_images, schedule, compute, dist, fid)
+            try:
+                train_epochs(state, cfg, run_dir, data.image_shape, train_images, val_images, schedule, compute, dist, fid)
+            except torch.OutOfMemoryError:
+                raise KneegenError(
+                    f"out of {compute.device.type.upper()} memory at step {state.step} with train.batch_size "
+                    f"{cfg.train.batch_size}: lower it, or raise train.grad_accumulation (same batch, less memory), "
+                    f"then kneegen train --resume"
+                ) from None
     return state
 
 
@@ -180,7 +188,8 @@ def train_epochs(
                 train_text = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
                 skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""
                 progress.console.print(
-                    f"epoch {epoch}: loss {train_text}{val_text}, {record['images_per_s']:.1f} img/s{skipped}"
+                    f"epoch {epoch}: loss {train_text}{val_text}, lr {record['lr']:.2g}, "
+                    f"{record['images_per_s']:.1f} img/s, peak memory {record['peak_memory_mb']:.0f} MiB{skipped}"
                 )
             dist.barrier()
 
@@ -391,7 +400,15 @@ def epoch_record(
         "lr": state.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
         "images_per_s": images / max(seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(),
     }
+
+
+def peak_memory_mb() -> float:
+    """The GPU's peak allocated memory on CUDA, else this process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -42,6 +42,12 @@ def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp_name, path)
+        except OSError as exc:  # disk full, quota, permissions: the old file is still whole
+            Path(tmp_name).unlink(missing_ok=True)
+            raise KneegenError(
+                f"could not write {path} ({exc.strerror or exc}): the previous {path.name} is intact; "
+                f"free disk space (or fix the folder), then kneegen train --resume"
+            ) from None
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise

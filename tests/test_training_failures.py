@@ -1,0 +1,49 @@
+"""Failures a long run meets: a full disk while saving, and running out of GPU memory."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+
+from kneegen.engine import checkpoint
+from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
+from kneegen.errors import KneegenError
+from kneegen.training_run import run_training
+
+from conftest import tiny_config
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", no_space)
+    with pytest.raises(KneegenError) as info:
+        save_checkpoint({"step": 2}, path)
+    message = str(info.value)
+    assert "No space left on device" in message and "previous last.pt is intact" in message and "--resume" in message
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_out_of_memory_names_the_batch_size_and_accumulation(prepared, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield  # a generator, like the real epoch_steps
+
+    monkeypatch.setattr("kneegen.training_run.epoch_steps", exhausted)
+    with pytest.raises(KneegenError, match="memory at step 0 with train.batch_size 16: lower it, or raise train.grad_accumulation"):
+        run_training(tiny_config(prepared, tmp_path), tmp_path / "run", resume=False)
+
+
+def test_epoch_record_reports_peak_memory(prepared, tmp_path):
+    run_training(tiny_config(prepared, tmp_path, train={"epochs": 1}), tmp_path / "run", resume=False)
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert 10 < record["peak_memory_mb"] < 24 * 1024  # a Python process with torch: tens of MiB at least
