@@ -365,3 +365,17 @@ def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):
     assert len({parse_akoa_name(p.name).patient for p in src.iterdir()}) == 1
     with pytest.raises(KneegenError, match="1 patients cannot fill the val split"):
         prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+
+
+def test_a_crash_while_replacing_a_cache_never_leaves_old_manifest_with_new_pixels(small_src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the user's Ctrl-C halfway through writing images.npy
+
+    monkeypatch.setattr("kneegen.data.cache.np.save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
+    with pytest.raises(KneegenError, match="holds no prepared data"):
+        open_cache(out)

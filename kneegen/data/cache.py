@@ -68,8 +68,10 @@ def open_cache(root: Path) -> PreparedData:
 
 
 def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> None:
-    """Write the array, then the manifest last, so a cache with a manifest is complete."""
+    """Write the array, then the manifest last, so a cache with a manifest is complete; a cache
+    being replaced loses its old manifest first, so a crash mid-write never pairs it with new pixels."""
     root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_FILE).unlink(missing_ok=True)
     np.save(root / IMAGES_FILE, images)
     manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

@@ -98,7 +98,8 @@ def prepare_folder(
             raise KneegenError(f"{result.item.path}: {result.reason} (without --strict it would be skipped)")
         skipped.append({"path": result.item.name, "reason": result.reason})
     if not decoded:
-        raise KneegenError(f"none of the {len(items)} inputs in {src} could be read: check the files (first: {skipped[0]['reason']})")
+        first = next(entry for entry in skipped if entry["path"] == items[0].name)
+        raise KneegenError(f"none of the {len(items)} inputs in {src} could be read: check the files ({first['path']}: {first['reason']})")
 
     # 2. Split by patient, then order the slices split by split so each split is one block.
     sides: dict[str, set[str]] = {}
