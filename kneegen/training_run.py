@@ -171,7 +171,7 @@ def train_epochs(
             if fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):
                 progress.update(task, status=f"epoch {epoch}: FID of {train.fid_samples} samples")
                 model = TrainedModel(state.eval_network, schedule, cfg, image_shape, epoch, run_dir)
-                quality = fid.score(state.eval_network, model)
+                quality = fid.score(model)
             record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kneegen.data.cache import PreparedData
 from kneegen.engine.device import Compute, evaluating
@@ -57,10 +56,10 @@ class TrainingFid:
         self.extractor: InceptionFeatures = load_feature_extractor(weights, compute.device)
         self.reference = reference_features(cache, SPLIT, self.extractor, FEATURE_BATCH, compute.device)
 
-    def score(self, network: torch.nn.Module, model: TrainedModel) -> SampleQuality:
-        """FID and KID of the fixed-seed samples of `network` (the weights sampling would use)."""
+    def score(self, model: TrainedModel) -> SampleQuality:
+        """FID and KID of the fixed-seed samples of `model.network` (the weights sampling would use)."""
         choice = choose_sampler(model, None, None, None)
-        with evaluating(network):
+        with evaluating(model.network):
             batches = sample_batches(model, self.compute, choice, self.seeds, model.config.sample.batch_size)
             samples = np.concatenate([np.asarray(images) for _, images in batches])  # (N, H, W) uint8
         features = extract_features(self.extractor, samples, FEATURE_BATCH, self.compute.device)
