@@ -28,6 +28,7 @@ Spacing = Literal["auto", "uniform", "logsnr", "karras"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
+TimestepSampling = Literal["uniform", "importance"]  # kneegen/engine/timesteps.py
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DiffusionConfig:
     loss: LossKind = "l2"
     min_snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0 = off
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
+    timestep_sampling: TimestepSampling = "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Detected once from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK). A single
 process gets `SINGLE`, whose collectives are no-ops, so the training loop has one code
-path: `share`, `sum`, `gather`, `no_sync` and `barrier` simply switch off.
+path: `share`, `sum`, `sum_tensor`, `gather`, `no_sync` and `barrier` simply switch off.
 
 How the work is cut up (pytorch/examples DDP tutorial; DistributedSampler semantics):
 * `train.batch_size` is the global batch, the images of one optimizer step whatever the number
@@ -10,6 +10,8 @@ How the work is cut up (pytorch/examples DDP tutorial; DistributedSampler semant
 * The epoch order comes from (seed, epoch) alone and t, ε are drawn for the whole global batch
   from a generator every process holds in the same state; each process keeps the rows of its
   share. So N processes make the update that one process makes on the same global batch.
+  (Importance-sampled t also needs the loss history in the same state: every process adds the
+  per-image losses of the whole batch, which `sum_tensor` collects from the shares.)
 * DDP averages gradients over processes; each process scales its loss by N / batch_size so the
   average is the mean over the global batch.
 * Rank 0 alone keeps the EMA, validates, and writes metrics, plots, previews and checkpoints.
@@ -73,6 +75,14 @@ class Distributed:
             value = value.detach().to(self.device, torch.float32).clone()
             torch_dist.all_reduce(value)
         return float(value.item())
+
+    def sum_tensor(self, value: Tensor) -> Tensor:
+        """A tensor summed elementwise over all processes, in fp32 on the CPU. Each process
+        filling its own rows of a zeros tensor gives every process the whole of it."""
+        if self.enabled:
+            value = value.detach().to(self.device, torch.float32).clone()
+            torch_dist.all_reduce(value)
+        return value.detach().to(torch.device("cpu"), torch.float32)
 
     def gather(self, obj: Any) -> list[Any]:
         """`obj` of every process, in rank order (pickled: small objects only)."""

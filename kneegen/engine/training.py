@@ -2,8 +2,9 @@
 uninterrupted one.
 
 Every random draw of training comes from sources kept in `TrainState`: the data order of an
-epoch from (seed, epoch); t and ε from one generator whose state is checkpointed; dropout from
-the global RNGs, whose states are checkpointed too. With the position inside the epoch, a run
+epoch from (seed, epoch); t and ε from one generator whose state is checkpointed, t through a
+timestep sampler whose loss history is checkpointed; dropout from the global RNGs, whose states
+are checkpointed too. With the position inside the epoch, a run
 resumed from any checkpoint, even one written mid-epoch, continues with exactly the losses it
 would have had (bit for bit on the CPU). How data-parallel processes share a step is described
 in `kneegen.engine.distributed`.
@@ -30,6 +31,7 @@ from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
 from kneegen.engine.pixels import to_model_range
 from kneegen.engine.schedule import Schedule
+from kneegen.engine.timesteps import TimestepSampler
 from kneegen.errors import KneegenError
 
 EPOCH_SEED_STRIDE = 1_000_003  # separates the per-epoch shuffling seeds of different run seeds
@@ -47,6 +49,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 loss scaling; switched off otherwise
     generator: torch.Generator  # draws t and ε; in the same state in every process
+    timestep_sampler: TimestepSampler  # how t is drawn from it, with its loss history; the same in every process
     step: int = 0  # optimizer steps taken, skipped ones included
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # batches of the current epoch already trained
@@ -91,6 +94,7 @@ def create_state(
         optimizer=make_optimizer(network, cfg.train),
         scaler=compute.grad_scaler(),
         generator=torch.Generator().manual_seed(cfg.train.seed),
+        timestep_sampler=TimestepSampler(cfg.diffusion.timesteps, cfg.diffusion.timestep_sampling),
     )
 
 
@@ -114,6 +118,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(),
         "generator": state.generator.get_state(),
+        "timestep_sampler": state.timestep_sampler.state_dict(),
         "rng": rng,
         "step": state.step,
         "epoch": state.epoch,
@@ -139,6 +144,8 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
     state.generator.set_state(payload["generator"])
+    if "timestep_sampler" in payload:  # absent from checkpoints before diffusion.timestep_sampling: no history yet
+        state.timestep_sampler.load_state_dict(payload["timestep_sampler"])
     if len(payload["rng"]) == dist.world_size:
         set_rng_states(payload["rng"][dist.rank])
     state.step, state.epoch, state.batch_in_epoch = payload["step"], payload["epoch"], payload["batch_in_epoch"]
@@ -250,9 +257,10 @@ def epoch_steps(
     for index in batches[state.batch_in_epoch :]:
         # 1. t, ε, loss weights (and augmentation, if any) of the whole global batch, from the
         #    generator every process holds in the same state; this process trains on its rows.
-        t_all = torch.randint(0, schedule.timesteps, (len(index),), generator=state.generator)
+        t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
         noise_all = draw_noise(state.generator, (len(index), 1, *images.shape[1:]), diffusion.offset_noise)
-        weight_all = min_snr_weight(schedule.alpha_bar(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+        min_snr_all = min_snr_weight(schedule.alpha_bar(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+        weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
         rows = dist.share(len(index))
         micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
         augmented = augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
@@ -261,6 +269,7 @@ def epoch_steps(
         #    processes on the last one. The scale makes the sum the gradient of the mean loss.
         state.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=compute.device)
+        row_losses = []  # (b,) per micro-batch: this process's rows, in order
         for k, part in enumerate(micro_batches):
             x0 = augmented[part] if augmented is not None else to_model_range(images[index[part]], CPU)
             x0 = to_device(x0, compute.device)  # (b, 1, H, W)
@@ -275,8 +284,10 @@ def epoch_steps(
                 loss = (weight * per_image).sum() * (dist.world_size / len(index))
                 state.scaler.scale(loss).backward()
             loss_sum += per_image.detach().sum()
+            row_losses.append(per_image.detach())
 
-        # 3. Update: unscale, clip, step and EMA, unless the loss or a gradient is not finite.
+        # 3. Update: unscale, clip, step, EMA and the loss history of importance-sampled t (with
+        #    the losses of the whole global batch), unless the loss or a gradient is not finite.
         lr = learning_rate(train, state.step, total_steps)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
@@ -288,6 +299,10 @@ def epoch_steps(
             state.scaler.step(state.optimizer)
             if state.ema is not None:
                 state.ema.update(state.network, state.step)
+            if state.timestep_sampler.importance:
+                batch_losses = torch.zeros(len(index), device=compute.device)  # (B,) zeros outside this share
+                batch_losses[rows] = torch.cat(row_losses)
+                state.timestep_sampler.update(t_all, dist.sum_tensor(batch_losses))
         state.scaler.update()
 
         # 4. Position and tallies; too many bad steps in a row stop the run before it saves them.

@@ -1,0 +1,73 @@
+"""Which timesteps t a training step trains on: uniformly drawn, or drawn by importance.
+
+Importance sampling is the loss-second-moment resampler of Nichol & Dhariwal 2021 ("Improved
+Denoising Diffusion Probabilistic Models", sec. 3.3): the loss of a uniform-t objective varies
+greatly with t, so drawing t with p_t ∝ √E[L_t²] and weighting each image's loss by 1/(T p_t)
+keeps the expected loss while lowering the variance of its gradient. E[L_t²] comes from the last
+H per-image losses seen at each t; until every t has H of them, t stays uniform.
+
+All draws come from the generator the caller passes, and the history is a plain state_dict, so
+processes that update it with the same losses draw the same t, and a resumed run draws on exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kneegen.config import TimestepSampling
+
+HISTORY = 10  # per-image losses kept per t (H; the paper's 10)
+UNIFORM_SHARE = 0.001  # ε of p = (1 − ε) p + ε / T: every t keeps being drawn, and weights stay ≤ 1 / ε
+
+
+class TimestepSampler:
+    """Draws the timesteps of a batch and their loss weights; keeps the loss history that
+    importance sampling draws from (uniform t ignores it, and training does not update it)."""
+
+    def __init__(self, timesteps: int, kind: TimestepSampling) -> None:
+        self.timesteps = timesteps
+        self.importance = kind == "importance"
+        self.losses = torch.zeros((timesteps, HISTORY), dtype=torch.float64)  # (T, H) a ring of losses per t
+        self.seen = torch.zeros(timesteps, dtype=torch.int64)  # (T,) losses pushed per t; ring slot = seen % H
+
+    @property
+    def ready(self) -> bool:
+        """Importance sampling with H losses at every t; t is uniform until then."""
+        return self.importance and bool((self.seen >= HISTORY).all())
+
+    def probabilities(self) -> Tensor:
+        """(T,) fp64 p_t ∝ √(mean of the stored L_t²), mixed with uniform by `UNIFORM_SHARE`."""
+        rms = self.losses.square().mean(dim=1).sqrt()  # (T,) √E[L_t²]
+        return (1.0 - UNIFORM_SHARE) * rms / rms.sum() + UNIFORM_SHARE / self.timesteps
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(B,) timesteps from `generator` alone and (B,) fp32 loss weights 1 / (T p_t), which keep
+        the expected weighted loss that of uniform t. Uniform t is `torch.randint` with weights 1."""
+        if not self.ready:
+            return torch.randint(0, self.timesteps, (batch_size,), generator=generator), torch.ones(batch_size)
+        p = self.probabilities()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        return t, (1.0 / (self.timesteps * p[t])).float()
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Push the (B,) unweighted per-image losses of a batch's (B,) timesteps into the rings,
+        in batch order: a t drawn k times fills k consecutive slots (of more than H, the last H)."""
+        t, losses = t.cpu(), losses.detach().cpu().double()
+        # 1. Each image's rank among the batch's images of the same t: 0, 1, … in batch order.
+        sorted_t, order = torch.sort(t, stable=True)
+        rank_in_sorted = torch.arange(len(t)) - torch.searchsorted(sorted_t, sorted_t)  # minus the first index
+        rank = torch.empty_like(rank_in_sorted).scatter_(0, order, rank_in_sorted)
+        # 2. Write them at seen + rank in the ring, skipping what later images of the same t overwrite.
+        repeats = torch.bincount(t, minlength=self.timesteps)  # (T,)
+        kept = rank >= repeats[t] - HISTORY
+        slot = (self.seen[t] + rank) % HISTORY
+        self.losses[t[kept], slot[kept]] = losses[kept]
+        self.seen += repeats
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"losses": self.losses.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.losses.copy_(state["losses"])
+        self.seen.copy_(state["seen"])

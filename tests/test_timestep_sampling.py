@@ -1,0 +1,206 @@
+"""Timestep sampling: uniform t is exactly `torch.randint`, as before the option; importance-sampled
+t follows p_t ∝ √E[L_t²] of the last H losses (Improved DDPM, sec. 3.3) with weights that keep the
+expected loss; its history survives checkpoints, so a resumed run and data-parallel processes draw
+alike."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config, tiny_run_dict
+from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.distributed import SINGLE
+from kneegen.engine.timesteps import HISTORY, UNIFORM_SHARE, TimestepSampler
+from kneegen.runs import step_checkpoint, step_checkpoints
+from kneegen.training_run import read_metrics, run_training
+from test_training_resume import losses, subprocess_env
+
+T = 8
+
+
+def filled_sampler(profile: torch.Tensor) -> TimestepSampler:
+    """An importance sampler whose H losses at t are profile[t] × (1 + k/10), k = 0 … H−1."""
+    sampler = TimestepSampler(len(profile), "importance")
+    for k in range(HISTORY):
+        sampler.update(torch.arange(len(profile)), profile * (1 + k / 10))
+    return sampler
+
+
+PROFILE = torch.arange(T, dtype=torch.float64)  # L_t ∝ t; nothing at t = 0, where only ε keeps p > 0
+
+
+def closed_form_p(profile: torch.Tensor) -> torch.Tensor:
+    """√E[L_t²] = profile[t] · √mean((1 + k/10)²), so p_t ∝ profile[t], then mixed with uniform."""
+    return (1 - UNIFORM_SHARE) * profile / profile.sum() + UNIFORM_SHARE / len(profile)
+
+
+# --- the sampler -------------------------------------------------------------------------------------
+
+
+def test_uniform_draws_are_torch_randint_of_the_same_generator():
+    sampler = TimestepSampler(T, "uniform")
+    for _ in range(HISTORY):
+        sampler.update(torch.arange(T), PROFILE)  # even a full history leaves uniform t alone
+    ours, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for size in (16, 3, 16):
+        t, weight = sampler.draw(size, ours)
+        assert torch.equal(t, torch.randint(0, T, (size,), generator=reference))
+        assert torch.equal(weight, torch.ones(size))
+    assert torch.equal(ours.get_state(), reference.get_state())  # nothing else drawn: ε follows as before
+
+
+def test_importance_draws_stay_uniform_until_every_t_has_a_full_history():
+    sampler = TimestepSampler(T, "importance")
+    for _ in range(HISTORY):
+        sampler.update(torch.arange(1, T), PROFILE[1:])  # t = 0 never seen
+    sampler.update(torch.zeros(HISTORY - 1, dtype=torch.int64), torch.ones(HISTORY - 1))  # one short
+    ours, reference = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    t, weight = sampler.draw(32, ours)
+    assert not sampler.ready and torch.equal(weight, torch.ones(32))
+    assert torch.equal(t, torch.randint(0, T, (32,), generator=reference))
+    sampler.update(torch.zeros(1, dtype=torch.int64), torch.ones(1))
+    assert sampler.ready and not torch.equal(sampler.draw(32, ours)[1], torch.ones(32))
+
+
+def test_importance_draws_follow_p_from_the_stored_losses_with_weights_one_over_T_p():
+    sampler = filled_sampler(PROFILE)
+    p = closed_form_p(PROFILE)
+    torch.testing.assert_close(sampler.probabilities(), p, rtol=1e-12, atol=0)
+    draws = 200_000
+    t, weight = sampler.draw(draws, torch.Generator().manual_seed(2))
+    frequency = torch.bincount(t, minlength=T).double() / draws
+    assert (frequency - p).abs().max() < 5 * (0.25 / draws) ** 0.5  # five standard errors at most
+    assert torch.equal(weight, (1 / (T * sampler.probabilities()[t])).float())
+    torch.testing.assert_close(weight, (1 / (T * p[t])).float(), rtol=1e-6, atol=0)
+    assert weight[t == 0].unique().item() == pytest.approx(1 / UNIFORM_SHARE)  # the uniform share alone
+
+
+def test_importance_weights_keep_the_expected_loss_of_uniform_t():
+    profile = torch.tensor([0.9, 0.05, 0.3, 0.01, 2.0, 0.2, 0.0, 0.6], dtype=torch.float64)
+    sampler = filled_sampler(profile)
+    p = sampler.probabilities()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-15)
+    every_t = torch.arange(T)
+    weights = (1 / (T * p[every_t])).float().double()  # as `draw` returns them, per t
+    expected_weighted = (p * weights * profile).sum()  # E_p[w_t L_t], exactly
+    assert expected_weighted.item() == pytest.approx(profile.mean().item(), rel=1e-6)
+
+
+def test_update_keeps_the_last_H_losses_of_each_t_in_batch_order():
+    sampler = TimestepSampler(5, "importance")
+    seen: list[deque[float]] = [deque(maxlen=HISTORY) for _ in range(5)]
+    generator = torch.Generator().manual_seed(3)
+    for size in (1, 7, 40, 3, 25):  # batches of 40 repeat a t more than H times
+        t = torch.randint(0, 5, (size,), generator=generator)
+        batch_losses = torch.rand(size, generator=generator)
+        sampler.update(t, batch_losses)
+        for ti, loss in zip(t.tolist(), batch_losses.double().tolist()):
+            seen[ti].append(loss)
+    for ti in range(5):
+        slots = [(sampler.seen[ti].item() - len(seen[ti]) + k) % HISTORY for k in range(len(seen[ti]))]
+        assert sampler.losses[ti, slots].tolist() == list(seen[ti])  # oldest to newest around the ring
+
+
+def test_state_dict_round_trip_continues_the_same_draws():
+    sampler = filled_sampler(PROFILE)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)  # as inside a checkpoint
+    restored = TimestepSampler(T, "importance")
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    first, second = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(3):
+        (t, weight), (t_again, weight_again) = sampler.draw(16, first), restored.draw(16, second)
+        assert torch.equal(t, t_again) and torch.equal(weight, weight_again)
+        sampler.update(t, t.double())
+        restored.update(t_again, t_again.double())
+    saved = sampler.state_dict()
+    sampler.update(torch.arange(T), torch.full((T,), 9.0))
+    assert not torch.equal(saved["losses"], sampler.losses)  # a copy, not a view of the live history
+
+
+def test_sum_tensor_of_one_process_is_its_tensor_in_fp32_on_the_cpu():
+    values = torch.tensor([0.0, 1.5, 0.0, 2.25], dtype=torch.float64)
+    summed = SINGLE.sum_tensor(values)
+    assert summed.dtype == torch.float32 and summed.device.type == "cpu"
+    assert summed.tolist() == values.tolist()
+
+
+# --- in training -------------------------------------------------------------------------------------
+
+# T = 8 and batches of 16 on 50 images: every t has its 10 losses within 3 epochs.
+IMPORTANCE = {"timesteps": 8, "timestep_sampling": "importance"}
+
+
+def trained_numbers(run_dir: Path) -> list[dict]:
+    """The metrics records without timings and without the peak memory, which in one test
+    process is the peak of every run before."""
+    return [{k: v for k, v in record.items() if k != "peak_memory_mb"} for record in losses(run_dir)]
+
+
+def test_importance_run_resumed_mid_run_gives_the_losses_of_a_straight_run(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE,
+                      train={"epochs": 4, "checkpoint_every_steps": 3, "keep_checkpoints": 10})
+    run_dir = tmp_path / "run"
+    run_training(cfg, run_dir)
+    straight, straight_last = trained_numbers(run_dir), load_checkpoint(run_dir / "last.pt")
+    mid_epoch = [path for path in step_checkpoints(run_dir) if load_checkpoint(path)["batch_in_epoch"] > 0]
+    resume_from = mid_epoch[-1]
+    history = load_checkpoint(resume_from)["timestep_sampler"]
+    assert (history["seen"] >= HISTORY).all()  # importance draws from the restored history after the resume
+
+    run_training(cfg, run_dir, resume=True, checkpoint=resume_from)
+    assert trained_numbers(run_dir) == straight
+    again = load_checkpoint(run_dir / "last.pt")
+    assert all(torch.equal(again["model"][k], straight_last["model"][k]) for k in straight_last["model"])
+    for key in ("losses", "seen"):
+        assert torch.equal(again["timestep_sampler"][key], straight_last["timestep_sampler"][key])
+
+
+def test_a_checkpoint_without_a_timestep_history_resumes_with_an_empty_one(prepared, tmp_path):
+    cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE, train={"epochs": 1})
+    run_dir = tmp_path / "run"
+    run_training(cfg, run_dir)
+    payload = torch.load(run_dir / "last.pt", weights_only=True)
+    del payload["timestep_sampler"]
+    torch.save(payload, run_dir / "last.pt")
+    state = run_training(tiny_config(prepared, tmp_path, diffusion=IMPORTANCE, train={"epochs": 2}), run_dir,
+                         resume=True)
+    assert state.timestep_sampler.seen.sum().item() == 50  # the second epoch's images only
+
+
+def test_two_processes_draw_importance_sampled_t_like_one(prepared, tmp_path):
+    """torchrun, 2 CPU processes (gloo), against one process with 2 micro-batches: `sum_tensor`
+    hands each process the losses of the other's share, so histories, draws and weights stay
+    identical (rank 0's history is the one process's; rank 1's draws give the same gradients)."""
+    two_epochs = {"epochs": 2, "keep_checkpoints": 2}  # keeps the checkpoints of both epoch ends
+    sections = {"diffusion": {**IMPORTANCE, "timesteps": 3}, "train": two_epochs}  # T = 3: full in epoch 1
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, **sections)))
+    ddp_dir = tmp_path / "ddp"
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kneegen", "train", "--config", config, "--run-dir", ddp_dir],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one_dir = tmp_path / "one"
+    one_sections = {**sections, "train": {**two_epochs, "grad_accumulation": 2}}
+    run_training(tiny_config(prepared, tmp_path, **one_sections), one_dir)
+
+    ddp, one = load_checkpoint(ddp_dir / "last.pt"), load_checkpoint(one_dir / "last.pt")
+    first_epoch = load_checkpoint(step_checkpoint(one_dir, 4))["timestep_sampler"]
+    assert (first_epoch["seen"] >= HISTORY).all()  # the second epoch's t were importance-sampled
+    for key in ("losses", "seen"):
+        assert torch.equal(ddp["timestep_sampler"][key], one["timestep_sampler"][key]), key
+    assert all(torch.equal(ddp["model"][k], one["model"][k]) for k in one["model"])
+    assert [r["train_losses"] for r in read_metrics(ddp_dir / "metrics.jsonl")] == [
+        r["train_losses"] for r in read_metrics(one_dir / "metrics.jsonl")
+    ]
