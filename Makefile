@@ -39,6 +39,7 @@ test: install
 # Speed side by side (a few minutes each). Quality needs a trained run or a long budget:
 #   $(BIN)/python benchmarks/sampler_quality.py --checkpoint runs/<run>/best.pt
 #   $(BIN)/python benchmarks/quality.py --minutes 20
+#   $(BIN)/python benchmarks/defaults.py --epochs 25
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sampling.py

@@ -10,10 +10,11 @@ measured against the cache's held-out split with the FID Inception (kneegen/eval
 "floor" row scores as many real training slices as there are samples: the best any model can
 do at that count (FID has a small-sample bias, KID does not; see kneegen/evaluation/frechet.py).
 
-Training by time: a first epoch, then one more (resumed from last.pt) while the last epoch's
-duration still fits in the budget, so a recipe may stop short of the budget but never starts
-an epoch it cannot finish; the first epoch always runs. Validation during training is set to
-the same small size for both recipes, so it costs both the same share of the budget.
+Training by time: one epoch is timed in a scratch run dir (not counted), then the recipe trains
+from scratch for as many epochs as fit in the budget at that pace, in one run, so a schedule
+that depends on the run's length (train.lr_schedule: cosine) sees the real length. Validation
+during training is set to the same small size for both recipes, so it costs both the same
+share of the budget. Run it on an otherwise idle machine: the pace is measured once.
 
     .venv/bin/python benchmarks/quality.py --minutes 20                 # the comparison
     .venv/bin/python benchmarks/quality.py --minutes 0.5 --phantom 200 --samples 16 --steps 5 10   # a smoke run
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +51,7 @@ RECIPES = {"kneegen": EXAMPLES / "demo.yaml", "original": EXAMPLES / "seed.yaml"
 IMAGE_SIZE = 64
 SAME_FOR_BOTH = {"device": "cpu", "train.val_images": 32, "train.val_timesteps": 2, "train.val_every": 1}
 FEATURE_BATCH = 32
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -58,6 +61,51 @@ class Trained:
     epochs: int
     minutes: float
     parameters: int
+
+
+@dataclass
+class Judge:
+    """FID and KID against the cache's held-out split, for the same seeds every time."""
+
+    data: Path
+    extractor: torch.jit.ScriptModule
+    reference: np.ndarray  # (N, 2048) features of the held-out slices
+    split: str  # which split is held out: test, else val
+    seeds: list[int]
+
+    @classmethod
+    def on(cls, data: Path, feature_weights: Path | None, samples: int) -> Judge:
+        weights = find_feature_weights(feature_weights)
+        if weights is None:
+            sys.exit(f"FID Inception weights not found: {INSTALL_HINT}, or give --feature-weights PATH")
+        extractor = load_feature_extractor(weights, CPU)
+        cache = open_cache(data)
+        split, _ = held_out_images(cache)
+        reference = reference_features(cache, split, extractor, FEATURE_BATCH, CPU)
+        return cls(data, extractor, reference, split, list(range(samples)))
+
+    def floor(self) -> tuple[float, float]:
+        """As many real training slices as there are samples: the best any model can score."""
+        return self.score(np.asarray(open_cache(self.data).split("train")[: len(self.seeds)]))
+
+    def samples(self, checkpoint: Path, sampler: str, steps: int) -> tuple[float, float, float]:
+        """(FID, KID, seconds per image) of the checkpoint's samples."""
+        compute = resolve_compute("cpu", "fp32")
+        model = load_trained_model(checkpoint, compute)
+        started = time.perf_counter()
+        batches = sample_batches(model, compute, SamplerChoice(sampler, steps), self.seeds, 32)
+        images = np.concatenate([batch for _, batch in batches])
+        seconds = (time.perf_counter() - started) / len(self.seeds)
+        return (*self.score(images), seconds)
+
+    def describe(self) -> str:
+        cache = open_cache(self.data)
+        return (f"{len(cache.split('train'))} phantom slices in training; {len(self.seeds)} samples vs "
+                f"{len(self.reference)} held-out ({self.split}) slices")
+
+    def score(self, images: np.ndarray) -> tuple[float, float]:
+        features = extract_features(self.extractor, images, FEATURE_BATCH, CPU)
+        return frechet_distance(features, self.reference), kernel_inception_distance(features, self.reference).mean
 
 
 def main() -> None:
@@ -71,35 +119,17 @@ def main() -> None:
     parser.add_argument("--feature-weights", type=Path, default=None)
     args = parser.parse_args()
 
-    weights = find_feature_weights(args.feature_weights)
-    if weights is None:
-        sys.exit(f"FID Inception weights not found: {INSTALL_HINT}, or give --feature-weights PATH")
-    data = prepare_phantom(args.work, args.phantom)
-    trained = [train_for(name, recipe, data, args.work / name, args.minutes) for name, recipe in RECIPES.items()]
-
-    cache = open_cache(data)
-    split, held_out = held_out_images(cache)
-    cpu = torch.device("cpu")
-    extractor = load_feature_extractor(weights, cpu)
-    reference = reference_features(cache, split, extractor, FEATURE_BATCH, cpu)
-    train_sample = np.asarray(cache.split("train")[: args.samples])
-    floor = score(extract_features(extractor, train_sample, FEATURE_BATCH, cpu), reference)
-
-    seeds, compute = list(range(args.samples)), resolve_compute("cpu", "fp32")
+    judge = Judge.on(prepare_phantom(args.work, args.phantom), args.feature_weights, args.samples)
+    trained = [train_for(name, recipe, judge.data, args.work / name, args.minutes) for name, recipe in RECIPES.items()]
+    floor = judge.floor()
     scores: dict[tuple[str, int], tuple[float, float, float]] = {}
     for run in trained:
-        model = load_trained_model(run.checkpoint, compute)
         for steps in args.steps:
-            started = time.perf_counter()
-            choice = SamplerChoice(args.sampler, steps)
-            images = np.concatenate([batch for _, batch in sample_batches(model, compute, choice, seeds, 32)])
-            seconds = (time.perf_counter() - started) / len(seeds)
-            fid, kid = score(extract_features(extractor, images, FEATURE_BATCH, cpu), reference)
-            scores[(run.name, steps)] = (fid, kid, seconds)
+            scores[(run.name, steps)] = judge.samples(run.checkpoint, args.sampler, steps)
+            fid, kid, _ = scores[(run.name, steps)]
             print(f"  {run.name} {args.sampler} {steps} steps: FID {fid:.2f}, KID {kid:.4f}", flush=True)
 
-    print(f"\n{args.minutes:g} min of CPU training per recipe on {len(cache.split('train'))} phantom slices at "
-          f"{IMAGE_SIZE}²; {args.samples} samples vs {len(held_out)} held-out ({split}) slices; {args.sampler}")
+    print(f"\n{args.minutes:g} min of CPU training per recipe at {IMAGE_SIZE}²; {judge.describe()}; {args.sampler}")
     print(f"{'recipe':<9} {'params':>8} {'epochs':>6} {'minutes':>7}")
     for run in trained:
         print(f"{run.name:<9} {run.parameters / 1e6:>7.2f}M {run.epochs:>6} {run.minutes:>7.1f}")
@@ -128,17 +158,18 @@ def prepare_phantom(work: Path, count: int) -> Path:
 
 
 def train_for(name: str, recipe: Path, data: Path, run_dir: Path, minutes: float) -> Trained:
-    """Train `recipe` epoch by epoch while the last epoch's time still fits in the budget."""
+    """Time one epoch of `recipe`, then train it from scratch for the epochs that fit in `minutes`."""
     if run_dir.exists():
         sys.exit(f"{run_dir} exists: remove it or give another --work, so both recipes start from scratch")
-    budget, started, epochs = 60.0 * minutes, time.perf_counter(), 1
-    last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=False))
-    while time.perf_counter() - started + last_epoch <= budget:
-        epochs += 1
-        last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=True))
+    probe = run_dir.with_name(f"{run_dir.name}-pace")
+    shutil.rmtree(probe, ignore_errors=True)
+    epoch_seconds = timed(lambda: run_training(recipe_config(recipe, data, 1), probe, resume=False))
+    shutil.rmtree(probe)
+    epochs = max(1, int(60.0 * minutes / epoch_seconds))
+    seconds = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=False))
     model = load_trained_model(run_dir / "last.pt", resolve_compute("cpu", "fp32"))
     parameters = sum(p.numel() for p in model.network.parameters())
-    return Trained(name, run_dir / "last.pt", epochs, (time.perf_counter() - started) / 60, parameters)
+    return Trained(name, run_dir / "last.pt", epochs, seconds / 60, parameters)
 
 
 def recipe_config(recipe: Path, data: Path, epochs: int) -> RunConfig:
@@ -150,10 +181,6 @@ def timed(step: Callable[[], object]) -> float:
     started = time.perf_counter()
     step()
     return time.perf_counter() - started
-
-
-def score(features: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    return frechet_distance(features, reference), kernel_inception_distance(features, reference).mean
 
 
 def ratio(a: float, b: float) -> str:

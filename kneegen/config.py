@@ -52,7 +52,7 @@ class DiffusionConfig:
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     loss: LossKind = "l2"
-    min_snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0 = off
+    min_snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off. 5 chosen by benchmarks/defaults.py
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
     timestep_sampling: TimestepSampling = "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM)
 
