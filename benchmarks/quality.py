@@ -10,11 +10,11 @@ measured against the cache's held-out split with the FID Inception (kneegen/eval
 "floor" row scores as many real training slices as there are samples: the best any model can
 do at that count (FID has a small-sample bias, KID does not; see kneegen/evaluation/frechet.py).
 
-Training by time: one epoch is timed in a scratch run dir (not counted), then the recipe trains
-from scratch for as many epochs as fit in the budget at that pace, in one run, so a schedule
-that depends on the run's length (train.lr_schedule: cosine) sees the real length. Validation
-during training is set to the same small size for both recipes, so it costs both the same
-share of the budget. Run it on an otherwise idle machine: the pace is measured once.
+Training by time: a first epoch, then one more (resumed from last.pt) while the last epoch's
+duration still fits in the budget, so a recipe may stop short of the budget but never starts
+an epoch it cannot finish; the first epoch always runs. Since the run's length is not known in
+advance, a recipe must keep a constant LR after warm-up (both do). Validation during training
+is set to the same small size for both recipes, so it costs both the same share of the budget.
 
     .venv/bin/python benchmarks/quality.py --minutes 20                 # the comparison
     .venv/bin/python benchmarks/quality.py --minutes 0.5 --phantom 200 --samples 16 --steps 5 10   # a smoke run
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -158,18 +157,19 @@ def prepare_phantom(work: Path, count: int) -> Path:
 
 
 def train_for(name: str, recipe: Path, data: Path, run_dir: Path, minutes: float) -> Trained:
-    """Time one epoch of `recipe`, then train it from scratch for the epochs that fit in `minutes`."""
+    """Train `recipe` epoch by epoch while the last epoch's time still fits in the budget."""
     if run_dir.exists():
         sys.exit(f"{run_dir} exists: remove it or give another --work, so both recipes start from scratch")
-    probe = run_dir.with_name(f"{run_dir.name}-pace")
-    shutil.rmtree(probe, ignore_errors=True)
-    epoch_seconds = timed(lambda: run_training(recipe_config(recipe, data, 1), probe, resume=False))
-    shutil.rmtree(probe)
-    epochs = max(1, int(60.0 * minutes / epoch_seconds))
-    seconds = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=False))
+    if load_config(recipe).train.lr_schedule != "constant":
+        sys.exit(f"{recipe}: train.lr_schedule must be constant here, since the run's length grows epoch by epoch")
+    budget, started, epochs = 60.0 * minutes, time.perf_counter(), 1
+    last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=False))
+    while time.perf_counter() - started + last_epoch <= budget:
+        epochs += 1
+        last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=True))
     model = load_trained_model(run_dir / "last.pt", resolve_compute("cpu", "fp32"))
     parameters = sum(p.numel() for p in model.network.parameters())
-    return Trained(name, run_dir / "last.pt", epochs, seconds / 60, parameters)
+    return Trained(name, run_dir / "last.pt", epochs, (time.perf_counter() - started) / 60, parameters)
 
 
 def recipe_config(recipe: Path, data: Path, epochs: int) -> RunConfig:
