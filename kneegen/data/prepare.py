@@ -23,7 +23,7 @@ from kneegen.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_gray, widen
 from kneegen.data.geometry import Fit, fit_to_size
 from kneegen.data.splits import SPLITS, SplitFractions, split_patients
 from kneegen.data.summary import PrepareSummary, summarize
-from kneegen.data.volumes import VOLUME_SUFFIXES, MissingReaders, find_volumes, read_volume_slices
+from kneegen.data.volumes import VOLUME_SUFFIXES, MissingReaders, read_volume_slices, volumes_among
 from kneegen.errors import KneegenError
 
 TASKS_PER_WORKER_CHUNK = 16  # images handed to a worker process at a time
@@ -137,7 +137,7 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of slices or volumes, or use --phantom N")
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    volumes = find_volumes(src)
+    volumes = volumes_among(files)
     in_series = {p for v in volumes if v.is_dir() for p in v.iterdir()}
     items = [input_item(p, "image", src) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     items += [input_item(v, "volume", src) for v in volumes]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -73,11 +74,17 @@ def find_volumes(src: Path) -> list[Path]:
     """
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of NIfTI files or DICOM series")
+    return volumes_among(p for p in src.rglob("*") if p.is_file())
+
+
+def volumes_among(files: Iterable[Path]) -> list[Path]:
+    """The NIfTI files among `files` and the folders holding its DICOM files, sorted; a caller
+    that has listed the tree already (prepare) need not walk it a second time."""
     found = set()
-    for path in src.rglob("*"):
-        if path.is_file() and is_nifti(path):
+    for path in files:
+        if is_nifti(path):
             found.add(path)
-        elif path.is_file() and path.suffix.lower() == DICOM_SUFFIX:
+        elif path.suffix.lower() == DICOM_SUFFIX:
             found.add(path.parent)
     return sorted(found)
 
