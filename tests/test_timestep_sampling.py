@@ -6,14 +6,10 @@ alike."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from collections import deque
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import tiny_config, tiny_run_dict
 from kneegen.engine.checkpoint import load_checkpoint
@@ -21,7 +17,7 @@ from kneegen.engine.distributed import SINGLE
 from kneegen.engine.timesteps import HISTORY, UNIFORM_SHARE, TimestepSampler
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import read_metrics, run_training
-from test_training_resume import losses, subprocess_env
+from test_training_resume import losses, train_with_torchrun
 
 T = 8
 
@@ -139,25 +135,19 @@ def test_sum_tensor_of_one_process_is_its_tensor_in_fp32_on_the_cpu():
 IMPORTANCE = {"timesteps": 8, "timestep_sampling": "importance"}
 
 
-def trained_numbers(run_dir: Path) -> list[dict]:
-    """The metrics records without timings and without the peak memory, which in one test
-    process is the peak of every run before."""
-    return [{k: v for k, v in record.items() if k != "peak_memory_mb"} for record in losses(run_dir)]
-
-
 def test_importance_run_resumed_mid_run_gives_the_losses_of_a_straight_run(prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE,
                       train={"epochs": 4, "checkpoint_every_steps": 3, "keep_checkpoints": 10})
     run_dir = tmp_path / "run"
     run_training(cfg, run_dir)
-    straight, straight_last = trained_numbers(run_dir), load_checkpoint(run_dir / "last.pt")
+    straight, straight_last = losses(run_dir), load_checkpoint(run_dir / "last.pt")
     mid_epoch = [path for path in step_checkpoints(run_dir) if load_checkpoint(path)["batch_in_epoch"] > 0]
     resume_from = mid_epoch[-1]
     history = load_checkpoint(resume_from)["timestep_sampler"]
     assert (history["seen"] >= HISTORY).all()  # importance draws from the restored history after the resume
 
     run_training(cfg, run_dir, resume=True, checkpoint=resume_from)
-    assert trained_numbers(run_dir) == straight
+    assert losses(run_dir) == straight
     again = load_checkpoint(run_dir / "last.pt")
     assert all(torch.equal(again["model"][k], straight_last["model"][k]) for k in straight_last["model"])
     for key in ("losses", "seen"):
@@ -182,15 +172,8 @@ def test_two_processes_draw_importance_sampled_t_like_one(prepared, tmp_path):
     identical (rank 0's history is the one process's; rank 1's draws give the same gradients)."""
     two_epochs = {"epochs": 2, "keep_checkpoints": 2}  # keeps the checkpoints of both epoch ends
     sections = {"diffusion": {**IMPORTANCE, "timesteps": 3}, "train": two_epochs}  # T = 3: full in epoch 1
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, **sections)))
     ddp_dir = tmp_path / "ddp"
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kneegen", "train", "--config", config, "--run-dir", ddp_dir],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    train_with_torchrun(tiny_run_dict(prepared, **sections), tmp_path / "tiny.yaml", ddp_dir)
     one_dir = tmp_path / "one"
     one_sections = {**sections, "train": {**two_epochs, "grad_accumulation": 2}}
     run_training(tiny_config(prepared, tmp_path, **one_sections), one_dir)
