@@ -1,8 +1,11 @@
 """The device and numeric settings, decided once per process and passed down.
 
-bf16 autocast with channels_last is a large win only where the hardware has bf16 units
-(CUDA Ampere+, CPUs with AMX or AVX512-BF16); elsewhere it emulates bf16 and is slower than
-fp32, so `auto` asks the hardware instead of assuming. Training on an older GPU (no bf16) may
+bf16 autocast is a large win only where the hardware has bf16 units (CUDA Ampere+, CPUs with
+AMX or AVX512-BF16); elsewhere it emulates bf16 and is slower than fp32, so `auto` asks the
+hardware instead of assuming. channels_last suits GPUs only: on the CPU, GroupNorm on bf16
+channels_last tensors takes a slow path (12 ms against 1 ms contiguous for a 32×64×32² block,
+forward and backward), which cost the U-Net's bf16 training step 28 % (width 64, patch 2)
+to 71 % (the old demo model); see benchmarks/training.py. Training on an older GPU (no bf16) may
 ask for fp16 instead, which needs loss scaling (`Compute.grad_scaler`).
 """
 
@@ -27,7 +30,8 @@ class Compute:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.dtype is not None else torch.contiguous_format
+        """channels_last for autocast on a GPU; contiguous on the CPU (see the module docstring)."""
+        return torch.channels_last if self.dtype is not None and self.device.type == "cuda" else torch.contiguous_format
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to `dtype`, or nothing: one code path either way."""
