@@ -1,4 +1,5 @@
-"""Timestep sampling: uniform t is exactly `torch.randint`, as before the option; importance-sampled
+"""Timestep sampling: uniform t is exactly `torch.randint`, as before the option; log-normal t follows
+EDM's noise-level distribution; importance-sampled
 t follows p_t ∝ √E[L_t²] of the last H losses (Improved DDPM, sec. 3.3) with weights that keep the
 expected loss; its history survives checkpoints, so a resumed run and data-parallel processes draw
 alike."""
@@ -14,7 +15,8 @@ import torch
 from conftest import tiny_config, tiny_run_dict
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.distributed import SINGLE
-from kneegen.engine.timesteps import HISTORY, UNIFORM_SHARE, TimestepSampler
+from kneegen.engine.schedule import Schedule
+from kneegen.engine.timesteps import HISTORY, LOGNORMAL_MEAN, LOGNORMAL_STD, UNIFORM_SHARE, TimestepSampler
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import read_metrics, run_training
 from test_training_resume import losses, train_with_torchrun
@@ -187,3 +189,32 @@ def test_two_processes_draw_importance_sampled_t_like_one(prepared, tmp_path):
     assert [r["train_losses"] for r in read_metrics(ddp_dir / "metrics.jsonl")] == [
         r["train_losses"] for r in read_metrics(one_dir / "metrics.jsonl")
     ]
+
+
+def test_lognormal_draws_the_t_whose_noise_level_follows_edms_log_normal():
+    schedule = Schedule("cosine", 1000)
+    sampler = TimestepSampler(1000, "lognormal", schedule.alphas_cumprod)
+    t, weights = sampler.draw(200_000, torch.Generator().manual_seed(0))
+    assert torch.equal(weights, torch.ones(len(t)))
+    log_sigma = 0.5 * torch.log((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t])
+    # The nearest t moves ln σ by at most half a grid step, far below P_std; the tails are cut at the grid's ends.
+    assert log_sigma.mean().item() == pytest.approx(LOGNORMAL_MEAN, abs=0.02)
+    assert log_sigma.std().item() == pytest.approx(LOGNORMAL_STD, abs=0.02)
+    assert (log_sigma < 0).double().mean().item() == pytest.approx(0.84, abs=0.01)  # Φ(1.2 / 1.2)
+
+
+def test_lognormal_picks_the_nearest_noise_level_and_repeats_for_a_seed():
+    schedule = Schedule("linear", 1000)
+    sampler = TimestepSampler(1000, "lognormal", schedule.alphas_cumprod)
+    t, _ = sampler.draw(64, torch.Generator().manual_seed(3))
+    again, _ = sampler.draw(64, torch.Generator().manual_seed(3))
+    assert torch.equal(t, again)
+    z = torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    wanted = LOGNORMAL_MEAN + LOGNORMAL_STD * z
+    table = sampler.log_sigmas
+    assert torch.equal(t, (table[None, :] - wanted[:, None]).abs().argmin(dim=1))
+
+
+def test_lognormal_needs_the_schedule():
+    with pytest.raises(ValueError, match="ᾱ"):
+        TimestepSampler(1000, "lognormal")

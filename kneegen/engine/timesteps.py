@@ -1,10 +1,17 @@
-"""Which timesteps t a training step trains on: uniformly drawn, or drawn by importance.
+"""Which timesteps t a training step trains on: uniformly drawn, drawn by importance, or drawn
+by noise level from a log-normal.
 
 Importance sampling is the loss-second-moment resampler of Nichol & Dhariwal 2021 ("Improved
 Denoising Diffusion Probabilistic Models", sec. 3.3): the loss of a uniform-t objective varies
 greatly with t, so drawing t with p_t ∝ √E[L_t²] and weighting each image's loss by 1/(T p_t)
 keeps the expected loss while lowering the variance of its gradient. E[L_t²] comes from the last
 H per-image losses seen at each t; until every t has H of them, t stays uniform.
+
+Log-normal t follows Karras et al. 2022 ("Elucidating the Design Space…", sec. 5): the noise level
+σ_t = √((1 − ᾱ_t) / ᾱ_t) is drawn as ln σ ~ N(P_mean, P_std²) and mapped to the nearest t. Uniform t
+on a cosine schedule spends much of training at σ > 5, where an image is all noise and little is
+learnt; the log-normal puts 84 % of the draws below σ = 1, where the structure and texture of an
+image are decided. Its weights are 1: the objective itself changes, as in EDM.
 
 All draws come from the generator the caller passes, and the history is a plain state_dict, so
 processes that update it with the same losses draw the same t, and a resumed run draws on exactly.
@@ -19,15 +26,23 @@ from kneegen.config import TimestepSampling
 
 HISTORY = 10  # per-image losses kept per t (H; the paper's 10)
 UNIFORM_SHARE = 0.001  # ε of p = (1 − ε) p + ε / T: every t keeps being drawn, and weights stay ≤ 1 / ε
+LOGNORMAL_MEAN = -1.2  # P_mean of EDM (Karras et al. 2022, Table 1)
+LOGNORMAL_STD = 1.2  # P_std
 
 
 class TimestepSampler:
     """Draws the timesteps of a batch and their loss weights; keeps the loss history that
     importance sampling draws from (uniform t ignores it, and training does not update it)."""
 
-    def __init__(self, timesteps: int, kind: TimestepSampling) -> None:
+    def __init__(self, timesteps: int, kind: TimestepSampling, alphas_cumprod: Tensor | None = None) -> None:
+        """`alphas_cumprod` (T,) ᾱ_t, needed by the log-normal kind only."""
         self.timesteps = timesteps
         self.importance = kind == "importance"
+        self.log_sigmas = None  # (T,) ln σ_t, increasing in t, for log-normal draws
+        if kind == "lognormal":
+            if alphas_cumprod is None:
+                raise ValueError("log-normal timesteps need the schedule's ᾱ_t")
+            self.log_sigmas = 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod)
         self.losses = torch.zeros((timesteps, HISTORY), dtype=torch.float64)  # (T, H) a ring of losses per t
         self.seen = torch.zeros(timesteps, dtype=torch.int64)  # (T,) losses pushed per t; ring slot = seen % H
 
@@ -44,11 +59,21 @@ class TimestepSampler:
     def draw(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(B,) timesteps from `generator` alone and (B,) fp32 loss weights 1 / (T p_t), which keep
         the expected weighted loss that of uniform t. Uniform t is `torch.randint` with weights 1."""
+        if self.log_sigmas is not None:
+            return self.lognormal(batch_size, generator), torch.ones(batch_size)
         if not self.ready:
             return torch.randint(0, self.timesteps, (batch_size,), generator=generator), torch.ones(batch_size)
         p = self.probabilities()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return t, (1.0 / (self.timesteps * p[t])).float()
+
+    def lognormal(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """(B,) the t whose ln σ_t is nearest to ln σ ~ N(P_mean, P_std²)."""
+        log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        above = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.timesteps - 1)  # first t with ln σ_t ≥ ln σ
+        below = above - 1
+        nearer_below = (log_sigma - self.log_sigmas[below]) < (self.log_sigmas[above] - log_sigma)
+        return torch.where(nearer_below, below, above)
 
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Push the (B,) unweighted per-image losses of a batch's (B,) timesteps into the rings,

@@ -94,7 +94,10 @@ def create_state(
         optimizer=make_optimizer(network, cfg.train),
         scaler=compute.grad_scaler(),
         generator=torch.Generator().manual_seed(cfg.train.seed),
-        timestep_sampler=TimestepSampler(cfg.diffusion.timesteps, cfg.diffusion.timestep_sampling),
+        timestep_sampler=TimestepSampler(
+            cfg.diffusion.timesteps, cfg.diffusion.timestep_sampling,
+            Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).alphas_cumprod,
+        ),
     )
 
 
