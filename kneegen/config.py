@@ -28,7 +28,7 @@ Spacing = Literal["auto", "uniform", "logsnr", "karras"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
-TimestepSampling = Literal["uniform", "importance"]  # kneegen/engine/timesteps.py
+TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
 
 
 @dataclass
@@ -54,7 +54,7 @@ class DiffusionConfig:
     loss: LossKind = "l2"
     min_snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off. 5 chosen by benchmarks/defaults.py
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
-    timestep_sampling: TimestepSampling = "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM)
+    timestep_sampling: TimestepSampling = "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(−1.2, 1.2²) (EDM)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     """The optimisation, the EMA and the deterministic validation."""
 
     epochs: int = 50
+    minutes: float = 0.0  # also stop at the first epoch end after which the next epoch would pass this; 0 = off
     batch_size: int = 32
     optimizer: OptimizerKind = "adamw"
     lr: float = 2e-4
@@ -123,7 +124,88 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     config = from_dict(RunConfig, raw, source, prefix="")
+    check_ranges(config, source)
     check_sampler(config.sample.sampler, source)
+    return config
+
+
+# (low, high, low inclusive, high inclusive); None = unbounded on that side.
+Bounds = tuple[float | None, float | None, bool, bool]
+AT_LEAST_0: Bounds = (0, None, True, False)
+AT_LEAST_1: Bounds = (1, None, True, False)
+POSITIVE: Bounds = (0, None, False, False)
+UNIT: Bounds = (0, 1, True, True)
+RANGES: dict[str, Bounds] = {
+    "model.channels": AT_LEAST_1,
+    "model.blocks_per_level": AT_LEAST_1,
+    "model.patch_size": AT_LEAST_1,
+    "model.dropout": (0, 1, True, False),
+    "diffusion.timesteps": (2, None, True, False),
+    "diffusion.min_snr_gamma": AT_LEAST_0,
+    "diffusion.offset_noise": AT_LEAST_0,
+    "train.epochs": AT_LEAST_1,
+    "train.minutes": AT_LEAST_0,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.weight_decay": AT_LEAST_0,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.grad_clip": AT_LEAST_0,
+    "train.ema_decay": (0, 1, True, False),
+    "train.seed": (0, 2**63 - 1, True, True),
+    "train.val_every": AT_LEAST_1,
+    "train.val_images": AT_LEAST_1,
+    "train.val_timesteps": AT_LEAST_1,
+    "train.grad_accumulation": AT_LEAST_1,
+    "train.max_bad_steps": AT_LEAST_0,
+    "train.checkpoint_every_steps": AT_LEAST_0,
+    "train.keep_checkpoints": AT_LEAST_0,
+    "train.log_every_steps": AT_LEAST_0,
+    "train.preview_every": AT_LEAST_0,
+    "train.fid_every": AT_LEAST_0,
+    "train.fid_samples": (4, None, True, False),
+    "sample.steps": AT_LEAST_1,
+    "sample.eta": UNIT,
+    "sample.batch_size": AT_LEAST_1,
+}
+
+
+def check_ranges(config: RunConfig, source: str = "config") -> None:
+    """The bounds the types cannot express, each named by its key; lists are checked per item."""
+    for key, bounds in RANGES.items():
+        check_bound(key, get_dotted(config, key), bounds, source)
+    for item in config.model.channel_mults:
+        check_bound("model.channel_mults", item, AT_LEAST_1, source)
+    if not config.model.channel_mults:
+        raise KneegenError(f"{source}: model.channel_mults is empty: give one width multiplier per level, e.g. [1, 2, 2]")
+    if config.train.best_by == "fid" and config.train.fid_every == 0:
+        raise KneegenError(
+            f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "
+            "e.g. --set train.fid_every=5"
+        )
+
+
+def check_bound(key: str, value: float, bounds: Bounds, source: str) -> None:
+    low, high, low_inclusive, high_inclusive = bounds
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        raise KneegenError(f"{source}: {key} = {value} must be {describe_bounds(bounds)}: fix it in the config or "
+                           f"with --set {key}=…")
+
+
+def describe_bounds(bounds: Bounds) -> str:
+    low, high, low_inclusive, high_inclusive = bounds
+    parts = []
+    if low is not None:
+        parts.append(f"{'≥' if low_inclusive else '>'} {low:g}")
+    if high is not None:
+        parts.append(f"{'≤' if high_inclusive else '<'} {high:g}")
+    return " and ".join(parts)
+
+
+def get_dotted(config: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        config = getattr(config, name)
     return config
 
 
@@ -157,7 +239,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise KneegenError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise KneegenError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__}); "
+                           f"e.g. --set model.channel_mults=[1,2,2]") from None
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

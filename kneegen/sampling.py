@@ -2,7 +2,7 @@
 
 Image k of a run uses seed `seed + k`, so the same seed gives the same images whatever the
 batch size; batches are yielded as they finish so N images never sit in memory at once.
-The device's settings (bf16 autocast and channels_last where native, inference mode) come with
+The device's settings (bf16 autocast where native, channels_last on GPUs, inference mode) come with
 the `Compute`; whether the network is `torch.compile`d comes with the `SamplerChoice`.
 """
 
@@ -60,9 +60,13 @@ def choose_sampler(
     default_steps = model.schedule.timesteps if chosen == "ddpm" else sample.steps
     if spacing is not None and spacing not in get_args(Spacing):
         raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
+    if steps is not None and steps < 1:
+        raise KneegenError(f"--steps {steps}: give at least 1 sampling step")
+    if eta is not None and not 0 <= eta <= 1:
+        raise KneegenError(f"--eta {eta}: give a value from 0 (deterministic DDIM) to 1 (ancestral, like DDPM)")
     return SamplerChoice(
-        chosen, steps or default_steps, sample.eta if eta is None else eta, spacing or sample.spacing,
-        compile,
+        chosen, default_steps if steps is None else steps, sample.eta if eta is None else eta,
+        spacing or sample.spacing, compile,
     )
 
 
@@ -94,13 +98,22 @@ def pick_frames(n_steps: int, n_frames: int) -> list[int]:
     return sorted({round(i * (n_steps - 1) / (n_frames - 1)) for i in range(n_frames)})
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
+MAX_IMAGES = 10_000_000  # a list of seeds beyond this is a typo, not a plan (and would not fit in memory)
+
+
 def parse_seeds(text: str) -> list[int]:
     """"0-63" → 0…63; "1,5,9-12" → [1, 5, 9, 10, 11, 12]; order kept, repeats refused."""
     seeds: list[int] = []
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
-            seeds += list(range(int(first), int(last or first) + 1))
+            low, high = int(first), int(last or first)
+            check_seed(low, f"--seeds {text!r}")
+            check_seed(high, f"--seeds {text!r}")
+            if len(seeds) + high - low + 1 > MAX_IMAGES:
+                raise KneegenError(f"--seeds {text!r} names more than {MAX_IMAGES:,} images: ask for fewer")
+            seeds += list(range(low, high + 1))
     except ValueError:
         raise KneegenError(f"--seeds {text!r}: expected numbers and ranges such as 0-63 or 1,5,9-12") from None
     if not seeds:
@@ -108,3 +121,8 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise KneegenError(f"--seeds {text!r} names a seed twice: each seed is one image")
     return seeds
+
+
+def check_seed(seed: int, flag: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise KneegenError(f"{flag}: seed {seed} is outside 0 … 2^63−1 (64-bit generator seeds)")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kneegen.config import RunConfig, from_dict, save_config, to_dict
+from kneegen.config import RunConfig, check_ranges, from_dict, save_config, to_dict
 from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
 from kneegen.engine.device import Compute, evaluating, resolve_compute
@@ -70,7 +70,7 @@ def run_training(
     """Train `cfg` up to `train.epochs`: in a new `run_dir` (default runs/<time>), or with `resume`
     continue `run_dir` (default: the latest run) from its newest readable checkpoint, or from
     `checkpoint` (default run dir: the checkpoint's own)."""
-    check_ranges(cfg)
+    check_ranges(cfg, "config")
     data = open_cache(Path(cfg.data))
     train_images = data.split("train")
     val_images = data.split("val")[: cfg.train.val_images]
@@ -142,6 +142,7 @@ def train_epochs(
             completed=per_epoch * state.epoch + state.batch_in_epoch,
             status="",
         )
+        started = time.perf_counter()
         while state.epoch < train.epochs:
             epoch_started = window_started = time.perf_counter()
             epoch_images = window_images = 0
@@ -193,6 +194,16 @@ def train_epochs(
                 )
             dist.barrier()
 
+            # 4. A time budget (`train.minutes`): stop where the next epoch would pass it, as rank 0 decides.
+            if train.minutes and state.epoch < train.epochs:
+                now = time.perf_counter()
+                if dist.broadcast(now - started + (now - epoch_started) > 60 * train.minutes):
+                    progress.console.print(
+                        f"stopped after epoch {state.epoch}: another would pass train.minutes = {train.minutes:g}; "
+                        f"kneegen train --resume continues this run"
+                    )
+                    return
+
 
 def every(count: int, interval: int) -> bool:
     """True at each multiple of `interval`; never when it is 0 (off)."""
@@ -210,31 +221,6 @@ def start_run_dir(run_dir: Path) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def check_ranges(cfg: RunConfig) -> None:
-    """The bounds the config's types cannot express, each named by its key."""
-    train, diffusion = cfg.train, cfg.diffusion
-    lowest = {
-        "train.epochs": (train.epochs, 1),
-        "train.batch_size": (train.batch_size, 1),
-        "train.grad_accumulation": (train.grad_accumulation, 1),
-        "train.val_every": (train.val_every, 1),
-        "train.max_bad_steps": (train.max_bad_steps, 0),
-        "train.checkpoint_every_steps": (train.checkpoint_every_steps, 0),
-        "train.keep_checkpoints": (train.keep_checkpoints, 0),
-        "train.log_every_steps": (train.log_every_steps, 0),
-        "train.preview_every": (train.preview_every, 0),
-        "train.fid_every": (train.fid_every, 0),
-        "train.fid_samples": (train.fid_samples, 4),
-        "diffusion.min_snr_gamma": (diffusion.min_snr_gamma, 0),
-        "diffusion.offset_noise": (diffusion.offset_noise, 0),
-    }
-    for key, (value, low) in lowest.items():
-        if value < low:
-            raise KneegenError(f"{key} = {value} must be at least {low}: fix it in the config or with --set {key}=…")
-    if train.best_by == "fid" and train.fid_every == 0:
-        raise KneegenError("train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, e.g. --set train.fid_every=5")
 
 
 # --- checkpoints -------------------------------------------------------------------------------

