@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 # Phantom data at 64², a CPU-sized model trained for a few minutes, then samples,
 # a noise-to-image animation and a validation report from the latest run.
 demo: install $(DEMO_DATA)/manifest.json
-	$(KNEEGEN) train --config examples/demo.yaml
+	$(KNEEGEN) train --data $(DEMO_DATA) --minutes 6
 	$(KNEEGEN) sample generate 64 --seed 0 --out samples/demo-$$(date +%Y%m%d-%H%M%S)
 	$(KNEEGEN) sample illustrate 4 --seed 0 --out samples/demo-illustrate-$$(date +%Y%m%d-%H%M%S)
 	$(KNEEGEN) validate
@@ -38,8 +38,7 @@ test: install
 
 # Speed side by side (a few minutes each). Quality needs a trained run or a long budget:
 #   $(BIN)/python benchmarks/sampler_quality.py --checkpoint runs/<run>/best.pt
-#   $(BIN)/python benchmarks/quality.py --minutes 20
-#   $(BIN)/python benchmarks/defaults.py --epochs 25
+#   $(BIN)/python benchmarks/quality.py --minutes 8 --recipes demo seed
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sampling.py

@@ -2,7 +2,7 @@
 
 Measured in one process so the ratios are comparable on a noisy machine:
     .venv/bin/python benchmarks/speed.py                  # 64² and 256², fp32 (+ bf16 where native)
-    .venv/bin/python benchmarks/speed.py --sizes 64 --precisions bf16 fp32 --models unet-demo
+    .venv/bin/python benchmarks/speed.py --sizes 64 --precisions bf16 fp32 --models unet-cpu-bf16
 bf16 on a CPU without bf16 units is emulated and far slower; it is skipped there unless asked for.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import yaml
@@ -19,15 +18,14 @@ import yaml
 from kneegen.config import ModelConfig, from_dict
 from kneegen.engine.device import Compute, bf16_supported
 from kneegen.engine.network import build_network
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
-
+from kneegen.recipes import recipe_names, recipe_path
 
 def models() -> dict[str, ModelConfig]:
-    demo = yaml.safe_load(DEMO_CONFIG.read_text())["model"]
+    recipes = {f"unet-{name}": from_dict(ModelConfig, yaml.safe_load(recipe_path(name).read_text())["model"],
+                                         str(recipe_path(name)), "model.") for name in recipe_names()}
     return {
         "unet-default": ModelConfig(),
-        "unet-demo": from_dict(ModelConfig, demo, str(DEMO_CONFIG), "model."),
+        **recipes,
         "seed": ModelConfig(arch="seed"),
     }
 

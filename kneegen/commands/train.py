@@ -11,14 +11,24 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kneegen.config import load_config, parse_override
+from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
+from kneegen.progress import console
+from kneegen.recipes import recipe_for, recipe_names, recipe_path
 from kneegen.runs import latest_run, run_dir_of
 from kneegen.training_run import CONFIG_FILE, run_training
 
 
 def train(
-    config: Annotated[Optional[Path], typer.Option(help="YAML run config (see examples/).")] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(help=f"YAML run config (see examples/) or a recipe: {', '.join(recipe_names())}. "
+                     "Default: the recipe for this CPU, or the built-in defaults on a GPU."),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train until this many epochs (train.epochs).")] = None,
+    minutes: Annotated[
+        Optional[float], typer.Option(help="Also stop at the epoch end where the next epoch would pass this (train.minutes).")
+    ] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir (data).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")] = None,
     resume: Annotated[
@@ -35,7 +45,11 @@ def train(
     ] = None,
 ) -> None:
     """Train a diffusion model; checkpoints, metrics and loss plots go to the run dir."""
-    checkpoint = None
+    overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
+    flags = {"train.epochs": epochs, "train.minutes": minutes, "data": str(data) if data else None, "device": device,
+             "precision": precision}
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    checkpoint, note = None, None
     if resume_from is not None:
         if not resume_from.exists():
             raise KneegenError(f"--resume-from {resume_from} not found: give a run dir or a .pt checkpoint in one")
@@ -45,7 +59,21 @@ def train(
     if resume:
         run_dir = run_dir or latest_run()
         config = config or (run_dir_of(checkpoint) if checkpoint else run_dir) / CONFIG_FILE
-    overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
-    flags = {"train.epochs": epochs, "data": str(data) if data else None, "device": device, "precision": precision}
-    overrides.update({key: value for key, value in flags.items() if value is not None})
-    run_training(load_config(config, overrides), run_dir, resume, checkpoint)
+    elif config is None:
+        config, note = hardware_recipe(device or "auto", precision or "auto")
+    elif not config.exists() and str(config) in recipe_names():
+        config = recipe_path(str(config))
+    cfg = load_config(config, overrides)
+    if note:
+        console.print(note)
+    run_training(cfg, run_dir, resume, checkpoint)
+
+
+def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
+    """The recipe for the machine the run will use (None: the built-in defaults, on a GPU) and
+    the line that announces it."""
+    chosen = recipe_for(resolve_compute(device, precision, allow_fp16=True))
+    if chosen is None:
+        return None, "no --config: the built-in defaults (kneegen/config.py)"
+    name, why = chosen
+    return recipe_path(name), f"no --config: recipe {name} ({why}); another: --config {' or '.join(recipe_names())}"
