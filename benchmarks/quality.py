@@ -1,75 +1,142 @@
-"""Sample quality at a fixed CPU training budget: kneegen's recipe against the original one.
+"""Sample quality per CPU-minute: recipes trained for the same wall-clock budget, judged on
+≥ 1,000 samples against ≥ 1,000 held-out slices, next to the data's own floor.
 
-Both recipes train for the same wall-clock minutes on the same phantom cache at 64²:
-- kneegen: examples/demo.yaml (U-Net with attention, cosine schedule, v-prediction, L2, AdamW,
-  warm-up, clipping, EMA);
-- original: examples/seed.yaml (the plain 31 M-parameter U-Net, linear schedule,
-  ε-prediction, L1, Adam 1e-3, no EMA).
-Then each draws the same seeds with the same sampler at every step count, and FID and KID are
-measured against the cache's held-out split with the FID Inception (kneegen/evaluation). The
-"floor" row scores as many real training slices as there are samples: the best any model can
-do at that count (FID has a small-sample bias, KID does not; see kneegen/evaluation/frechet.py).
+The phantom cache holds as many patients as the instrument needs: a training split the size of
+the demo's (~1,300 slices) and a test split of other patients (~1,300 slices). Each recipe
+trains for `--minutes` on it, draws `--samples` images with its own sampler and precision, and
+is scored against the test split on the FID Inception features:
+- FID and FID / floor, where the floor is the FID of as many real *training* slices as there
+  are samples (evenly spread over the patients) against the same test split: the best any
+  model can score at this N (FID is biased by N; the ratio is what compares across N);
+- KID (unbiased; its spread over subsets);
+- improved precision and recall (Kynkäänniemi et al. 2019, k = 3), recall also as a share of
+  the floor's recall: below 0.5 the samples cover less than half of what real slices cover;
+- the patch-fold artifact: mean radial power of the samples over that of real slices at the
+  fold frequency (side / patch_size; the Nyquist radius for patch 1 and 2), 1 = clean;
+- likely copies of training slices (evaluation/memorisation.py), with their chance rate;
+- training images/s and the network's GFLOP per image, so quality per compute shows.
+The CPU kind and the precision used are printed with the table; the recipes' choice depends on
+both (see README: "Recipes by hardware").
 
-Training by time: a first epoch, then one more (resumed from last.pt) while the last epoch's
-duration still fits in the budget, so a recipe may stop short of the budget but never starts
-an epoch it cannot finish; the first epoch always runs. Since the run's length is not known in
-advance, a recipe must keep a constant LR after warm-up (both do). Validation during training
-is set to the same small size for both recipes, so it costs both the same share of the budget.
+Training by time: `train.minutes` stops each run at the first epoch end after which another
+epoch would pass the budget; a recipe must keep a constant LR, since its length is not known in
+advance. `--seeds 0 1 2` trains every recipe once per seed and reports mean and spread.
 
-    .venv/bin/python benchmarks/quality.py --minutes 20                 # the comparison
-    .venv/bin/python benchmarks/quality.py --minutes 0.5 --phantom 200 --samples 16 --steps 5 10   # a smoke run
+    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed         # vs the original
+    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo demo-fp32 \\
+        w64-p2-b1 w64-p4-b2                                                          # screening
+    .venv/bin/python benchmarks/quality.py --minutes 0.3 --phantom 120 --held-out 0.5 \\
+        --samples 24 --recipes demo                                                  # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from kneegen.config import RunConfig, load_config
 from kneegen.data.cache import open_cache
-from kneegen.engine.device import resolve_compute
-from kneegen.engine.trained import load_trained_model
+from kneegen.engine.device import Compute, resolve_compute
+from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.evaluation.features import INSTALL_HINT, extract_features, find_feature_weights, load_feature_extractor
 from kneegen.evaluation.frechet import frechet_distance
 from kneegen.evaluation.kid import kernel_inception_distance
-from kneegen.evaluation.reference import held_out_images, reference_features
+from kneegen.evaluation.memorisation import compare_with_training, copy_chance, copy_fraction, pixel_vectors
+from kneegen.evaluation.precision_recall import precision_recall
+from kneegen.evaluation.spectrum import fold_radius, power_ratio_at
+from kneegen.recipes import recipe_path
 from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-RECIPES = {"kneegen": EXAMPLES / "demo.yaml", "original": EXAMPLES / "seed.yaml"}
 IMAGE_SIZE = 64
-SAME_FOR_BOTH = {"device": "cpu", "train.val_images": 32, "train.val_timesteps": 2, "train.val_every": 1}
-FEATURE_BATCH = 32
+SAME_FOR_ALL = {"device": "cpu", "train.val_images": 32, "train.val_timesteps": 2, "train.val_every": 1}
+FEATURE_BATCH = 50
+SAMPLE_BATCH = 64
+MAX_EPOCHS = 100_000  # the budget ends every run first
 CPU = torch.device("cpu")
+
+# Named recipes: a YAML file and overrides on it. The shipped ones first, then screening variants.
+RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
+    "demo": (recipe_path("cpu-bf16"), {}),
+    "demo-fp32": (recipe_path("cpu-fp32"), {}),
+    "seed": (EXAMPLES / "seed.yaml", {}),
+    "old-demo": (recipe_path("cpu-bf16"), {"model.channels": 32, "model.blocks_per_level": 2, "model.patch_size": 4,
+                                           "model.attention_levels": [1], "train.batch_size": 16}),  # until 2026-12
+}
+SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the bf16 recipe
+    "w32": {"model.channels": 32}, "w48": {"model.channels": 48}, "w64": {"model.channels": 64}, "w96": {"model.channels": 96},
+    "p1": {"model.patch_size": 1}, "p2": {"model.patch_size": 2}, "p4": {"model.patch_size": 4},
+    "b1": {"model.blocks_per_level": 1}, "b2": {"model.blocks_per_level": 2},
+    "bs16": {"train.batch_size": 16}, "bs32": {"train.batch_size": 32}, "bs64": {"train.batch_size": 64},
+    "lr5e4": {"train.lr": 5e-4}, "lr1e3": {"train.lr": 1e-3}, "lr2e3": {"train.lr": 2e-3},
+    "ema995": {"train.ema_decay": 0.995}, "ema998": {"train.ema_decay": 0.998}, "ema999": {"train.ema_decay": 0.999},
+    "attn1": {"model.attention_levels": [1, 2]}, "attn0": {"model.attention_levels": []},
+    "drop": {"model.dropout": 0.1}, "fp32": {"precision": "fp32"}, "minsnr0": {"diffusion.min_snr_gamma": 0.0},
+    "offset": {"diffusion.offset_noise": 0.1}, "importance": {"diffusion.timestep_sampling": "importance"},
+    "lognormal": {"diffusion.timestep_sampling": "lognormal"},
+}
 
 
 @dataclass
 class Trained:
     name: str
+    seed: int
     checkpoint: Path
     epochs: int
     minutes: float
-    parameters: int
+    images_per_s: float  # training images per second of the whole budget (validation included)
+
+
+@dataclass
+class Scores:
+    fid: float
+    kid: float
+    kid_std: float
+    precision: float
+    recall: float
+    fold_ratio: float
+    copies: float
+    copies_chance: float
+    seconds_per_image: float
+
+
+def recipe_config(name: str, data: Path, epochs: int, seed: int) -> RunConfig:
+    """A named recipe (RECIPES, or screening fragments like w64-p2-b1 on the bf16 recipe)."""
+    if name in RECIPES:
+        path, overrides = RECIPES[name]
+    else:
+        path, overrides = recipe_path("cpu-bf16"), {}
+        for fragment in name.split("-"):
+            if fragment not in SCREEN_AXES:
+                sys.exit(f"recipe {name!r}: {fragment!r} is neither a recipe ({', '.join(RECIPES)}) nor a screening "
+                         f"fragment ({', '.join(SCREEN_AXES)})")
+            overrides = {**overrides, **SCREEN_AXES[fragment]}
+    return load_config(path, {**overrides, **SAME_FOR_ALL, "data": str(data), "train.epochs": epochs,
+                              "train.seed": seed})
 
 
 @dataclass
 class Judge:
-    """FID and KID against the cache's held-out split, for the same seeds every time."""
+    """Every score against the same held-out slices, with the same sample seeds every time."""
 
     data: Path
     extractor: torch.jit.ScriptModule
-    reference: np.ndarray  # (N, 2048) features of the held-out slices
-    split: str  # which split is held out: test, else val
+    held_out: np.ndarray  # (H, h, w) uint8 test slices
+    held_out_features: np.ndarray  # (H, 2048)
+    train: np.ndarray  # (T, h, w) uint8
+    train_features: np.ndarray  # (T, 2048)
     seeds: list[int]
 
     @classmethod
@@ -79,113 +146,188 @@ class Judge:
             sys.exit(f"FID Inception weights not found: {INSTALL_HINT}, or give --feature-weights PATH")
         extractor = load_feature_extractor(weights, CPU)
         cache = open_cache(data)
-        split, _ = held_out_images(cache)
-        reference = reference_features(cache, split, extractor, FEATURE_BATCH, CPU)
-        return cls(data, extractor, reference, split, list(range(samples)))
+        held_out, train = np.asarray(cache.split_8bit("test")), np.asarray(cache.split_8bit("train"))
+        if min(len(held_out), len(train)) < samples:
+            sys.exit(f"{data}: {len(train)} training and {len(held_out)} test slices, fewer than --samples {samples}: "
+                     f"give a larger --phantom or fewer --samples")
+        features = data / "quality_features.npz"  # the real slices' features, computed once per cache
+        if not features.is_file():
+            np.savez(features, held_out=features_of(extractor, held_out), train=features_of(extractor, train))
+        with np.load(features) as stored:
+            return cls(data, extractor, held_out, stored["held_out"], train, stored["train"], list(range(samples)))
 
-    def floor(self) -> tuple[float, float]:
-        """As many real training slices as there are samples: the best any model can score."""
-        return self.score(np.asarray(open_cache(self.data).split("train")[: len(self.seeds)]))
+    def floor(self) -> tuple[Scores, np.ndarray]:
+        """Real training slices, as many as the samples, spread evenly over the patients."""
+        pick = np.linspace(0, len(self.train) - 1, len(self.seeds)).round().astype(int)
+        return self.score(self.train[pick], self.train_features[pick], patch=1, seconds=0.0, copies=False), pick
 
-    def samples(self, checkpoint: Path, sampler: str, steps: int) -> tuple[float, float, float]:
-        """(FID, KID, seconds per image) of the checkpoint's samples."""
-        compute = resolve_compute("cpu", "fp32")
+    def samples(self, checkpoint: Path, choice: SamplerChoice | None = None) -> tuple[Scores, np.ndarray, str]:
+        """Scores of the checkpoint's samples, drawn as `kneegen sample` would (its sampler unless
+        `choice` says otherwise, its precision resolved on this machine), and the images."""
+        probe = load_trained_model(checkpoint, resolve_compute("cpu", "fp32"))
+        compute = resolve_compute("cpu", probe.config.precision)
         model = load_trained_model(checkpoint, compute)
+        choice = choice or SamplerChoice(model.config.sample.sampler, model.config.sample.steps)
         started = time.perf_counter()
-        batches = sample_batches(model, compute, SamplerChoice(sampler, steps), self.seeds, 32)
-        images = np.concatenate([batch for _, batch in batches])
+        images = np.concatenate([batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)])
         seconds = (time.perf_counter() - started) / len(self.seeds)
-        return (*self.score(images), seconds)
+        features = features_of(self.extractor, images)
+        patch = model.config.model.patch_size if model.config.model.arch == "unet" else 1
+        return self.score(images, features, patch, seconds), images, f"{choice.describe()}, {compute.describe()}"
 
-    def describe(self) -> str:
-        cache = open_cache(self.data)
-        return (f"{len(cache.split('train'))} phantom slices in training; {len(self.seeds)} samples vs "
-                f"{len(self.reference)} held-out ({self.split}) slices")
-
-    def score(self, images: np.ndarray) -> tuple[float, float]:
-        features = extract_features(self.extractor, images, FEATURE_BATCH, CPU)
-        return frechet_distance(features, self.reference), kernel_inception_distance(features, self.reference).mean
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per recipe")
-    parser.add_argument("--phantom", type=int, default=1600, help="phantom slices in the cache (the demo's 1600)")
-    parser.add_argument("--samples", type=int, default=128, help="images per FID/KID")
-    parser.add_argument("--sampler", default="dpm++2m")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"), help="cache and run dirs go here")
-    parser.add_argument("--feature-weights", type=Path, default=None)
-    args = parser.parse_args()
-
-    judge = Judge.on(prepare_phantom(args.work, args.phantom), args.feature_weights, args.samples)
-    trained = [train_for(name, recipe, judge.data, args.work / name, args.minutes) for name, recipe in RECIPES.items()]
-    floor = judge.floor()
-    scores: dict[tuple[str, int], tuple[float, float, float]] = {}
-    for run in trained:
-        for steps in args.steps:
-            scores[(run.name, steps)] = judge.samples(run.checkpoint, args.sampler, steps)
-            fid, kid, _ = scores[(run.name, steps)]
-            print(f"  {run.name} {args.sampler} {steps} steps: FID {fid:.2f}, KID {kid:.4f}", flush=True)
-
-    print(f"\n{args.minutes:g} min of CPU training per recipe at {IMAGE_SIZE}²; {judge.describe()}; {args.sampler}")
-    print(f"{'recipe':<9} {'params':>8} {'epochs':>6} {'minutes':>7}")
-    for run in trained:
-        print(f"{run.name:<9} {run.parameters / 1e6:>7.2f}M {run.epochs:>6} {run.minutes:>7.1f}")
-    print(f"\n{'steps':>5} {'FID kneegen':>11} {'FID original':>12} {'ratio':>6} {'KID kneegen':>11} "
-          f"{'KID original':>12} {'ratio':>6} {'s/img kneegen':>13} {'s/img original':>14}")
-    print(f"{'floor':>5} {floor[0]:>11.2f} {'':>12} {'':>6} {floor[1]:>11.4f}")
-    for steps in args.steps:
-        (fid_k, kid_k, sec_k), (fid_o, kid_o, sec_o) = scores[("kneegen", steps)], scores[("original", steps)]
-        print(f"{steps:>5} {fid_k:>11.2f} {fid_o:>12.2f} {ratio(fid_o, fid_k):>6} {kid_k:>11.4f} {kid_o:>12.4f} "
-              f"{ratio(kid_o, kid_k):>6} {sec_k:>13.3f} {sec_o:>14.3f}")
-    print("ratio = original / kneegen: above 1, kneegen's samples are closer to the held-out slices")
+    def score(self, images: np.ndarray, features: np.ndarray, patch: int, seconds: float, copies: bool = True) -> Scores:
+        kid = kernel_inception_distance(features, self.held_out_features)
+        pr = precision_recall(self.held_out_features, features)
+        side = min(images.shape[1:])
+        fold = power_ratio_at(images, self.held_out, fold_radius(side, max(patch, 2)))
+        flagged, chance = 0.0, 0.0
+        if copies:
+            spaces = [compare_with_training(features, self.held_out_features, self.train_features),
+                      compare_with_training(images, self.held_out, self.train, pixel_vectors)]
+            flagged, chance = copy_fraction(*spaces), copy_chance(*spaces)
+        return Scores(frechet_distance(features, self.held_out_features), kid.mean, kid.std, pr.precision, pr.recall,
+                      fold, flagged, chance, seconds)
 
 
-def prepare_phantom(work: Path, count: int) -> Path:
-    """The phantom cache at 64², made once through the CLI (its split: train/val/test by patient)."""
+def features_of(extractor: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
+    return extract_features(extractor, images, FEATURE_BATCH, CPU)
+
+
+def prepare_phantom(work: Path, count: int, held_out: float) -> Path:
+    """The phantom cache at 64², made once through the CLI: train / val / test by patient, the
+    test split `held_out` of the patients."""
     data = work / "data"
     if (data / "manifest.json").is_file():
         manifest = json.loads((data / "manifest.json").read_text())
         if len(manifest["slices"]) != count or manifest["image_shape"] != [IMAGE_SIZE, IMAGE_SIZE]:
             sys.exit(f"{data} holds another phantom: remove it or give another --work")
         return data
+    val = 0.1
     command = [sys.executable, "-m", "kneegen", "prepare", "--phantom", str(count), "--size", str(IMAGE_SIZE),
-               "--out", str(data), "--phantom-dir", str(work / "phantom"), "--overwrite"]
+               "--out", str(data), "--phantom-dir", str(work / "phantom"), "--val-fraction", str(val),
+               "--test-fraction", str(held_out)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return data
 
 
-def train_for(name: str, recipe: Path, data: Path, run_dir: Path, minutes: float) -> Trained:
-    """Train `recipe` epoch by epoch while the last epoch's time still fits in the budget."""
+def train_for(name: str, seed: int, data: Path, run_dir: Path, minutes: float) -> Trained:
+    """Train the recipe epoch by epoch while the last epoch's time still fits in the budget."""
     if run_dir.exists():
-        sys.exit(f"{run_dir} exists: remove it or give another --work, so both recipes start from scratch")
-    if load_config(recipe).train.lr_schedule != "constant":
-        sys.exit(f"{recipe}: train.lr_schedule must be constant here, since the run's length grows epoch by epoch")
-    budget, started, epochs = 60.0 * minutes, time.perf_counter(), 1
-    last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=False))
-    while time.perf_counter() - started + last_epoch <= budget:
-        epochs += 1
-        last_epoch = timed(lambda: run_training(recipe_config(recipe, data, epochs), run_dir, resume=True))
-    model = load_trained_model(run_dir / "last.pt", resolve_compute("cpu", "fp32"))
-    parameters = sum(p.numel() for p in model.network.parameters())
-    return Trained(name, run_dir / "last.pt", epochs, (time.perf_counter() - started) / 60, parameters)
-
-
-def recipe_config(recipe: Path, data: Path, epochs: int) -> RunConfig:
-    """The recipe's YAML on the benchmark's data, with the shared settings and `epochs`."""
-    return load_config(recipe, {**SAME_FOR_BOTH, "data": str(data), "train.epochs": epochs})
-
-
-def timed(step: Callable[[], object]) -> float:
+        sys.exit(f"{run_dir} exists: remove it or give another --work, so every recipe starts from scratch")
+    if recipe_config(name, data, 1, seed).train.lr_schedule != "constant":
+        sys.exit(f"{name}: train.lr_schedule must be constant here, since the run's length grows epoch by epoch")
+    cfg = recipe_config(name, data, MAX_EPOCHS, seed)
+    cfg.train.minutes = minutes
     started = time.perf_counter()
-    step()
-    return time.perf_counter() - started
+    epochs = run_training(cfg, run_dir).epoch
+    elapsed = time.perf_counter() - started
+    seen = epochs * len(open_cache(data).split("train"))
+    return Trained(name, seed, run_dir / "last.pt", epochs, elapsed / 60, seen / elapsed)
 
 
-def ratio(a: float, b: float) -> str:
-    """a / b, or '-' where b is not above zero (KID can be ≤ 0 for a near-perfect set)."""
-    return f"{a / b:.2f}" if b > 0 else "-"
+def network_facts(model: TrainedModel) -> tuple[float, float]:
+    """(million parameters, forward GFLOP per image)."""
+    network = model.network
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        network(torch.zeros(1, 1, *model.image_shape), torch.zeros(1, dtype=torch.long))
+    return sum(p.numel() for p in network.parameters()) / 1e6, counter.get_total_flops() / 1e9
+
+
+def cpu_kind() -> str:
+    """The CPU model, its widest vector ISA and whether bf16 is native: what a recipe depends on."""
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    bf16 = resolve_compute("cpu", "auto").dtype is not None
+    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if bf16 else 'not native'}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
+    """One row of `count` images per entry (real slices first), for a look beside the numbers."""
+    from kneegen.viz import image_grid, save_png
+
+    tiles = np.concatenate([images[:count] for images in rows.values()])
+    save_png(image_grid(tiles, columns=count), path)
+
+
+def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
+    """One trained checkpoint, several samplers: FID and the rest for each."""
+    print(f"{checkpoint}\n{'sampler':<16} {'FID':>7} {'×floor':>6} {'KID':>7} {'prec':>5} {'recall':>6} {'fold':>5} "
+          f"{'copies':>11} {'s/img':>6}")
+    for text in samplers or [None]:
+        choice = None
+        if text:
+            name, steps, *eta = text.split(":")
+            choice = SamplerChoice(name, int(steps), float(eta[0]) if eta else 0.0)
+        s, _, how = judge.samples(checkpoint, choice)
+        print(f"{text or how:<16} {s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} "
+              f"{s.recall:>6.3f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
+              f"{s.seconds_per_image:>6.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=8.0, help="training budget per recipe and seed")
+    parser.add_argument("--recipes", nargs="+", default=["demo", "seed"], help="names from RECIPES or screening fragments")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; several give the spread")
+    parser.add_argument("--phantom", type=int, default=2900, help="phantom slices in the cache")
+    parser.add_argument("--held-out", type=float, default=0.45, help="fraction of patients in the test split")
+    parser.add_argument("--samples", type=int, default=1000, help="images per score (and real slices in the floor)")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"), help="cache and run dirs go here")
+    parser.add_argument("--feature-weights", type=Path, default=None)
+    parser.add_argument("--score", type=Path, nargs="+", help="only score these trained checkpoints (of --work's data)")
+    parser.add_argument("--samplers", nargs="+", default=[], help="with --score: NAME:STEPS[:ETA], e.g. ddim:50:1")
+    args = parser.parse_args()
+    for name in args.recipes:
+        recipe_config(name, Path("data"), 1, 0)  # a misspelt recipe stops here, not after hours of training
+
+    print(f"CPU: {cpu_kind()}", flush=True)
+    judge = Judge.on(prepare_phantom(args.work, args.phantom, args.held_out), args.feature_weights, args.samples)
+    floor, _ = judge.floor()
+    print(f"{len(judge.train)} training and {len(judge.held_out)} held-out phantom slices at {IMAGE_SIZE}²; "
+          f"{args.samples} samples per score; floor FID {floor.fid:.2f}, recall {floor.recall:.3f}", flush=True)
+    if args.score:
+        for checkpoint in args.score:
+            score_samplers(judge, floor, checkpoint, args.samplers)
+        return
+    rows: list[tuple[Trained, Scores, str, tuple[float, float]]] = []
+    grid = {"real": judge.held_out[np.linspace(0, len(judge.held_out) - 1, 8).round().astype(int)]}
+    for name in args.recipes:
+        for seed in args.seeds:
+            run = train_for(name, seed, judge.data, args.work / f"{name}-seed{seed}", args.minutes)
+            scores, images, how = judge.samples(run.checkpoint)
+            facts = network_facts(load_trained_model(run.checkpoint, resolve_compute("cpu", "fp32")))
+            rows.append((run, scores, how, facts))
+            grid[f"{name}-seed{seed}"] = images
+            print(f"  {name} seed {seed}: {run.epochs} epochs in {run.minutes:.1f} min, {run.images_per_s:.1f} img/s, "
+                  f"FID {scores.fid:.2f} ({scores.fid / floor.fid:.2f}× floor), KID {scores.kid:.4f}, precision "
+                  f"{scores.precision:.3f}, recall {scores.recall:.3f}, fold {scores.fold_ratio:.2f}, copies "
+                  f"{scores.copies:.3f}/{scores.copies_chance:.3f}; {how}", flush=True)
+    save_grid(args.work / "grid.png", grid)
+
+    print(f"\n{args.minutes:g} min of training per recipe on {cpu_kind()}")
+    print(f"floor (real vs real, N = {args.samples}): FID {floor.fid:.2f}, KID {floor.kid:.4f}, precision "
+          f"{floor.precision:.3f}, recall {floor.recall:.3f}, fold-power ratio {floor.fold_ratio:.2f}")
+    header = (f"{'recipe':<22} {'seed':>4} {'params':>7} {'GFLOP':>6} {'epochs':>6} {'img/s':>6} {'FID':>7} {'×floor':>6} "
+              f"{'KID':>7} {'prec':>5} {'recall':>6} {'÷floor':>6} {'fold':>5} {'copies':>11} {'s/img':>6}")
+    print(header)
+    for run, s, _, (params, gflop) in rows:
+        print(f"{run.name:<22} {run.seed:>4} {params:>6.2f}M {gflop:>6.2f} {run.epochs:>6} {run.images_per_s:>6.1f} "
+              f"{s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} {s.recall:>6.3f} "
+              f"{s.recall / floor.recall:>6.2f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
+              f"{s.seconds_per_image:>6.3f}")
+    for name in args.recipes:
+        fids = [s.fid for run, s, _, _ in rows if run.name == name]
+        if len(fids) > 1:
+            print(f"{name}: FID {np.mean(fids):.2f} ± {np.std(fids, ddof=1):.2f} over seeds {args.seeds}")
+    print("sampling: " + "; ".join(f"{run.name} {how}" for run, _, how, _ in rows[:: len(args.seeds)]))
+    print(f"copies: share of samples flagged as likely copies / its chance rate; grid: {args.work / 'grid.png'}")
+    print("reproduce: .venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
