@@ -65,11 +65,13 @@ POSITION_KEYS = ("batch_size", "seed")  # train keys that place a mid-epoch posi
 
 
 def run_training(
-    cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, checkpoint: Path | None = None
+    cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, checkpoint: Path | None = None,
+    origin: str = "",
 ) -> TrainState:
     """Train `cfg` up to `train.epochs`: in a new `run_dir` (default runs/<time>), or with `resume`
     continue `run_dir` (default: the latest run) from its newest readable checkpoint, or from
-    `checkpoint` (default run dir: the checkpoint's own)."""
+    `checkpoint` (default run dir: the checkpoint's own). `origin`, a line on where the config came
+    from, is printed once every check has passed."""
     check_ranges(cfg, "config")
     data = open_cache(Path(cfg.data))
     train_images = data.split("train")
@@ -103,6 +105,8 @@ def run_training(
             save_config(cfg, run_dir / CONFIG_FILE)
         processes = f", {dist.world_size} processes" if dist.enabled else ""
         with quiet_unless(dist.is_main):
+            if origin:
+                console.print(origin)
             console.print(
                 f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
                 f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"

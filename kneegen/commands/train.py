@@ -13,7 +13,6 @@ import typer
 from kneegen.config import load_config, parse_override
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
-from kneegen.progress import console
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
 from kneegen.runs import latest_run, run_dir_of
 from kneegen.training_run import CONFIG_FILE, run_training
@@ -63,10 +62,7 @@ def train(
         config, note = hardware_recipe(device or "auto", precision or "auto")
     elif not config.exists() and str(config) in recipe_names():
         config = recipe_path(str(config))
-    cfg = load_config(config, overrides)
-    if note:
-        console.print(note)
-    run_training(cfg, run_dir, resume, checkpoint)
+    run_training(load_config(config, overrides), run_dir, resume, checkpoint, origin=note or "")
 
 
 def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
