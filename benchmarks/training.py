@@ -41,9 +41,7 @@ from kneegen.engine.network import build_network
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.training import create_state, epoch_steps
 from kneegen.recipes import recipe_for, recipe_path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import cpu_kind  # noqa: E402  (benchmarks/ is not a package)
+from quality import cpu_kind  # benchmarks/ is on sys.path when a script in it runs
 
 SEED_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"
 DIFFUSERS_WIDTHS = (32, 64, 96, 128)  # base widths tried for the FLOP match (GroupNorm needs multiples of 32)
