@@ -48,7 +48,7 @@ def train(
     flags = {"train.epochs": epochs, "train.minutes": minutes, "data": str(data) if data else None, "device": device,
              "precision": precision}
     overrides.update({key: value for key, value in flags.items() if value is not None})
-    checkpoint, note = None, None
+    checkpoint, note = None, ""
     if resume_from is not None:
         if not resume_from.exists():
             raise KneegenError(f"--resume-from {resume_from} not found: give a run dir or a .pt checkpoint in one")
@@ -62,7 +62,7 @@ def train(
         config, note = hardware_recipe(device or "auto", precision or "auto")
     elif not config.exists() and str(config) in recipe_names():
         config = recipe_path(str(config))
-    run_training(load_config(config, overrides), run_dir, resume, checkpoint, origin=note or "")
+    run_training(load_config(config, overrides), run_dir, resume, checkpoint, origin=note)
 
 
 def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
