@@ -35,6 +35,10 @@ class Schedule:
     def timesteps(self) -> int:
         return len(self.betas)
 
+    def log_sigmas(self) -> Tensor:
+        """(T,) ln σ_t with σ_t = √((1 − ᾱ_t) / ᾱ_t), the noise level of x_t / √ᾱ_t; increasing in t."""
+        return 0.5 * torch.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t for integer t in [−1, T−1], with ᾱ_{−1} = 1; float64, same shape as t."""
         return self.padded[t.long().cpu() + 1].to(t.device)

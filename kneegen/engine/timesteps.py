@@ -34,15 +34,15 @@ class TimestepSampler:
     """Draws the timesteps of a batch and their loss weights; keeps the loss history that
     importance sampling draws from (uniform t ignores it, and training does not update it)."""
 
-    def __init__(self, timesteps: int, kind: TimestepSampling, alphas_cumprod: Tensor | None = None) -> None:
-        """`alphas_cumprod` (T,) ᾱ_t, needed by the log-normal kind only."""
+    def __init__(self, timesteps: int, kind: TimestepSampling, log_sigmas: Tensor | None = None) -> None:
+        """`log_sigmas` (T,) ln σ_t of the schedule (`Schedule.log_sigmas`), needed by the log-normal kind only."""
         self.timesteps = timesteps
         self.importance = kind == "importance"
         self.log_sigmas = None  # (T,) ln σ_t, increasing in t, for log-normal draws
         if kind == "lognormal":
-            if alphas_cumprod is None:
-                raise ValueError("log-normal timesteps need the schedule's ᾱ_t")
-            self.log_sigmas = 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod)
+            if log_sigmas is None:
+                raise ValueError("log-normal timesteps need the schedule's ln σ_t")
+            self.log_sigmas = log_sigmas
         self.losses = torch.zeros((timesteps, HISTORY), dtype=torch.float64)  # (T, H) a ring of losses per t
         self.seen = torch.zeros(timesteps, dtype=torch.int64)  # (T,) losses pushed per t; ring slot = seen % H
 

@@ -96,7 +96,7 @@ def create_state(
         generator=torch.Generator().manual_seed(cfg.train.seed),
         timestep_sampler=TimestepSampler(
             cfg.diffusion.timesteps, cfg.diffusion.timestep_sampling,
-            Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).alphas_cumprod,
+            Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).log_sigmas(),
         ),
     )
 
