@@ -194,7 +194,7 @@ def test_spacing_flag_is_recorded_and_checked(in_workspace):
     assert not (in_workspace / "nope").exists()
 
 
-@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "unipc"])
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"])
 def test_every_sampler_illustrates(in_workspace, sampler):
     out = f"ill_{sampler}"
     result = invoke("sample", "illustrate", 1, "--sampler", sampler, "--steps", 6, "--out", out)

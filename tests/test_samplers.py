@@ -104,7 +104,8 @@ def test_deterministic_ddim_is_the_scalar_recursion_of_song_et_al(cosine):
 
 
 @pytest.mark.parametrize(
-    "name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0), ("unipc", 0.0)]
+    "name, eta",
+    [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0), ("dpm++2m-sde", 0.0), ("unipc", 0.0)],
 )
 def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name, eta):
     timesteps = sample_timesteps(1000, 20)
@@ -118,7 +119,7 @@ def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name,
     assert torch.equal(reordered, whole[[5, 0]])
 
 
-@pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m-sde", 0.0)])
 def test_different_seeds_give_different_images(cosine, name, eta):
     out = generate(gaussian_denoiser(cosine), get_sampler(name, eta=eta), sample_timesteps(1000, 20), cosine,
                    [0, 1, 2, 3], SHAPE, CPU)
@@ -141,10 +142,39 @@ def test_stochastic_samplers_inject_noise_beyond_the_start():
         def randn(self, shape):
             return torch.randn((2, *shape), generator=self.generator)
 
-    for sampler, stochastic in [(ddpm, True), (get_sampler("ddim", eta=1.0), True), (ddim, False)]:
+    for sampler, stochastic in [
+        (ddpm, True), (get_sampler("ddim", eta=1.0), True), (get_sampler("dpm++2m-sde"), True), (ddim, False),
+    ]:
         a = sampler(denoise, start.clone(), timesteps, schedule, FixedNoise(1))
         b = sampler(denoise, start.clone(), timesteps, schedule, FixedNoise(2))
         assert (not torch.equal(a, b)) == stochastic
+
+
+def sde_std_error(schedule: Schedule, name: str, steps: int, eta: float = 0.0) -> float:
+    timesteps = timesteps_for(name, schedule, steps)
+    out = generate(gaussian_denoiser(schedule), get_sampler(name, eta=eta), timesteps, schedule,
+                   list(range(4000)), SHAPE, CPU)
+    assert abs(out.mean().item() - MU) < 0.01
+    return abs(out.std().item() - STD)
+
+
+def test_sde_solver_reproduces_gaussian_data_and_beats_ancestral_ddim_at_the_same_steps(cosine):
+    """Measured with 4,000 samples: std error 0.024 at 25 steps and 0.009 at 50, against 0.059 and
+    0.033 for DDIM with η = 1; the second-order term is what closes the gap."""
+    error_25, error_50 = sde_std_error(cosine, "dpm++2m-sde", 25), sde_std_error(cosine, "dpm++2m-sde", 50)
+    assert error_25 < 0.035 and error_50 < 0.015
+    assert error_50 < error_25 / 2
+    assert error_25 < sde_std_error(cosine, "ddim", 25, eta=1.0) / 2
+
+
+def test_sde_solver_first_step_is_the_ddpm_posterior_step(cosine):
+    """With two timesteps the solver takes one first-order step, then lands on x̂_0: the same
+    as DDIM with η = 1 (the DDPM posterior) given the same noise."""
+    timesteps = [999, 500]
+    denoise = gaussian_denoiser(cosine)
+    sde = generate(denoise, get_sampler("dpm++2m-sde"), timesteps, cosine, [0, 1, 2], SHAPE, CPU)
+    ancestral = generate(denoise, get_sampler("ddim", eta=1.0), timesteps, cosine, [0, 1, 2], SHAPE, CPU)
+    torch.testing.assert_close(sde, ancestral, rtol=0, atol=1e-5)
 
 
 def test_a_network_denoiser_is_batch_independent_per_seed():

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
+from kneegen.engine.samplers import SAMPLER_HELP
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.progress import console, progress_bar
@@ -29,7 +30,7 @@ GRID_TILES = 64  # images shown in grid.png
 app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
 
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: the latest run's best.pt.")]
-Sampler = Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++3m or unipc; default from the run's config.")]
+Sampler = Annotated[Optional[str], typer.Option(help=SAMPLER_HELP)]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (ddpm: all T by default).")]
 Eta = Annotated[Optional[float], typer.Option(help="DDIM stochasticity, 0 = deterministic.")]
 Spacing = Annotated[Optional[str], typer.Option(help="Timesteps: auto, uniform, logsnr or karras.")]

