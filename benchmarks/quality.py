@@ -89,6 +89,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "offset": {"diffusion.offset_noise": 0.1}, "importance": {"diffusion.timestep_sampling": "importance"},
     "lognormal": {"diffusion.timestep_sampling": "lognormal"}, "uniform": {"diffusion.timestep_sampling": "uniform"},
     "minsnr5": {"diffusion.min_snr_gamma": 5.0},
+    "ode": {"sample.sampler": "dpm++2m", "sample.steps": 25}, "sde": {"sample.sampler": "dpm++2m-sde", "sample.steps": 25},
 }
 
 
