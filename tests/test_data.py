@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -367,15 +368,19 @@ def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):
         prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
 
 
-def test_a_crash_while_replacing_a_cache_never_leaves_old_manifest_with_new_pixels(small_src, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["ctrl-c", "disk-full"])
+def test_a_failure_while_replacing_a_cache_leaves_the_old_cache_whole(small_src, tmp_path, monkeypatch, failure):
     out = tmp_path / "out"
     prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def crash(*args, **kwargs):
-        raise KeyboardInterrupt  # the user's Ctrl-C halfway through writing images.npy
+        raise failure()  # halfway through writing the new images.npy
 
     monkeypatch.setattr("kneegen.data.cache.np.save", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises((KeyboardInterrupt, OSError)):
         prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
-    with pytest.raises(KneegenError, match="holds no prepared data"):
-        open_cache(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert open_cache(out).image_shape == (16, 16)
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no half-written folder beside it

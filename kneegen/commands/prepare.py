@@ -13,7 +13,7 @@ from rich.table import Table
 
 from kneegen.data.cache import eight_bit, open_cache
 from kneegen.data.geometry import FITS
-from kneegen.data.phantom import write_phantom
+from kneegen.data.phantom_folder import files_written_before, write_phantom_folder
 from kneegen.data.prepare import PrepareOptions, prepare_folder, refuse_to_clobber
 from kneegen.data.splits import SPLITS, SplitFractions
 from kneegen.data.summary import PrepareSummary, summarize
@@ -61,8 +61,11 @@ def prepare(
         strict=strict,
         workers=workers,
     )
-    options.fractions.check()
+    options.check()
+    if phantom < 0:
+        raise KneegenError(f"--phantom {phantom}: give a number of slices to generate")
     if phantom > 0:
+        refuse_to_clobber(out, overwrite)  # before the phantom is written, not after
         src = make_phantom(phantom, phantom_dir, seed, overwrite)
     if src is None:
         raise KneegenError("give a folder of slices or volumes (kneegen prepare SRC) or --phantom N for synthetic data")
@@ -102,15 +105,10 @@ def parse_window(text: str) -> tuple[float, float]:
 
 
 def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
-    """Write the phantom; with --overwrite, an earlier phantom's slices go first so none linger."""
-    refuse_to_clobber(folder, overwrite, flag="--phantom-dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("OAI*.png"):  # the phantom's AKOA-style names
-        old.unlink()
+    replaced = files_written_before(folder, overwrite)  # refuses before the progress bar starts
     with progress_bar() as progress:
         task = progress.add_task("phantom", total=n_images, status="")
-        write_phantom(folder, n_images, seed=seed, on_volume=lambda n: progress.advance(task, n))
-    return folder
+        return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
 
 
 def summary_table(summary: PrepareSummary, out: Path) -> Table:

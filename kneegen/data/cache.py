@@ -8,6 +8,9 @@ uint8, or uint16 when a source had 16 bits.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from kneegen.errors import KneegenError
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
 CACHE_FORMAT = "kneegen-cache"
+STAGING_SUFFIX = ".partial"  # the hidden folder a new cache is written into first
 CACHE_VERSION = 2  # 2: test split, uint16 pixels, options and source sizes in the manifest
 
 
@@ -60,18 +64,53 @@ def open_cache(root: Path) -> PreparedData:
         raise KneegenError(f"data dir {root} not found: run `kneegen prepare SRC --out {root}` first (or --phantom N)")
     if not is_cache(root):
         raise KneegenError(f"{root} holds no prepared data ({MANIFEST_FILE} missing): run `kneegen prepare` on it first")
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
-    if manifest.get("format") != CACHE_FORMAT:
-        raise KneegenError(f"{root / MANIFEST_FILE} is not a kneegen cache manifest: prepare the data again")
-    images = np.load(root / IMAGES_FILE, mmap_mode="r")
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise KneegenError(f"{root / MANIFEST_FILE} is damaged or not a kneegen cache manifest: prepare the data again "
+                           f"(kneegen prepare SRC --out {root} --overwrite)")
+    try:
+        images = np.load(root / IMAGES_FILE, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        raise KneegenError(f"{root / IMAGES_FILE} is missing or damaged: prepare the data again "
+                           f"(kneegen prepare SRC --out {root} --overwrite)") from None
+    if images.ndim != 3 or len(images) != manifest.get("split_ranges", {}).get("test", [0, len(images)])[1]:
+        raise KneegenError(f"{root / IMAGES_FILE} does not match {MANIFEST_FILE}: prepare the data again "
+                           f"(kneegen prepare SRC --out {root} --overwrite)")
     return PreparedData(root, images, manifest)
 
 
 def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> None:
-    """Write the array, then the manifest last, so a cache with a manifest is complete; a cache
-    being replaced loses its old manifest first, so a crash mid-write never pairs it with new pixels."""
+    """Write the new cache into a hidden folder beside `root`, then move its two files in.
+
+    A cache being replaced stays whole until the new one is complete (a full disk or a crash
+    while writing leaves it untouched); only then does it lose its manifest, get the new array
+    and finally the new manifest, so a manifest never pairs with pixels it does not describe.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST_FILE).unlink(missing_ok=True)
-    np.save(root / IMAGES_FILE, images)
-    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=STAGING_SUFFIX, dir=root.parent))
+    try:
+        np.save(staging / IMAGES_FILE, images)
+        manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        (root / MANIFEST_FILE).unlink(missing_ok=True)
+        os.replace(staging / IMAGES_FILE, root / IMAGES_FILE)
+        os.replace(staging / MANIFEST_FILE, root / MANIFEST_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_room_for(root: Path, needed: int) -> None:
+    """Refuse before hours of decoding when `root` cannot be written (the nearest existing folder
+    on its path is not writable) or its disk cannot hold `needed` bytes."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise KneegenError(f"{existing} is not writable, so {root} cannot be made there: choose another --out")
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise KneegenError(
+            f"{root}: the cache needs at least {needed / 2**20:,.0f} MiB and the disk has {free / 2**20:,.0f} MiB free: "
+            "free some space, choose another --out, or a smaller --size"
+        )

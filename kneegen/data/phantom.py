@@ -112,6 +112,28 @@ def phantom_volume(patient_seed: int, n_slices: int, side: str,
     return np.ascontiguousarray(volume[:, :, ::-1]) if side == "LEFT" else volume
 
 
+class PlannedVolume(NamedTuple):
+    patient_id: int
+    side: str
+    slices: int  # how many of the volume's slices are written
+
+
+def phantom_plan(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> list[PlannedVolume]:
+    """The volumes `write_phantom` writes for these arguments: known before any file is written,
+    so a folder can record every name it is about to receive."""
+    n_volumes = -(-n_images // slices_per_volume)
+    rng = np.random.default_rng(seed)
+    offsets = rng.choice(PATIENT_ID_RANGE, size=n_volumes, replace=False)
+    sides = rng.choice(SIDES, size=n_volumes)
+    counts = [min(slices_per_volume, n_images - i * slices_per_volume) for i in range(n_volumes)]
+    return [PlannedVolume(FIRST_PATIENT_ID + int(o), str(side), c) for o, side, c in zip(offsets, sides, counts)]
+
+
+def phantom_file_names(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> list[str]:
+    return [phantom_file_name(v.patient_id, v.side, index)
+            for v in phantom_plan(n_images, seed, slices_per_volume) for index in range(1, v.slices + 1)]
+
+
 def write_phantom(out_dir: Path, n_images: int, seed: int = 0, slices_per_volume: int = 20,
                   on_volume: Callable[[int], None] | None = None) -> list[Path]:
     """Write exactly n_images AKOA-named PNG slices, one volume per patient, into out_dir.
@@ -122,22 +144,16 @@ def write_phantom(out_dir: Path, n_images: int, seed: int = 0, slices_per_volume
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_volumes = -(-n_images // slices_per_volume)
-    rng = np.random.default_rng(seed)
-    offsets = rng.choice(PATIENT_ID_RANGE, size=n_volumes, replace=False)
-    sides = rng.choice(SIDES, size=n_volumes)
     paths: list[Path] = []
-    for offset, side in zip(offsets, sides):
-        patient_id = FIRST_PATIENT_ID + int(offset)
-        count = min(slices_per_volume, n_images - len(paths))
-        volume = phantom_volume(patient_id, slices_per_volume, str(side))
-        for index, image in enumerate(volume[:count], start=1):
-            path = out_dir / phantom_file_name(patient_id, str(side), index)
+    for volume_plan in phantom_plan(n_images, seed, slices_per_volume):
+        volume = phantom_volume(volume_plan.patient_id, slices_per_volume, volume_plan.side)
+        for index, image in enumerate(volume[: volume_plan.slices], start=1):
+            path = out_dir / phantom_file_name(volume_plan.patient_id, volume_plan.side, index)
             # 2-D uint8 saves as 8-bit grayscale ("L")
             Image.fromarray(image).save(path, compress_level=PNG_COMPRESS_LEVEL)
             paths.append(path)
         if on_volume is not None:
-            on_volume(count)
+            on_volume(volume_plan.slices)
     return paths
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kneegen.data.akoa import parse_akoa_name
-from kneegen.data.cache import is_cache, write_cache
+from kneegen.data.cache import check_room_for, is_cache, write_cache
 from kneegen.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_gray, widen_to_16_bit
 from kneegen.data.geometry import Fit, fit_to_size
 from kneegen.data.splits import SPLITS, SplitFractions, split_patients
@@ -26,6 +26,7 @@ from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.data.volumes import VOLUME_SUFFIXES, MissingReaders, read_volume_slices, volumes_among
 from kneegen.errors import KneegenError
 
+MAX_SIDE = 4096  # pixels; beyond this a --size is a typo (and 18,680 slices would not fit in memory)
 TASKS_PER_WORKER_CHUNK = 16  # images handed to a worker process at a time
 
 
@@ -42,6 +43,16 @@ class PrepareOptions:
     min_foreground: float = 0.05  # volume slices with less foreground are left out
     strict: bool = False  # an unreadable input stops the run instead of being skipped
     workers: int = 0  # processes decoding; 0 = every core
+
+    def check(self) -> None:
+        """Refuse values no input could make sense of, before any file is read or written."""
+        self.fractions.check()
+        if not 0 <= self.min_foreground <= 1:
+            raise KneegenError(f"--min-foreground {self.min_foreground}: give a fraction of the slice from 0 to 1")
+        if self.workers < 0:
+            raise KneegenError(f"--workers {self.workers}: give a number of processes, or 0 for one per core")
+        if max(self.size) > MAX_SIDE:
+            raise KneegenError(f"--size {self.size[0]}x{self.size[1]}: at most {MAX_SIDE} pixels a side")
 
 
 @dataclass
@@ -81,8 +92,9 @@ def prepare_folder(
     `on_progress(done, total)` is called after each input, for a progress bar.
     """
     refuse_to_clobber(out, overwrite)
-    options.fractions.check()
+    options.check()
     items, ignored = find_inputs(src)
+    check_room_for(out, len(items) * options.size[0] * options.size[1])  # one 8-bit slice per input, at least
 
     # 1. Read every input on all cores; failures become skip reasons (or stop with --strict).
     decoded, skipped = [], [{"path": str(path.relative_to(src)), "reason": reason} for path, reason in ignored]
@@ -136,7 +148,7 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     """Images and volumes under `src`, and the other files with why they are ignored."""
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of slices or volumes, or use --phantom N")
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = walk_files(src)
     volumes = volumes_among(files)
     in_series = {p for v in volumes if v.is_dir() for p in v.iterdir()}
     items = [input_item(p, "image", src) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -150,6 +162,23 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
             "point kneegen prepare at the folder that holds them"
         )
     return sorted(items, key=lambda item: str(item.path)), ignored
+
+
+def walk_files(src: Path) -> list[Path]:
+    """Every file under `src`, following symlinked folders (data is often linked in from another
+    disk) but entering each real folder once, so a link back up cannot loop. Hidden files and
+    folders (`.DS_Store`, `.git`, the phantom's marker) are not inputs and are left out."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for root, folders, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        files += [Path(root, name) for name in names if not name.startswith(".") and Path(root, name).is_file()]
+    return sorted(files)
 
 
 def input_item(path: Path, kind: str, src: Path) -> Item:

@@ -1,0 +1,63 @@
+"""The folder `prepare --phantom` writes into, and the promise that it never touches a user's files.
+
+The phantom's files carry AKOA names (`OAI9…_LEFT.nii.gz_12.png`), exactly the names of a
+user's real slices, so a name is no proof of who wrote a file. Before writing a single slice,
+the folder gets a marker listing every name about to be written; a later `--overwrite` deletes
+only the names in that marker, and only in a folder that holds nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from kneegen.data.phantom import phantom_file_names, write_phantom
+from kneegen.errors import KneegenError
+
+MARKER = ".kneegen-phantom.json"
+SHOWN = 3  # foreign files named in the refusal
+
+
+def write_phantom_folder(folder: Path, n_images: int, seed: int, replaced: list[str],
+                         on_volume: Callable[[int], None] | None = None) -> Path:
+    """Write the phantom into `folder`, after deleting `replaced`: what `files_written_before`
+    found of an earlier phantom there, so none of its slices linger."""
+    for name in replaced:
+        (folder / name).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = phantom_file_names(n_images, seed)
+    (folder / MARKER).write_text(json.dumps({"seed": seed, "images": n_images, "files": names}))
+    write_phantom(folder, n_images, seed=seed, on_volume=on_volume)
+    return folder
+
+
+def files_written_before(folder: Path, overwrite: bool) -> list[str]:
+    """The names an earlier phantom wrote into `folder` (none for a new or empty folder);
+    refuses a file, a folder with anything kneegen did not write, and a phantom without --overwrite."""
+    if folder.is_file():
+        raise KneegenError(f"{folder} is a file: choose a folder for --phantom-dir")
+    if not folder.exists() or not any(folder.iterdir()):
+        return []
+    marker = folder / MARKER
+    own = read_marker(marker) if marker.is_file() else set()
+    foreign = sorted(p.name for p in folder.iterdir() if p.name != MARKER and p.name not in own)
+    if foreign:
+        listed = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
+        raise KneegenError(
+            f"--phantom-dir {folder} holds files kneegen did not write ({listed}): choose a new or empty folder "
+            "(if they are an earlier phantom's, delete them yourself)"
+        )
+    if not overwrite:
+        raise KneegenError(f"--phantom-dir {folder} already holds a phantom: pass --overwrite to replace it, or choose another folder")
+    return sorted(own)
+
+
+def read_marker(marker: Path) -> set[str]:
+    try:
+        files = json.loads(marker.read_text())["files"]
+        if not all(isinstance(name, str) and "/" not in name and "\\" not in name for name in files):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise KneegenError(f"{marker} is damaged: delete the phantom folder {marker.parent} yourself, or choose another --phantom-dir") from None
+    return set(files)
