@@ -86,7 +86,7 @@ def reporting_user_errors(function: Callable[..., Any] | None) -> Callable[..., 
             if debugging["on"] or os.environ.get(DEBUG_VARIABLE) == "1":
                 raise
             console.print(f"[bold red]error:[/] {escape(describe(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(error, "exit_code", 1)) from None
 
     wrapper.reports_user_errors = True  # type: ignore[attr-defined]
     return wrapper

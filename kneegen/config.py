@@ -7,6 +7,7 @@ config is written into the run dir and into every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -116,11 +117,14 @@ class RunConfig:
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, then the YAML file, then dotted-key overrides (`train.lr`), validated once."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        raw = read_yaml_mapping(path)
+    if path is None:
+        return config_from_mapping({}, "defaults", overrides)
+    return config_from_mapping(read_yaml_mapping(path), str(path), overrides)
+
+
+def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A config from a mapping (a YAML file's, or the one inside a checkpoint) and overrides."""
+    raw = copy.deepcopy(raw)
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     config = from_dict(RunConfig, raw, source, prefix="")

@@ -7,3 +7,5 @@ class KneegenError(Exception):
     The CLI prints it as one line and exits with status 1, without a traceback; anything
     else that escapes is a bug and keeps its traceback.
     """
+
+    exit_code = 1

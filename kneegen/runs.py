@@ -14,6 +14,7 @@ from pathlib import Path
 from kneegen.errors import KneegenError
 
 RUNS_ROOT = Path("runs")
+CONFIG = "config.yaml"  # the run's config, written before its first step
 LAST = "last.pt"
 BEST = "best.pt"
 STEP_CHECKPOINTS = "checkpoints"  # folder of the kept step checkpoints
@@ -34,8 +35,17 @@ def latest_run(root: Path = RUNS_ROOT) -> Path:
     """The run whose last checkpoint was written most recently."""
     runs = [p.parent for p in root.glob(f"*/{LAST}")] if root.is_dir() else []
     if not runs:
-        raise KneegenError(f"no trained run found under {root}/: train one first (kneegen train) or pass --checkpoint")
+        raise KneegenError(f"no trained run found under {root}/: train one first (kneegen train), or name a checkpoint file")
     return max(runs, key=lambda run: (run / LAST).stat().st_mtime)
+
+
+def latest_run_dir(root: Path = RUNS_ROOT) -> Path:
+    """The run most recently started or checkpointed, with or without a checkpoint: the one
+    `train --resume` continues (a run stopped before its first checkpoint included)."""
+    runs = [p.parent for p in root.glob(f"*/{CONFIG}")] if root.is_dir() else []
+    if not runs:
+        raise KneegenError(f"--resume: no run found under {root}/ to continue: start one with kneegen train")
+    return max(runs, key=lambda run: max(p.stat().st_mtime for p in (run / CONFIG, run / LAST) if p.is_file()))
 
 
 def resolve_checkpoint(argument: Path | None, root: Path = RUNS_ROOT) -> Path:
@@ -73,8 +83,16 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 
 def resume_candidates(run_dir: Path) -> list[Path]:
     """Where a resumed run may continue from, newest first: last.pt (written first at every
-    checkpoint, so never older than a step checkpoint), then the step checkpoints."""
-    return [run_dir / LAST, *reversed(step_checkpoints(run_dir))]
+    checkpoint, so never older than a step checkpoint), the step checkpoints, then best.pt
+    (an earlier point of the run, but better than none when the others are damaged)."""
+    return [run_dir / LAST, *reversed(step_checkpoints(run_dir)), run_dir / BEST]
+
+
+def home_run_of(checkpoint: Path) -> Path | None:
+    """The run dir a checkpoint file lives in; None for a file copied out of its run (resumed, it
+    continues in a new run dir, not in whatever folder holds it)."""
+    home = run_dir_of(checkpoint)
+    return home if (home / CONFIG).is_file() else None
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -25,6 +25,7 @@ from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import load_checkpoint, remove_partial_writes, save_checkpoint
 from kneegen.engine.device import Compute, evaluating, resolve_compute
 from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
+from kneegen.engine.memory import fit_batch_in_memory, plan_memory, processes_on_this_machine
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
 from kneegen.engine.training import (
@@ -43,19 +44,20 @@ from kneegen.evaluation.during_training import SampleQuality, TrainingFid
 from kneegen.progress import console, progress_bar
 from kneegen.runs import (
     BEST,
+    CONFIG,
     LAST,
     STEP_CHECKPOINTS,
-    latest_run,
+    home_run_of,
+    latest_run_dir,
     new_run_dir,
     resume_candidates,
-    run_dir_of,
     step_checkpoint,
     step_checkpoints,
 )
+from kneegen.interruption import Interrupted, StopRequest
 from kneegen.sampling import choose_sampler, sample_batches
 from kneegen.viz import image_grid, plot_losses, save_png
 
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PREVIEWS = "previews"
 TENSORBOARD = "tensorboard"
@@ -86,27 +88,42 @@ def run_training(
 
     with process_group(dist, compute) as (dist, compute):
         state = create_state(cfg, data.image_shape, compute, dist)
+        plan = plan_memory(state.network, data.image_shape, compute, processes_on_this_machine())
+        cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
         # 1. A new run dir (chosen by rank 0), or the state of the interrupted run (read by all).
-        if resume:
-            run_dir = run_dir or (run_dir_of(checkpoint) if checkpoint else latest_run())
-            path, payload = resume_point(run_dir, checkpoint, cfg)
+        if resume and run_dir is None:
+            run_dir = home_run_of(checkpoint) if checkpoint else latest_run_dir()
+        resumed = resume_point(run_dir, checkpoint, cfg) if resume else None
+        if resumed is not None:
+            path, payload, changes = resumed
             restore_state(state, payload, dist)
             if state.epoch >= cfg.train.epochs:
                 raise KneegenError(f"{path} already has {state.epoch} epochs: raise --epochs to train further")
+            run_dir = run_dir or Path(dist.broadcast(str(start_run_dir(new_run_dir())) if dist.is_main else None))
             if dist.is_main:
+                console.print(f"resuming from {path} (epoch {state.epoch}, step {state.step}){changes}", highlight=False)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 keep_metrics_up_to(run_dir / METRICS_FILE, state)
                 for folder in (run_dir, run_dir / STEP_CHECKPOINTS):
                     remove_partial_writes(folder)
+        elif resume:
+            if not (run_dir / CONFIG).is_file():  # type: ignore[operator]
+                raise KneegenError(f"--resume: {run_dir} holds neither a checkpoint nor a {CONFIG}: start a new run "
+                                   "without --resume")
+            if dist.is_main:
+                console.print(f"--resume: {run_dir} has no checkpoint yet: starting it from the beginning", highlight=False)
+                keep_metrics_up_to(run_dir / METRICS_FILE, state)  # type: ignore[operator]
         else:
             run_dir = Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
         if dist.is_main:
-            save_config(cfg, run_dir / CONFIG_FILE)
+            save_config(cfg, run_dir / CONFIG)
         processes = f", {dist.world_size} processes" if dist.enabled else ""
         with quiet_unless(dist.is_main):
             if origin:
                 console.print(origin)
+            if memory_note:
+                console.print(memory_note, highlight=False)
             console.print(
                 f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
                 f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
@@ -139,7 +156,7 @@ def train_epochs(
     train = cfg.train
     per_epoch = steps_per_epoch(len(train_images), train.batch_size, dist.world_size)
     log = MetricsLog(run_dir, dist.is_main, train.tensorboard)
-    with progress_bar() as progress, contextlib.closing(log):
+    with progress_bar() as progress, contextlib.closing(log), StopRequest(active=not dist.enabled) as stop:
         task = progress.add_task(
             "training",
             total=per_epoch * train.epochs,
@@ -163,6 +180,12 @@ def train_epochs(
                 at_epoch_end, in_bad_streak = state.batch_in_epoch == per_epoch, state.bad_in_a_row > 0
                 if every(state.step, train.checkpoint_every_steps) and not (at_epoch_end or in_bad_streak):
                     save_training_checkpoint(state, cfg, image_shape, dist, run_dir)
+                if stop.requested:
+                    save_training_checkpoint(state, cfg, image_shape, dist, run_dir)
+                    raise Interrupted(
+                        f"{stop.requested} at epoch {state.epoch + 1}, step {state.step}: saved {run_dir / LAST}; "
+                        f"continue with: kneegen train --resume --run-dir {run_dir}"
+                    )
 
             # 2. Validation on rank 0 with the EMA weights, and the epoch record.
             epoch = state.epoch
@@ -265,30 +288,34 @@ def save_training_checkpoint(
             stale.unlink()
 
 
-def resume_point(run_dir: Path, checkpoint: Path | None, cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
-    """`checkpoint`, or the newest readable checkpoint of `run_dir` (a truncated or corrupt one is
-    named and skipped), after checking that `cfg` may continue it."""
+def resume_point(run_dir: Path | None, checkpoint: Path | None, cfg: RunConfig) -> tuple[Path, dict[str, Any], str] | None:
+    """(path, payload, the train keys changed) of `checkpoint`, or of the newest readable
+    checkpoint of `run_dir` (a truncated or corrupt one is named and skipped); None when the run
+    has no checkpoint file at all, i.e. it stopped before its first. Checks that `cfg` may continue it."""
     if checkpoint is not None:
         payload = load_checkpoint(checkpoint)
-        check_resumable(checkpoint, payload, cfg)
-        return checkpoint, payload
+        return checkpoint, payload, check_resumable(checkpoint, payload, cfg)
+    assert run_dir is not None
     candidates = [path for path in resume_candidates(run_dir) if path.is_file()]
     if not candidates:
-        raise KneegenError(f"--resume: {run_dir / LAST} not found; start a new run without --resume")
+        return None
     for path in candidates:
         try:
             payload = load_checkpoint(path)
         except KneegenError as error:
             console.print(f"skipping a damaged checkpoint: {error}", highlight=False, soft_wrap=True)
             continue
-        check_resumable(path, payload, cfg)
-        return path, payload
-    raise KneegenError(f"--resume: no readable checkpoint in {run_dir}; start a new run without --resume")
+        return path, payload, check_resumable(path, payload, cfg)
+    raise KneegenError(
+        f"--resume: every checkpoint in {run_dir} is damaged ({', '.join(p.name for p in candidates)}): "
+        f"start a new run with another --run-dir"
+    )
 
 
-def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> None:
+def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     """Refuse a checkpoint too old to resume, and a config that would change the network, the
-    process, or (mid-epoch) the meaning of the saved position in the data."""
+    process, or (mid-epoch) the meaning of the saved position in the data; return the other
+    train keys that changed (lr, epochs, …), as ", with train.lr 0.001 → 0.0005" for the log."""
     if payload["format_version"] < 2:
         raise KneegenError(
             f"{path} has checkpoint format {payload['format_version']}, which cannot be resumed exactly: "
@@ -306,6 +333,9 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> None
         changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
     if changed:
         raise KneegenError(f"--resume: {', '.join(changed)} differ from the config of {path}; keep them as they were")
+    allowed = [f"train.{key} {saved['train'][key]} → {value}" for key, value in current["train"].items()
+               if value != saved["train"][key]]
+    return f", with {', '.join(allowed)}" if allowed else ""
 
 
 # --- metrics, plots and previews ------------------------------------------------------------------

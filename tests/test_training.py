@@ -265,9 +265,10 @@ def test_existing_run_dir_is_not_reused_without_resume(trained_run, prepared, tm
     assert {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()} == files
 
 
-def test_resume_without_a_checkpoint_is_refused(prepared, tmp_path):
-    with pytest.raises(KneegenError, match="last.pt not found"):
+def test_resume_of_a_folder_without_checkpoint_or_config_is_refused(prepared, tmp_path):
+    with pytest.raises(KneegenError, match="neither a checkpoint nor a config.yaml"):
         run_training(tiny_config(prepared, tmp_path), tmp_path / "never", resume=True)
+    assert not (tmp_path / "never").exists()
 
 
 def test_run_dir_holds_config_metrics_plots_and_checkpoints(trained_run):

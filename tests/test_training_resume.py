@@ -4,6 +4,7 @@ data-parallel processes (torchrun, gloo) make exactly the updates of one process
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_losses_of_a_straight_run(prepar
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, log.read_text()[-2000:]
 
-    path, payload = resume_point(run_dir, None, tiny_config(prepared, tmp_path, train=LONG_RUN))
+    path, payload, _ = resume_point(run_dir, None, tiny_config(prepared, tmp_path, train=LONG_RUN))
     assert payload["epoch"] == 0 and 0 < payload["batch_in_epoch"] < 13, f"not killed mid-epoch: {path}"
     resumed = CliRunner().invoke(build_app(), ["train", "--resume-from", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
@@ -87,13 +88,90 @@ def test_resume_skips_damaged_checkpoints_and_continues_exactly(prepared, straig
         damaged.write_bytes(damaged.read_bytes()[:1000])
     (run_dir / ".last.pt.x1y2.tmp").write_bytes(b"partial")
 
-    path, payload = resume_point(run_dir, None, cfg)
+    path, payload, _ = resume_point(run_dir, None, cfg)
     assert path == kept[1] and payload["step"] == 24 and payload["batch_in_epoch"] == 11  # mid-epoch 2
     with pytest.raises(KneegenError, match="train.batch_size differ"):  # the saved position means batches of 4
         run_training(tiny_config(prepared, tmp_path, train={**LONG_RUN, "batch_size": 5}), run_dir, resume=True)
     run_training(cfg, run_dir, resume=True)
     assert losses(run_dir) == losses(straight_run)
     assert not (run_dir / ".last.pt.x1y2.tmp").exists()
+
+
+def test_ctrl_c_saves_the_current_step_and_names_the_resume_command(prepared, straight_run, tmp_path):
+    """The real console script: SIGINT mid-epoch ends with status 130 after a checkpoint at the
+    step reached, and the printed command continues to the straight run's losses."""
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=LONG_RUN)))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kneegen", "train", "--config", config, "--run-dir", run_dir],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    marker, deadline = step_checkpoint(run_dir, KILL_AFTER_STEP), time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    command = f"kneegen train --resume --run-dir {run_dir}"
+    assert command in " ".join(stderr.split()) and "Traceback" not in stderr
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert saved["step"] >= KILL_AFTER_STEP and saved["step"] not in (13, 26)  # a mid-epoch step, not an epoch end
+
+    resumed = CliRunner().invoke(build_app(), ["train", "--resume", "--run-dir", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming from {run_dir / 'last.pt'}" in " ".join(resumed.output.split())
+    assert losses(run_dir) == losses(straight_run)
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(prepared, straight_run, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=LONG_RUN)))
+    run_dir = tmp_path / "runs/20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config.read_text())  # what a run writes before its first step
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "steps", "step": 1, "train_loss": 0.5}) + "\n")
+    result = CliRunner().invoke(build_app(), ["train", "--resume"])  # the latest run: this one, without last.pt
+    assert result.exit_code == 0, result.output
+    assert "has no checkpoint yet: starting it from the beginning" in " ".join(result.output.split())
+    assert losses(run_dir) == losses(straight_run)
+
+
+def test_resume_falls_back_to_best_when_every_newer_checkpoint_is_damaged(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(prepared, tmp_path, train={**LONG_RUN, "keep_checkpoints": 1})
+    run_training(cfg, run_dir)
+    for damaged in (run_dir / "last.pt", *step_checkpoints(run_dir)):
+        damaged.write_bytes(b"cut short")
+    path, payload, _ = resume_point(run_dir, None, cfg)
+    assert path == run_dir / "best.pt" and payload["step"] > 0
+    (run_dir / "best.pt").write_bytes(b"cut short")
+    with pytest.raises(KneegenError, match="every checkpoint in .* is damaged"):
+        resume_point(run_dir, None, cfg)
+
+
+def test_resume_from_a_checkpoint_copied_out_of_its_run_uses_its_own_config(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    copied = tmp_path / "downloads/model.pt"
+    copied.parent.mkdir()
+    copied.write_bytes((trained_run / "last.pt").read_bytes())
+    epochs = load_checkpoint(copied)["epoch"] + 1
+    result = CliRunner().invoke(build_app(), ["train", "--resume-from", str(copied), "--epochs", str(epochs)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in copied.parent.iterdir()) == ["model.pt"]  # nothing written beside the copy
+    (new_run,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(new_run / "last.pt")["epoch"] == epochs
+    assert "train.epochs" in " ".join(result.output.split())  # the changed key is named
+
+
+def test_resume_refuses_a_folder_that_is_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(build_app(), ["train", "--resume", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no kneegen run" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_resume_refuses_a_checkpoint_of_the_first_format(trained_run, prepared, tmp_path):

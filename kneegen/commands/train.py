@@ -10,12 +10,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kneegen.config import load_config, parse_override
+from kneegen.config import RunConfig, config_from_mapping, load_config, parse_override
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
-from kneegen.runs import latest_run, run_dir_of
-from kneegen.training_run import CONFIG_FILE, run_training
+from kneegen.engine.checkpoint import checkpoint_config
+from kneegen.runs import CONFIG, home_run_of, latest_run_dir
+from kneegen.training_run import run_training
 
 
 def train(
@@ -53,16 +54,35 @@ def train(
         if not resume_from.exists():
             raise KneegenError(f"--resume-from {resume_from} not found: give a run dir or a .pt checkpoint in one")
         resume = True
-        checkpoint = resume_from if resume_from.is_file() else None
-        run_dir = run_dir or (run_dir_of(resume_from) if checkpoint else resume_from)
+        if resume_from.is_file():
+            checkpoint = resume_from
+        else:
+            run_dir = run_dir or resume_from
     if resume:
-        run_dir = run_dir or latest_run()
-        config = config or (run_dir_of(checkpoint) if checkpoint else run_dir) / CONFIG_FILE
-    elif config is None:
-        config, note = hardware_recipe(device or "auto", precision or "auto")
-    elif not config.exists() and str(config) in recipe_names():
-        config = recipe_path(str(config))
-    run_training(load_config(config, overrides), run_dir, resume, checkpoint, origin=note)
+        run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
+        cfg = config_to_resume(config, checkpoint, run_dir, overrides)
+    else:
+        if config is None:
+            config, note = hardware_recipe(device or "auto", precision or "auto")
+        elif not config.exists() and str(config) in recipe_names():
+            config = recipe_path(str(config))
+        cfg = load_config(config, overrides)
+    run_training(cfg, run_dir, resume, checkpoint, origin=note)
+
+
+def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path | None,
+                     overrides: dict[str, Any]) -> RunConfig:
+    """--config if given; else the config.yaml of the checkpoint's run; else, for a checkpoint
+    copied out of its run, the config the checkpoint carries."""
+    if config is not None:
+        return load_config(config, overrides)
+    home = home_run_of(checkpoint) if checkpoint else run_dir
+    if checkpoint is None and not (home / CONFIG).is_file():  # type: ignore[operator]
+        raise KneegenError(f"--resume: {home} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
+                           "or start a new run without --resume")
+    if home is not None:
+        return load_config(home / CONFIG, overrides)
+    return config_from_mapping(checkpoint_config(checkpoint), str(checkpoint), overrides)  # type: ignore[arg-type]
 
 
 def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:

@@ -76,3 +76,11 @@ def remove_partial_writes(folder: Path) -> None:
     """Delete the temporary files a process killed mid-`save_checkpoint` left behind."""
     for leftover in folder.glob(f".*{TEMPORARY_SUFFIX}"):
         leftover.unlink(missing_ok=True)
+
+
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The run config stored inside a checkpoint, as the mapping `config.config_from_mapping` reads."""
+    config = load_checkpoint(path).get("config")
+    if not isinstance(config, dict):
+        raise KneegenError(f"{path} holds no run config: give --config with the settings it was trained with")
+    return config

@@ -1,0 +1,118 @@
+"""Will a training step fit in memory? An estimate before the first step, and the micro-batches
+that make a batch fit when it would not.
+
+A step's peak is the tensors autograd keeps for the backward pass, which grow with the
+micro-batch, plus what does not: weights, gradients, the optimizer's two moments and the EMA.
+The first are counted exactly, once, with saved-tensor hooks on a forward pass of one image
+(in eval mode, so dropout draws nothing from the RNG and training stays bit-exact); the
+backward pass's own buffers come on top (HEADROOM, measured). A batch whose micro-batch would
+not fit is split into more micro-batches (`train.grad_accumulation`: the same updates) instead
+of letting the kernel kill the process with no message and no checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kneegen.config import RunConfig
+from kneegen.engine.device import Compute
+from kneegen.errors import KneegenError
+
+HEADROOM = 1.5  # step peak / (saved tensors + gradients + moments): measured 1.0-1.2 for CPU steps of the U-Nets here
+BYTES_PER_PARAMETER = 4 * 5  # fp32 weight, gradient, two Adam moments, EMA copy
+USABLE = 0.85  # share of the free memory a step may plan on; the rest is the OS's and the data's
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    per_image: int  # bytes autograd keeps per image of a micro-batch
+    fixed: int  # bytes that do not grow with the batch
+    available: int  # free bytes on the device, for this process
+
+    def step_bytes(self, micro_batch: int) -> int:
+        return int(HEADROOM * micro_batch * self.per_image) + self.fixed
+
+    def fits(self, micro_batch: int) -> bool:
+        return self.step_bytes(micro_batch) <= USABLE * self.available
+
+
+def saved_bytes_per_image(network: nn.Module, image_shape: tuple[int, int], compute: Compute) -> int:
+    """Bytes of the tensors one image's forward pass keeps for backward (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.zeros(1, 1, *image_shape, device=compute.device).to(memory_format=compute.memory_format)
+    t = torch.zeros(1, dtype=torch.long, device=compute.device)
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute.autocast():
+            network(x, t)
+    finally:
+        network.train(was_training)
+    return sum(saved.values())
+
+
+def free_memory(device: torch.device, processes_here: int) -> int | None:
+    """Free bytes for one of `processes_here` processes sharing the machine; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type != "cpu" or not meminfo.is_file():
+        return None
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+    if "MemAvailable" not in fields:
+        return None
+    return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, processes_here)
+
+
+def plan_memory(network: nn.Module, image_shape: tuple[int, int], compute: Compute, processes_here: int) -> MemoryPlan | None:
+    available = free_memory(compute.device, processes_here)
+    if available is None:
+        return None
+    fixed = BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
+    return MemoryPlan(saved_bytes_per_image(network, image_shape, compute), fixed, available)
+
+
+def fit_batch_in_memory(cfg: RunConfig, plan: MemoryPlan, world_size: int = 1) -> tuple[RunConfig, str]:
+    """`cfg` with enough micro-batches for this process's share of a batch to fit, and a line
+    saying so (empty when nothing changed); refuses when one image does not fit."""
+    rows = math.ceil(cfg.train.batch_size / world_size)  # the largest share of a batch
+    most = cfg.train.batch_size // world_size  # every process needs an image of every micro-batch
+    accumulation = cfg.train.grad_accumulation
+    while accumulation < most and not plan.fits(math.ceil(rows / accumulation)):
+        accumulation += 1
+    micro = math.ceil(rows / accumulation)
+    if not plan.fits(micro):
+        raise KneegenError(
+            f"one training image needs about {plan.step_bytes(1) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB are free: "
+            "lower model.channels or the image size (kneegen prepare --size), or free memory"
+        )
+    if accumulation == cfg.train.grad_accumulation:
+        return cfg, ""
+    note = (
+        f"memory: a micro-batch of {math.ceil(rows / cfg.train.grad_accumulation)} needs about "
+        f"{plan.step_bytes(math.ceil(rows / cfg.train.grad_accumulation)) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB "
+        f"are free: training each batch of {cfg.train.batch_size} as {accumulation} micro-batches of up to {micro} "
+        f"(train.grad_accumulation {accumulation}; the same updates)"
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accumulation=accumulation)), note
+
+
+def processes_on_this_machine() -> int:
+    """torchrun's LOCAL_WORLD_SIZE: processes sharing this machine's memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
