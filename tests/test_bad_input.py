@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         trained = invoke("train", "--config", "tiny.yaml")
         assert trained.exit_code == 0, trained.output
         (root / "a-file").write_text("not a folder")
+        shutil.copytree(next((root / "runs").iterdir()), root / "the-run")
+        (root / "broken.pt").write_bytes(b"not a checkpoint at all")
+        (root / "cut.pt").write_bytes((root / "runs").glob("*/last.pt").__next__().read_bytes()[:4000])
+        (root / "empty-folder").mkdir()
+        (root / "notes").mkdir()
+        (root / "notes/readme.txt").write_text("no images here")
+        (root / "config-list.yaml").write_text("- model\n- train\n")
+        (root / "config-bad.yaml").write_text("model: [1, 2\n")
+        broken_cache = root / "data/broken-cache"
+        broken_cache.mkdir(parents=True)
+        (broken_cache / "images.npy").write_bytes((root / "data/prepared/images.npy").read_bytes()[:300])
+        (broken_cache / "manifest.json").write_text((root / "data/prepared/manifest.json").read_text()[:100])
     return root
 
 
@@ -68,6 +81,67 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "negative seed": (("sample", "generate", "--seeds", "-5"), "--seeds"),
     "zero images": (("sample", "generate", 0), "N = 0"),
     "out is a file": (("sample", "generate", 2, "--out", "a-file"), "a-file"),
+    # prepare
+    "prepare without a source": (("prepare",), "--phantom"),
+    "prepare a missing folder": (("prepare", "no-such-src", "--out", "data/new"), "no-such-src"),
+    "prepare a folder without images": (("prepare", "notes", "--out", "data/new"), "notes"),
+    "prepare an empty folder": (("prepare", "empty-folder", "--out", "data/new"), "empty-folder"),
+    "size 0": (("prepare", "--phantom", 10, "--size", 0, "--out", "data/new"), "--size"),
+    "size not a number": (("prepare", "--phantom", 10, "--size", "big", "--out", "data/new"), "--size"),
+    "size too large": (("prepare", "--phantom", 10, "--size", 100000, "--out", "data/new"), "--size"),
+    "unknown fit": (("prepare", "--phantom", 10, "--fit", "squash", "--out", "data/new"), "--fit"),
+    "unknown axis": (("prepare", "notes", "--axis", "oblique", "--out", "data/new"), "--axis"),
+    "window reversed": (("prepare", "notes", "--window", "99,1", "--out", "data/new"), "--window"),
+    "val fraction above 1": (("prepare", "--phantom", 10, "--val-fraction", 1.5, "--out", "data/new"), "fraction"),
+    "fractions above 1 together": (("prepare", "--phantom", 10, "--val-fraction", 0.6, "--test-fraction", 0.6,
+                                    "--out", "data/new"), "fraction"),
+    "negative workers": (("prepare", "notes", "--workers", -1, "--out", "data/new"), "--workers"),
+    "min foreground above 1": (("prepare", "notes", "--min-foreground", 2, "--out", "data/new"), "--min-foreground"),
+    "prepare out is a file": (("prepare", "--phantom", 10, "--out", "a-file", "--phantom-dir", "ph-new"), "a-file"),
+    "prepare over a cache": (("prepare", "--phantom", 10, "--phantom-dir", "ph-new"), "--overwrite"),
+    "phantom dir is a file": (("prepare", "--phantom", 10, "--phantom-dir", "a-file", "--out", "data/new"), "a-file"),
+    "phantom into a user's folder": (("prepare", "--phantom", 10, "--phantom-dir", "notes", "--out", "data/new",
+                                      "--overwrite"), "did not write"),
+    "negative phantom": (("prepare", "--phantom", -5, "--out", "data/new"), "--phantom"),
+    "inspect a damaged cache": (("prepare", "--inspect", "data/broken-cache"), "manifest"),
+    "inspect a missing cache": (("prepare", "--inspect", "data/nothing"), "data/nothing"),
+    # train
+    "train on missing data": ((*TRAIN, "--data", "data/nothing"), "data/nothing"),
+    "train on a damaged cache": ((*TRAIN, "--data", "data/broken-cache"), "broken-cache"),
+    "config is a list": (("train", "--config", "config-list.yaml"), "config-list.yaml"),
+    "config is not YAML": (("train", "--config", "config-bad.yaml"), "config-bad.yaml"),
+    "unknown device": ((*TRAIN, "--device", "tpu"), "tpu"),
+    "unknown precision": ((*TRAIN, "--precision", "fp8"), "fp8"),
+    "batch size not a number": ((*TRAIN, "--set", "train.batch_size=abc"), "train.batch_size"),
+    "unknown arch": ((*TRAIN, "--set", "model.arch=transformer"), "model.arch"),
+    "unknown sampler in config": ((*TRAIN, "--set", "sample.sampler=nope"), "nope"),
+    "attention below the levels": ((*TRAIN, "--set", "model.attention_levels=[5]"), "model.attention_levels"),
+    "no gradient accumulation": ((*TRAIN, "--set", "train.grad_accumulation=0"), "train.grad_accumulation"),
+    "zero epochs": ((*TRAIN, "--epochs", 0), "train.epochs"),
+    "negative patch size": ((*TRAIN, "--set", "model.patch_size=-1"), "model.patch_size"),
+    "run dir is a file": ((*TRAIN, "--run-dir", "a-file"), "a-file"),
+    "run dir of an existing run": ((*TRAIN, "--run-dir", "the-run"), "--resume"),
+    "resume from a non-checkpoint": (("train", "--resume-from", "broken.pt"), "broken.pt"),
+    "resume from a truncated checkpoint": (("train", "--resume-from", "cut.pt"), "cut.pt"),
+    "resume a folder that is no run": (("train", "--resume", "--run-dir", "notes"), "notes"),
+    "image size the network cannot halve": ((*TRAIN, "--set", "model.channel_mults=[1,1,1,1,1,1]"), "--size"),
+    # validate
+    "validate a non-checkpoint": (("validate", "broken.pt"), "broken.pt"),
+    "validate a truncated checkpoint": (("validate", "cut.pt"), "cut.pt"),
+    "validate a missing checkpoint": (("validate", "gone/nope.pt"), "nope.pt"),
+    "validate zero samples": (("validate", "--samples", 0), "--samples"),
+    "validate unknown precision": (("validate", "--precision", "fp8"), "fp8"),
+    "validate on missing data": (("validate", "--data", "data/nothing"), "data/nothing"),
+    "validate with an unknown sampler": (("validate", "--sampler", "nope"), "nope"),
+    # sample
+    "sample a non-checkpoint": (("sample", "generate", 2, "--checkpoint", "broken.pt"), "broken.pt"),
+    "sample unknown sampler": (("sample", "generate", 2, "--sampler", "nope"), "nope"),
+    "sample unknown spacing": (("sample", "generate", 2, "--spacing", "bogus"), "--spacing"),
+    "sample more steps than timesteps": (("sample", "single", "--steps", 100000), "--steps"),
+    "sample unknown device": (("sample", "generate", 2, "--device", "tpu"), "tpu"),
+    "illustrate zero images": (("sample", "illustrate", 0), "N = 0"),
+    "seeds repeated": (("sample", "generate", "--seeds", "1,1"), "--seeds"),
+    "seeds reversed range": (("sample", "generate", "--seeds", "9-1"), "--seeds"),
 }
 
 

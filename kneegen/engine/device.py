@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 
 from kneegen.config import DeviceName, Precision
 from kneegen.errors import KneegenError
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ def resolve_compute(device: DeviceName | str, precision: Precision | str, allow_
 
     `allow_fp16` (training): `auto` on a CUDA GPU without bf16 picks fp16 with loss scaling.
     """
+    if precision not in PRECISIONS:
+        raise KneegenError(f"precision {precision!r} unknown: use {', '.join(PRECISIONS)}")
     chosen = pick_device(device)
     if precision == "fp32":
         return Compute(chosen, None)

@@ -85,6 +85,8 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
             f"(a stable FID needs {FEATURE_DIM})"
         )
     models = [load_trained_model(path, compute) for path in request.checkpoints]
+    for model in models:  # a bad --sampler or --steps is refused before minutes of feature extraction
+        choose_sampler(model, request.sampler, request.steps, None).timesteps(model.schedule)
     cache = open_cache(request.data or Path(models[0].config.data))
     for model in models:
         check_image_size(model, cache)
