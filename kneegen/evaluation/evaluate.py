@@ -167,8 +167,18 @@ def evaluate_model(
         "held_out_split": reference.split, "held_out_images": len(reference.held_out),
         **scores.summary(reference),
     }
-    out_dir = model.source.parent / f"validation_{model.source.stem}"
-    return write_report(out_dir, report, samples, reference.train, scores.pixels, scores.features)
+    return write_report(report_dir(model.source), report, samples, reference.train, scores.pixels, scores.features)
+
+
+def report_dir(checkpoint: Path) -> Path:
+    """validation_<stem>/ beside the checkpoint; -2, -3, … when earlier reports are there, which
+    stay as they were (they may have used other samplers, seeds or data)."""
+    first = checkpoint.parent / f"validation_{checkpoint.stem}"
+    candidate, n = first, 1
+    while candidate.exists():
+        n += 1
+        candidate = first.with_name(f"{first.name}-{n}")
+    return candidate
 
 
 @dataclass
