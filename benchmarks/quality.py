@@ -23,8 +23,8 @@ epoch would pass the budget; a recipe must keep a constant LR, since its length 
 advance. `--seeds 0 1 2` trains every recipe once per seed and reports mean and spread.
 
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed         # vs the original
-    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes old-demo uniform-minsnr5 \\
-        uniform minsnr5 demo                                                         # screening
+    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes old-demo uniform-minsnr5-ode \\
+        uniform-ode minsnr5-ode ode demo bs16 lr2e3 ema999 ema995                    # screening
     .venv/bin/python benchmarks/quality.py --minutes 0.3 --phantom 120 --held-out 0.5 \\
         --samples 24 --recipes demo                                                  # a smoke run
 """
@@ -75,7 +75,8 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     "old-demo": (recipe_path("cpu-bf16"), {"model.channels": 32, "model.blocks_per_level": 2, "model.patch_size": 4,
                                            "model.attention_levels": [1], "train.batch_size": 16,
                                            "diffusion.timestep_sampling": "uniform",
-                                           "diffusion.min_snr_gamma": 5.0}),  # examples/demo.yaml until 2026-12
+                                           "diffusion.min_snr_gamma": 5.0,
+                                           "sample.sampler": "dpm++2m"}),  # examples/demo.yaml until 2026-12
 }
 SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the bf16 recipe
     "w32": {"model.channels": 32}, "w48": {"model.channels": 48}, "w64": {"model.channels": 64}, "w96": {"model.channels": 96},
