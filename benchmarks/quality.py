@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kneegen.config import RunConfig, load_config
 from kneegen.data.cache import open_cache
-from kneegen.engine.device import Compute, resolve_compute
+from kneegen.engine.device import resolve_compute
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.evaluation.features import INSTALL_HINT, extract_features, find_feature_weights, load_feature_extractor
 from kneegen.evaluation.frechet import frechet_distance
