@@ -11,10 +11,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kneegen.config import RunConfig, config_from_mapping, load_config, parse_override
+from kneegen.engine.checkpoint import checkpoint_config
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
-from kneegen.engine.checkpoint import checkpoint_config
 from kneegen.runs import CONFIG, home_run_of, latest_run_dir
 from kneegen.training_run import run_training
 
@@ -72,17 +72,20 @@ def train(
 
 def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path | None,
                      overrides: dict[str, Any]) -> RunConfig:
-    """--config if given; else the config.yaml of the checkpoint's run; else, for a checkpoint
-    copied out of its run, the config the checkpoint carries."""
+    """--config if given; else the config.yaml of the checkpoint's run (or of `run_dir`); else,
+    for a checkpoint copied out of its run, the config the checkpoint carries."""
     if config is not None:
         return load_config(config, overrides)
-    home = home_run_of(checkpoint) if checkpoint else run_dir
-    if checkpoint is None and not (home / CONFIG).is_file():  # type: ignore[operator]
-        raise KneegenError(f"--resume: {home} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
-                           "or start a new run without --resume")
-    if home is not None:
+    if checkpoint is not None:
+        home = home_run_of(checkpoint)
+        if home is None:
+            return config_from_mapping(checkpoint_config(checkpoint), str(checkpoint), overrides)
         return load_config(home / CONFIG, overrides)
-    return config_from_mapping(checkpoint_config(checkpoint), str(checkpoint), overrides)  # type: ignore[arg-type]
+    assert run_dir is not None  # without a checkpoint file, --resume always has a run dir
+    if not (run_dir / CONFIG).is_file():
+        raise KneegenError(f"--resume: {run_dir} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
+                           "or start a new run without --resume")
+    return load_config(run_dir / CONFIG, overrides)
 
 
 def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
