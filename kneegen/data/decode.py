@@ -1,24 +1,44 @@
-"""One slice image file → a grayscale array that keeps the file's bit depth.
+"""One slice image file → a grayscale array that keeps the file's bit depth: the `image` input reader.
 
 AKOA slices are RGB PNGs with three equal channels; other sources bring palette, alpha or
 16-bit files. 8-bit sources become uint8, 16-bit ones uint16, so no precision is thrown away
-before training. Every way a file can fail is turned into a `SkippedFile` reason the summary
-can count, instead of an exception from deep inside Pillow.
+before training. Every way a file can fail is turned into an `UnreadableFile` reason the
+summary can count, instead of an exception from deep inside Pillow.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from kneegen.data.akoa import parse_akoa_name
+from kneegen.data.inputs import Decoded, InputReader, Item
+from kneegen.errors import KneegenError
+
+if TYPE_CHECKING:
+    from kneegen.data.prepare import PrepareOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class UnreadableFile(Exception):
-    """A file that cannot be used, with the reason shown in the summary."""
+class UnreadableFile(KneegenError):
+    """A file that cannot be used, with the reason shown in the summary (prepare skips it)."""
+
+
+def read_image(item: Item, options: PrepareOptions) -> Decoded:
+    """A slice file; AKOA names give patient, knee and slice, other files their folder or name."""
+    pixels = read_gray(item.path)
+    parsed = parse_akoa_name(item.path.name)
+    if parsed is not None:
+        return Decoded(item, [(parsed.slice_index, pixels)], parsed.patient, parsed.volume, parsed.side)
+    return Decoded(item, [(None, pixels)], item.group, item.group)
+
+
+IMAGES = InputReader("image", read_image, suffixes=IMAGE_SUFFIXES)
 
 
 def read_gray(path: Path) -> np.ndarray:

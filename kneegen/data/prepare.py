@@ -3,7 +3,9 @@
 `prepare_folder` reads every input once, on all cores, brings each slice to one size and bit
 depth, assigns patients to train/val/test, and writes the cache with a manifest that records
 where every slice came from. Unreadable inputs are skipped and counted (or fatal with
-`strict`), so one bad file among 18,680 never costs the user the whole run.
+`strict`), so one bad file among 18,680 never costs the user the whole run. What counts as an
+input, and how it is read, is up to the input readers (`kneegen.data.inputs`); this module
+names no format.
 """
 
 from __future__ import annotations
@@ -11,19 +13,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kneegen.data.akoa import parse_akoa_name
 from kneegen.data.cache import check_room_for, is_cache, write_cache
-from kneegen.data.decode import IMAGE_SUFFIXES, UnreadableFile, read_gray, widen_to_16_bit
+from kneegen.data.decode import widen_to_16_bit
 from kneegen.data.geometry import Fit, fit_to_size
+from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, load_readers
 from kneegen.data.splits import SPLITS, SplitFractions, split_patients
 from kneegen.data.summary import PrepareSummary, summarize
-from kneegen.data.volumes import VOLUME_SUFFIXES, MissingReaders, read_volume_slices, volumes_among
 from kneegen.errors import KneegenError
 
 MAX_SIDE = 4096  # pixels; beyond this a --size is a typo (and 18,680 slices would not fit in memory)
@@ -53,31 +54,6 @@ class PrepareOptions:
             raise KneegenError(f"--workers {self.workers}: give a number of processes, or 0 for one per core")
         if max(self.size) > MAX_SIDE:
             raise KneegenError(f"--size {self.size[0]}x{self.size[1]}: at most {MAX_SIDE} pixels a side")
-
-
-@dataclass
-class Item:
-    """One input: an image file or a volume (NIfTI file or DICOM series folder)."""
-
-    path: Path
-    kind: str  # "image" or "volume"
-    name: str  # the path relative to the source folder, as the manifest records it
-    group: str  # the patient when the name carries none: its sub-folder, else the file itself
-
-
-@dataclass
-class Decoded:
-    """What one input gave: slices with their identity, or the reason it gave none."""
-
-    item: Item
-    slices: list[tuple[int | None, np.ndarray]]  # (slice index, (H, W) uint8/uint16)
-    patient: str = ""
-    volume: str = ""
-    side: str | None = None
-    source_size: tuple[int, ...] = ()
-    window: tuple[float, float] | None = None
-    empty_slices: int = 0
-    reason: str | None = None
 
 
 def prepare_folder(
@@ -135,7 +111,7 @@ def prepare_folder(
         "options": {**asdict(options), "size": list(options.size)},
         "split_ranges": {name: [int(starts[i]), int(starts[i + 1])] for i, name in enumerate(SPLITS)},
         "patients": dict(sorted(assignment.items())),
-        "volumes": [volume_record(r) for r in decoded if r.item.kind == "volume"],
+        "volumes": [volume_record(r) for r in decoded if r.item.reader.volumetric],
         "source_sizes": [list(r.source_size) for r in decoded],
         "slices": records,
         "skipped": skipped,
@@ -145,20 +121,33 @@ def prepare_folder(
 
 
 def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
-    """Images and volumes under `src`, and the other files with why they are ignored."""
+    """The inputs under `src`, each with the reader that claims it, and the other files with
+    why they are ignored."""
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of slices or volumes, or use --phantom N")
+    readers = load_readers()
     files = walk_files(src)
-    volumes = volumes_among(files)
-    in_series = {p for v in volumes if v.is_dir() for p in v.iterdir()}
-    items = [input_item(p, "image", src) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    items += [input_item(v, "volume", src) for v in volumes]
-    ignored = [(p, f"not an image or volume ({p.suffix or 'no suffix'})") for p in files
-               if p.suffix.lower() not in IMAGE_SUFFIXES and p not in in_series
-               and not p.name.lower().endswith(VOLUME_SUFFIXES)]
+    # 1. Folder shapes first: a folder some of whose files make it one input (a DICOM series).
+    folders: dict[Path, InputReader] = {}
+    for path in files:
+        reader = readers.for_folder_of(path)
+        if reader is not None:
+            folders.setdefault(path.parent, reader)
+    # 2. Every other file is an input of its own or ignored; a claimed folder's other files silently.
+    items = [input_item(folder, reader, src) for folder, reader in folders.items()]
+    ignored = []
+    for path in files:
+        part_of = readers.for_folder_of(path)
+        if part_of is not None:
+            if folders[path.parent] is not part_of:  # two folder kinds in one folder: the first file's wins
+                ignored.append((path, f"in a folder read as one {folders[path.parent].name} input"))
+        elif (reader := readers.for_file(path)) is not None:
+            items.append(input_item(path, reader, src))
+        elif path.parent not in folders:
+            ignored.append((path, f"not an image or volume ({path.suffix or 'no suffix'})"))
     if not items:
         raise KneegenError(
-            f"no images (PNG/JPG/TIFF) or volumes (NIfTI, DICOM series) found in {src}: "
+            f"no images (PNG/JPG/TIFF) or volumes found in {src} (the input readers claim {readers.claims()}): "
             "point kneegen prepare at the folder that holds them"
         )
     return sorted(items, key=lambda item: str(item.path)), ignored
@@ -181,11 +170,11 @@ def walk_files(src: Path) -> list[Path]:
     return sorted(files)
 
 
-def input_item(path: Path, kind: str, src: Path) -> Item:
+def input_item(path: Path, reader: InputReader, src: Path) -> Item:
     """Without a name to go by, a sub-folder is taken as one patient: the safe side for leakage."""
     name = path.relative_to(src)
     group = name.parent if name.parent != Path(".") else name
-    return Item(path, kind, str(name), f"file:{group}")
+    return Item(path, reader, str(name), f"file:{group}")
 
 
 def read_all(items: list[Item], options: PrepareOptions) -> Iterator[Decoded]:
@@ -203,37 +192,13 @@ def read_input(task: tuple[Item, PrepareOptions]) -> Decoded:
     """One input → its fitted slices and identity, or the reason it cannot be used."""
     item, options = task
     try:
-        if item.kind == "image":
-            return read_image(item, options)
-        return read_volume(item, options)
-    except UnreadableFile as exc:
-        return Decoded(item, [], reason=str(exc))
-    except MissingReaders:
-        raise
-    except KneegenError as exc:  # a volume the reader refuses, with its own one-line reason
+        decoded = item.reader.read(item, options)
+    except ReaderUnavailable:
+        raise  # the reader cannot read anything (its optional packages are missing): stop the run
+    except KneegenError as exc:  # this input only, with its one-line reason
         return Decoded(item, [], reason=str(exc).removeprefix(f"{item.path}: "))
-
-
-def read_image(item: Item, options: PrepareOptions) -> Decoded:
-    """A slice file; AKOA names give patient, knee and slice, other files their folder or name."""
-    pixels = read_gray(item.path)
-    fitted = fit_to_size(pixels, options.size, options.fit)
-    parsed = parse_akoa_name(item.path.name)
-    if parsed is not None:
-        return Decoded(item, [(parsed.slice_index, fitted)], parsed.patient, parsed.volume, parsed.side, pixels.shape)
-    return Decoded(item, [(None, fitted)], item.group, item.group, None, pixels.shape)
-
-
-def read_volume(item: Item, options: PrepareOptions) -> Decoded:
-    """A NIfTI file or DICOM series: windowed, near-empty slices left out, each slice fitted."""
-    volume = read_volume_slices(item.path, options.axis, options.percentiles, options.min_foreground)
-    if not volume.slices:
-        return Decoded(item, [], reason=f"every slice along {options.axis} is near-empty")
-    slices = [(index, fit_to_size(pixels, options.size, options.fit)) for index, pixels in volume.slices]
-    return Decoded(
-        item, slices, volume.patient, item.name, volume.side,
-        volume.slices[0][1].shape, volume.window, volume.skipped_empty,
-    )
+    slices = [(index, fit_to_size(pixels, options.size, options.fit)) for index, pixels in decoded.slices]
+    return replace(decoded, slices=slices, source_size=decoded.slices[0][1].shape)
 
 
 def slice_record(result: Decoded, index: int | None, split: str) -> dict[str, Any]:

@@ -16,22 +16,26 @@ than `min_foreground` (5 % by default) of its pixels are brighter than 5 % of th
 (windowed value > 0.05 × 65535): air beyond the knee at the ends of the field of view.
 
 nibabel and pydicom are the optional `volumes` extra, imported only when a volume is read.
+`NIFTI` and `DICOM` are the input readers that hand volumes to `prepare`.
 """
 
 from __future__ import annotations
 
 import importlib
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from kneegen.data.akoa import parse_akoa_name
+from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable
 from kneegen.errors import KneegenError
+
+if TYPE_CHECKING:
+    from kneegen.data.prepare import PrepareOptions
 
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 DICOM_SUFFIX = ".dcm"
@@ -42,10 +46,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes point left/
 SAME_POSITION_MM = 1e-3  # slices closer than this along the normal are at the same position
 DICOM_SIDES = {"L": "LEFT", "R": "RIGHT"}
 MISSING_READERS = "reading NIfTI/DICOM volumes needs nibabel and pydicom: pip install 'kneegen[volumes]'"
-
-
-class MissingReaders(KneegenError):
-    """The `volumes` extra is not installed: fatal for the whole run, not a skipped file."""
 
 
 @dataclass
@@ -70,18 +70,12 @@ def find_volumes(src: Path) -> list[Path]:
     """NIfTI files and DICOM series folders (any folder directly holding .dcm files) under `src`.
 
     Sorted by path so repeated runs see the same order; empty when there are none, so a caller
-    can combine this with other kinds of sources.
+    can combine this with other kinds of sources. (`prepare` finds them through the readers.)
     """
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of NIfTI files or DICOM series")
-    return volumes_among(p for p in src.rglob("*") if p.is_file())
-
-
-def volumes_among(files: Iterable[Path]) -> list[Path]:
-    """The NIfTI files among `files` and the folders holding its DICOM files, sorted; a caller
-    that has listed the tree already (prepare) need not walk it a second time."""
     found = set()
-    for path in files:
+    for path in (p for p in src.rglob("*") if p.is_file()):
         if is_nifti(path):
             found.add(path)
         elif path.suffix.lower() == DICOM_SUFFIX:
@@ -116,12 +110,24 @@ def read_volume_slices(
     return VolumeSlices(path, patient, side, volume.shape, window, slices, skipped)
 
 
+def read_volume(item: Item, options: PrepareOptions) -> Decoded:
+    """A NIfTI file or DICOM series as a `prepare` input: windowed, near-empty slices left out."""
+    volume = read_volume_slices(item.path, options.axis, options.percentiles, options.min_foreground)
+    if not volume.slices:
+        raise KneegenError(f"{item.path}: every slice along {options.axis} is near-empty")
+    return Decoded(item, volume.slices, volume.patient, item.name, volume.side, volume.window, volume.skipped_empty)
+
+
+NIFTI = InputReader("nifti", read_volume, suffixes=VOLUME_SUFFIXES, volumetric=True)
+DICOM = InputReader("dicom", read_volume, folder_suffixes=(DICOM_SUFFIX,), volumetric=True)
+
+
 def import_reader(name: str, path: Path) -> ModuleType:
     """`nibabel` or `pydicom`, imported on first use because they are an optional extra."""
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise MissingReaders(f"{path}: {MISSING_READERS}") from None
+        raise ReaderUnavailable(f"{path}: {MISSING_READERS}") from None
 
 
 def read_nifti(path: Path, nib: ModuleType) -> RawVolume:
