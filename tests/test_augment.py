@@ -9,7 +9,7 @@ from kneegen.engine.augment import MAX_INTENSITY_SCALE, augment
 from kneegen.errors import KneegenError
 from kneegen.training_run import run_training
 
-from conftest import tiny_config
+from helpers import tiny_config
 from test_training import losses_of
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_run_dict
+from helpers import tiny_run_dict
 from kneegen.cli import build_app
 
 PHANTOM = 40  # 2 patients: 20 train + 20 val images

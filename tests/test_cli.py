@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_run_dict
+from helpers import tiny_run_dict
 from kneegen.cli import build_app
 
 PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images

@@ -19,7 +19,7 @@ from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
 
-from conftest import IMAGE_SIZE, PHANTOM_IMAGES, prepare_options
+from helpers import IMAGE_SIZE, PHANTOM_IMAGES, prepare_options
 
 REAL_NAME = "OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_12.png"
 

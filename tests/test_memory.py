@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from kneegen.config import ModelConfig
 from kneegen.engine.device import Compute
 from kneegen.engine.memory import HEADROOM, MemoryPlan, fit_batch_in_memory, saved_bytes_per_image

@@ -18,7 +18,7 @@ from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
 
-from conftest import prepare_options
+from helpers import prepare_options
 from test_volumes import NIBABEL_DATA, nib, save_nifti, synthetic_knee, write_series
 
 SIZE = (16, 16)

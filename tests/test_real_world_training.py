@@ -22,7 +22,7 @@ from kneegen.engine.trained import load_trained_model
 from kneegen.sampling import choose_sampler, sample_batches
 from kneegen.training_run import run_training
 
-from conftest import prepare_options, tiny_config
+from helpers import prepare_options, tiny_config
 
 SHAPE = (16, 24)  # H × W
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from helpers import tiny_config
 from kneegen.cli import build_app
 from kneegen.config import load_config
 from kneegen.engine.device import Compute

@@ -12,7 +12,7 @@ from collections import deque
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_run_dict
+from helpers import tiny_config, tiny_run_dict
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.distributed import SINGLE
 from kneegen.engine.schedule import Schedule

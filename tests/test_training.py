@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from helpers import tiny_config
 from kneegen.config import TrainConfig
 from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint

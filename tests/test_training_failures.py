@@ -13,7 +13,7 @@ from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.training_run import run_training
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from kneegen.errors import KneegenError
 from kneegen.training_run import run_training
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 @pytest.fixture()

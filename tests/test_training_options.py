@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_config
+from helpers import tiny_config
 from kneegen.config import TrainConfig
 from kneegen.data.cache import open_cache
 from kneegen.engine.device import Compute

@@ -17,7 +17,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config, tiny_run_dict
+from helpers import tiny_config, tiny_run_dict
 from kneegen.cli import build_app
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
