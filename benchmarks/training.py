@@ -41,6 +41,7 @@ from kneegen.engine.network import build_network
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.training import create_state, epoch_steps
 from kneegen.recipes import recipe_for, recipe_path
+
 from quality import cpu_kind  # benchmarks/ is on sys.path when a script in it runs
 
 SEED_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "seed.yaml"

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_run_dict
 from kneegen.cli import build_app
+
+from helpers import tiny_run_dict
 
 PHANTOM = 40  # 2 patients: 20 train + 20 val images
 

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import tiny_run_dict
 from kneegen.cli import build_app
+
+from helpers import tiny_run_dict
 
 PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images
 TWO_PATIENT_SPLIT = ("--val-fraction", 0.5, "--test-fraction", 0)

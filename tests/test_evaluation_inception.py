@@ -18,7 +18,11 @@ from PIL import Image
 
 from kneegen.data.phantom import phantom_volume
 from kneegen.evaluation.features import (
-    FEATURE_DIM, InceptionFeatures, bundled_weights, extract_features, load_feature_extractor,
+    FEATURE_DIM,
+    InceptionFeatures,
+    bundled_weights,
+    extract_features,
+    load_feature_extractor,
 )
 from kneegen.evaluation.frechet import frechet_distance
 from kneegen.evaluation.kid import kernel_inception_distance

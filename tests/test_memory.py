@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_config
 from kneegen.config import ModelConfig
 from kneegen.engine.device import Compute
 from kneegen.engine.memory import HEADROOM, MemoryPlan, fit_batch_in_memory, saved_bytes_per_image
 from kneegen.engine.network import build_network
 from kneegen.errors import KneegenError
 from kneegen.training_run import read_metrics, run_training
+
+from helpers import tiny_config
 
 CPU = Compute(torch.device("cpu"), None)
 TINY = ModelConfig(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)

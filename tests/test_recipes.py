@@ -8,7 +8,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import tiny_config
 from kneegen.cli import build_app
 from kneegen.config import load_config
 from kneegen.engine.device import Compute
@@ -16,6 +15,8 @@ from kneegen.engine.network import build_network
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
 from kneegen.training_run import read_metrics, run_training
+
+from helpers import tiny_config
 
 DEMO_SIZE = (64, 64)
 

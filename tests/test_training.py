@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import tiny_config
 from kneegen.config import TrainConfig
 from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
@@ -25,6 +24,8 @@ from kneegen.engine.training import create_state, epoch_steps, learning_rate
 from kneegen.engine.validation import bucket_timesteps, validation_loss
 from kneegen.errors import KneegenError
 from kneegen.training_run import epoch_records, read_metrics, run_training
+
+from helpers import tiny_config
 
 CPU = Compute(torch.device("cpu"), None)
 

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from helpers import tiny_config
 from kneegen.config import TrainConfig
 from kneegen.data.cache import open_cache
 from kneegen.engine.device import Compute
@@ -34,6 +33,8 @@ from kneegen.engine.training import (
 )
 from kneegen.errors import KneegenError
 from kneegen.training_run import epoch_records, read_metrics, run_training
+
+from helpers import tiny_config
 
 CPU = Compute(torch.device("cpu"), None)
 

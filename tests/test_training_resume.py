@@ -17,12 +17,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_config, tiny_run_dict
 from kneegen.cli import build_app
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import read_metrics, resume_point, run_training
+
+from helpers import tiny_config, tiny_run_dict
 
 # Batch 4 on the 50 training images: 13 steps an epoch, so a kill after a few steps is mid-epoch.
 LONG_RUN = {"batch_size": 4, "epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 3, "log_every_steps": 5}
