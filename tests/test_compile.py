@@ -41,6 +41,7 @@ class Recorder:
         return self.network(x, t)
 
 
+@pytest.mark.slow
 def test_compiled_sampling_draws_the_same_images_as_eager(trained_run: Path):
     """Seeds 0-2 in batches of 2: one real compilation, the last batch of 1 padded to 2."""
     model = load_trained_model(trained_run / "best.pt", CPU_FP32)

@@ -28,6 +28,8 @@ from kneegen.evaluation.frechet import frechet_distance
 from kneegen.evaluation.kid import kernel_inception_distance
 from kneegen.evaluation.memorisation import compare_with_training
 
+pytestmark = pytest.mark.slow  # loads the FID Inception network and runs it on ~65 images
+
 SIZE = 32
 CPU = torch.device("cpu")
 

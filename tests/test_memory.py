@@ -60,6 +60,7 @@ def test_a_single_image_that_does_not_fit_is_refused(tmp_path):
         fit_batch_in_memory(cfg, plan(10_000, 1_000))
 
 
+@pytest.mark.slow
 def test_training_with_little_memory_makes_the_updates_of_the_full_batch(prepared, tmp_path, monkeypatch):
     """Planned micro-batches are grad_accumulation, which is tested to give the same updates: the
     losses equal those of the same run given that accumulation by hand."""

@@ -50,6 +50,7 @@ def test_sixteen_bit_pixels_reach_the_model_range_exactly(deep_cache):
     assert len(np.unique(images[:4] % 256)) > 200  # the low byte survived prepare
 
 
+@pytest.mark.slow
 def test_training_and_sampling_on_a_non_square_sixteen_bit_cache(deep_cache, tmp_path):
     run_dir = tmp_path / "run"
     run_training(tiny_config(deep_cache, tmp_path, train={"epochs": 1, "val_images": 8}), run_dir, resume=False)

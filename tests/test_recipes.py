@@ -42,6 +42,7 @@ def test_channels_last_only_on_gpus():
     assert Compute(torch.device("cuda"), torch.bfloat16).memory_format == torch.channels_last
 
 
+@pytest.mark.slow
 def test_train_without_config_announces_the_recipe_for_this_cpu(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(build_app(), [
@@ -56,6 +57,7 @@ def test_train_without_config_announces_the_recipe_for_this_cpu(prepared, tmp_pa
         load_config(run / "config.yaml")
 
 
+@pytest.mark.slow
 def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(build_app(), [
@@ -70,6 +72,7 @@ def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
         "train.val_timesteps": 1, "train.batch_size": 24})
 
 
+@pytest.mark.slow
 def test_a_time_budget_stops_at_an_epoch_end_and_resume_goes_on(prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path, train={"epochs": 5, "minutes": 1e-4})
     started = time.perf_counter()

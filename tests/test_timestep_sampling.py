@@ -138,6 +138,7 @@ def test_sum_tensor_of_one_process_is_its_tensor_in_fp32_on_the_cpu():
 IMPORTANCE = {"timesteps": 8, "timestep_sampling": "importance"}
 
 
+@pytest.mark.slow
 def test_importance_run_resumed_mid_run_gives_the_losses_of_a_straight_run(prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE,
                       train={"epochs": 4, "checkpoint_every_steps": 3, "keep_checkpoints": 10})
@@ -157,6 +158,7 @@ def test_importance_run_resumed_mid_run_gives_the_losses_of_a_straight_run(prepa
         assert torch.equal(again["timestep_sampler"][key], straight_last["timestep_sampler"][key])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_timestep_history_resumes_with_an_empty_one(prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE, train={"epochs": 1})
     run_dir = tmp_path / "run"
@@ -169,6 +171,7 @@ def test_a_checkpoint_without_a_timestep_history_resumes_with_an_empty_one(prepa
     assert state.timestep_sampler.seen.sum().item() == 50  # the second epoch's images only
 
 
+@pytest.mark.slow
 def test_two_processes_draw_importance_sampled_t_like_one(prepared, tmp_path):
     """torchrun, 2 CPU processes (gloo), against one process with 2 micro-batches: `sum_tensor`
     hands each process the losses of the other's share, so histories, draws and weights stay

@@ -39,6 +39,7 @@ def run_validation(network, images, cfg, buckets=None, batch_size=None):
 # --- learning -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_on_phantom_slices(prepared, tmp_path):
     cfg = tiny_config(prepared, tmp_path, train={"ema_decay": 0.0, "val_timesteps": 10})
     data = open_cache(prepared)
@@ -218,6 +219,7 @@ def losses_of(run_dir: Path) -> list[tuple[int, list[float], float | None]]:
     return [(r["epoch"], r["train_losses"], r["val_loss"]) for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path, dropout):
     model = {"dropout": dropout}
@@ -237,6 +239,7 @@ def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path, dropout):
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+@pytest.mark.slow
 def test_resume_drops_metrics_written_after_the_checkpoint(prepared, tmp_path):
     run_dir = tmp_path / "run"
     run_training(tiny_config(prepared, tmp_path, train={"epochs": 1}), run_dir, resume=False)

@@ -43,6 +43,7 @@ def test_out_of_memory_names_the_batch_size_and_accumulation(prepared, tmp_path,
         run_training(tiny_config(prepared, tmp_path), tmp_path / "run", resume=False)
 
 
+@pytest.mark.slow
 def test_epoch_record_reports_peak_memory(prepared, tmp_path):
     run_training(tiny_config(prepared, tmp_path, train={"epochs": 1}), tmp_path / "run", resume=False)
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])

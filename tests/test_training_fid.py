@@ -21,6 +21,7 @@ def own_cache(prepared, tmp_path):
     return shutil.copytree(prepared, tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_fid_every_epoch_is_recorded_and_chooses_best_pt(own_cache, tmp_path):
     train = {"epochs": 2, "fid_every": 1, "fid_samples": 8, "best_by": "fid"}
     run_training(tiny_config(own_cache, tmp_path, train=train), tmp_path / "run", resume=False)

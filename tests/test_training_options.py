@@ -172,6 +172,7 @@ def test_a_non_finite_step_is_skipped_and_counted(prepared, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights[-1].values())
 
 
+@pytest.mark.slow
 def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_training(tiny_config(prepared, tmp_path, train={"epochs": 1}), run_dir)
@@ -189,6 +190,7 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(prepa
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_loss_scaling_and_checkpoints_the_scaler(prepared, tmp_path):
     """On CUDA without bf16; here on the CPU, where autocast has fp16 too, to run the code path."""
     cfg = tiny_config(prepared, tmp_path)
@@ -226,6 +228,7 @@ def test_compile_wraps_the_training_network_only(prepared, tmp_path, monkeypatch
 # --- what a run writes ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_step_records_previews_and_missing_tensorboard(prepared, tmp_path, capsys):
     run_dir = tmp_path / "run"
     cfg = tiny_config(prepared, tmp_path, train={"epochs": 1, "log_every_steps": 2, "preview_every": 1,

@@ -51,6 +51,7 @@ def straight_run(prepared, tmp_path_factory) -> Path:
     return work / "run"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_losses_of_a_straight_run(prepared, straight_run, tmp_path):
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=LONG_RUN)))
@@ -78,6 +79,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_losses_of_a_straight_run(prepar
     assert all(torch.equal(straight["model"][k], again["model"][k]) for k in straight["model"])
 
 
+@pytest.mark.slow
 def test_resume_skips_damaged_checkpoints_and_continues_exactly(prepared, straight_run, tmp_path):
     run_dir = tmp_path / "run"
     cfg = tiny_config(prepared, tmp_path, train=LONG_RUN)
@@ -98,6 +100,7 @@ def test_resume_skips_damaged_checkpoints_and_continues_exactly(prepared, straig
     assert not (run_dir / ".last.pt.x1y2.tmp").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_names_the_resume_command(prepared, straight_run, tmp_path):
     """The real console script: SIGINT mid-epoch ends with status 130 after a checkpoint at the
     step reached, and the printed command continues to the straight run's losses."""
@@ -125,6 +128,7 @@ def test_ctrl_c_saves_the_current_step_and_names_the_resume_command(prepared, st
     assert losses(run_dir) == losses(straight_run)
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(prepared, straight_run, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -140,6 +144,7 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(prep
     assert losses(run_dir) == losses(straight_run)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_best_when_every_newer_checkpoint_is_damaged(prepared, tmp_path):
     run_dir = tmp_path / "run"
     cfg = tiny_config(prepared, tmp_path, train={**LONG_RUN, "keep_checkpoints": 1})
@@ -153,6 +158,7 @@ def test_resume_falls_back_to_best_when_every_newer_checkpoint_is_damaged(prepar
         resume_point(run_dir, None, cfg)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_copied_out_of_its_run_uses_its_own_config(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     copied = tmp_path / "downloads/model.pt"
@@ -202,6 +208,7 @@ def train_with_torchrun(run: dict, config: Path, run_dir: Path) -> subprocess.Co
     return launched
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_updates_of_one(prepared, tmp_path):
     """torchrun, 2 CPU processes (gloo), each with half of every batch of 16, against one process
     with the same batches in 2 micro-batches (the same halves): bit-identical weights and losses."""
