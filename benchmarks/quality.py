@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kneegen.config import RunConfig, load_config
 from kneegen.data.cache import open_cache
 from kneegen.engine.device import resolve_compute
+from kneegen.engine.network import network_settings
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.evaluation.features import INSTALL_HINT, extract_features, find_feature_weights, load_feature_extractor
 from kneegen.evaluation.frechet import frechet_distance
@@ -72,21 +73,22 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     "demo": (recipe_path("cpu-bf16"), {}),
     "demo-fp32": (recipe_path("cpu-fp32"), {}),
     "seed": (EXAMPLES / "seed.yaml", {}),
-    "old-demo": (recipe_path("cpu-bf16"), {"model.channels": 32, "model.blocks_per_level": 2, "model.patch_size": 4,
-                                           "model.attention_levels": [1], "train.batch_size": 16,
+    "old-demo": (recipe_path("cpu-bf16"), {"model.unet.channels": 32, "model.unet.blocks_per_level": 2, "model.unet.patch_size": 4,
+                                           "model.unet.attention_levels": [1], "train.batch_size": 16,
                                            "diffusion.timestep_sampling": "uniform",
                                            "diffusion.min_snr_gamma": 5.0,
                                            "sample.sampler": "dpm++2m"}),  # examples/demo.yaml until 2026-12
 }
 SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the bf16 recipe
-    "w32": {"model.channels": 32}, "w48": {"model.channels": 48}, "w64": {"model.channels": 64}, "w96": {"model.channels": 96},
-    "p1": {"model.patch_size": 1}, "p2": {"model.patch_size": 2}, "p4": {"model.patch_size": 4},
-    "b1": {"model.blocks_per_level": 1}, "b2": {"model.blocks_per_level": 2},
+    "w32": {"model.unet.channels": 32}, "w48": {"model.unet.channels": 48}, "w64": {"model.unet.channels": 64}, "w96": {"model.unet.channels": 96},
+    "p1": {"model.unet.patch_size": 1}, "p2": {"model.unet.patch_size": 2}, "p4": {"model.unet.patch_size": 4},
+    "b1": {"model.unet.blocks_per_level": 1}, "b2": {"model.unet.blocks_per_level": 2},
     "bs16": {"train.batch_size": 16}, "bs32": {"train.batch_size": 32}, "bs64": {"train.batch_size": 64},
     "lr5e4": {"train.lr": 5e-4}, "lr1e3": {"train.lr": 1e-3}, "lr2e3": {"train.lr": 2e-3},
     "ema995": {"train.ema_decay": 0.995}, "ema998": {"train.ema_decay": 0.998}, "ema999": {"train.ema_decay": 0.999},
-    "attn1": {"model.attention_levels": [1, 2]}, "attn0": {"model.attention_levels": []},
-    "drop": {"model.dropout": 0.1}, "fp32": {"precision": "fp32"}, "minsnr0": {"diffusion.min_snr_gamma": 0.0},
+    "attn1": {"model.unet.attention_levels": [1, 2]}, "attn0": {"model.unet.attention_levels": []},
+    "m124": {"model.unet.channel_mults": [1, 2, 4]}, "m1222": {"model.unet.channel_mults": [1, 2, 2, 2]},
+    "drop": {"model.unet.dropout": 0.1}, "fp32": {"precision": "fp32"}, "minsnr0": {"diffusion.min_snr_gamma": 0.0},
     "offset": {"diffusion.offset_noise": 0.1}, "importance": {"diffusion.timestep_sampling": "importance"},
     "lognormal": {"diffusion.timestep_sampling": "lognormal"}, "uniform": {"diffusion.timestep_sampling": "uniform"},
     "minsnr5": {"diffusion.min_snr_gamma": 5.0},
@@ -177,7 +179,7 @@ class Judge:
         images = np.concatenate([batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)])
         seconds = (time.perf_counter() - started) / len(self.seeds)
         features = features_of(self.extractor, images)
-        patch = model.config.model.patch_size if model.config.model.arch == "unet" else 1
+        patch = getattr(network_settings(model.config.model)[1], "patch_size", 1)  # pixels folded per side
         return self.score(images, features, patch, seconds), images, f"{choice.describe()}, {compute.describe()}"
 
     def score(self, images: np.ndarray, features: np.ndarray, patch: int, seconds: float, copies: bool = True) -> Scores:

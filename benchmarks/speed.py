@@ -15,15 +15,15 @@ from collections.abc import Callable
 import torch
 import yaml
 
-from kneegen.config import ModelConfig, from_dict
+from kneegen.config import ModelConfig, model_from_mapping
 from kneegen.engine.device import Compute, bf16_supported
 from kneegen.engine.network import build_network
 from kneegen.recipes import recipe_names, recipe_path
 
 
 def models() -> dict[str, ModelConfig]:
-    recipes = {f"unet-{name}": from_dict(ModelConfig, yaml.safe_load(recipe_path(name).read_text())["model"],
-                                         str(recipe_path(name)), "model.") for name in recipe_names()}
+    recipes = {f"unet-{name}": model_from_mapping(yaml.safe_load(recipe_path(name).read_text())["model"],
+                                                  str(recipe_path(name))) for name in recipe_names()}
     return {
         "unet-default": ModelConfig(),
         **recipes,

@@ -1,7 +1,9 @@
 """The run config: one dataclass per concern, loaded from YAML, overridden from the CLI.
 
-Every choice is validated once, here, so the rest of the code can trust it: unknown keys are
-named with the closest known key, wrong types name the key and the expected type. The resolved
+Every built-in choice is validated once, here, so the rest of the code can trust it: unknown keys
+are named with the closest known key, wrong types name the key and the expected type. Names that
+plugins can extend (the network and its settings, the sampler) are checked where the registries
+are loaded (kneegen/engine/plugins.py), so this module imports nothing of the engine. The resolved
 config is written into the run dir and into every checkpoint.
 """
 
@@ -20,7 +22,6 @@ import yaml
 
 from kneegen.errors import KneegenError
 
-Arch = Literal["unet", "seed"]
 ScheduleKind = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
 LossKind = Literal["l1", "l2", "huber"]
@@ -34,15 +35,41 @@ TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engi
 
 @dataclass
 class ModelConfig:
-    """The denoising network. `seed` is the original plain U-Net and ignores the other keys."""
+    """The denoising network: `arch` names one of the registry (kneegen/engine/network.py), and
+    each network's own keys sit in a section under its name (`model.unet.channels`). Networks can
+    come from plugins, so the sections are checked where the network is looked up, not here."""
 
-    arch: Arch = "unet"
-    channels: int = 64  # width of the first level; later levels multiply it
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
-    blocks_per_level: int = 2
-    attention_levels: list[int] = field(default_factory=lambda: [2])  # 0 = first level
-    patch_size: int = 1  # pixel-unshuffle factor applied before the first level
-    dropout: float = 0.0
+    arch: str = "unet"
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# The U-Net's keys as configs and checkpoints wrote them before networks had sections (until
+# 2026-12): read as `model.unet.*`, so those runs keep loading and resuming.
+FLAT_UNET_KEYS = ("channels", "channel_mults", "blocks_per_level", "attention_levels", "patch_size", "dropout")
+
+
+def model_from_mapping(raw: Any, source: str) -> ModelConfig:
+    """`model:` of a config: `arch` plus one mapping per network section."""
+    if not isinstance(raw, dict):
+        raise KneegenError(f"{source}: model must be a mapping of keys")
+    raw = dict(raw)
+    arch = raw.pop("arch", ModelConfig.arch)
+    if not isinstance(arch, str):
+        raise KneegenError(f"{source}: model.arch must be the name of a network, e.g. unet; got {arch!r}")
+    sections: dict[str, dict[str, Any]] = {}
+    flat = {key: raw.pop(key) for key in FLAT_UNET_KEYS if key in raw}
+    for name, section in raw.items():
+        if not isinstance(section, dict):
+            raise KneegenError(f"{source}: unknown config key 'model.{name}'; a network's keys go in its "
+                               f"section, e.g. model.{arch}.{name}")
+        sections[str(name)] = dict(section)
+    if flat:
+        sections["unet"] = {**sections.get("unet", {}), **flat}
+    return ModelConfig(arch, sections)
+
+
+def model_to_mapping(model: ModelConfig) -> dict[str, Any]:
+    return {"arch": model.arch, **copy.deepcopy(model.sections)}
 
 
 @dataclass
@@ -129,7 +156,6 @@ def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, A
         set_dotted(raw, dotted, value)
     config = from_dict(RunConfig, raw, source, prefix="")
     check_ranges(config, source)
-    check_sampler(config.sample.sampler, source)
     return config
 
 
@@ -140,10 +166,6 @@ AT_LEAST_1: Bounds = (1, None, True, False)
 POSITIVE: Bounds = (0, None, False, False)
 UNIT: Bounds = (0, 1, True, True)
 RANGES: dict[str, Bounds] = {
-    "model.channels": AT_LEAST_1,
-    "model.blocks_per_level": AT_LEAST_1,
-    "model.patch_size": AT_LEAST_1,
-    "model.dropout": (0, 1, True, False),
     "diffusion.timesteps": (2, None, True, False),
     "diffusion.min_snr_gamma": AT_LEAST_0,
     "diffusion.offset_noise": AT_LEAST_0,
@@ -177,10 +199,6 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
     """The bounds the types cannot express, each named by its key; lists are checked per item."""
     for key, bounds in RANGES.items():
         check_bound(key, get_dotted(config, key), bounds, source)
-    for item in config.model.channel_mults:
-        check_bound("model.channel_mults", item, AT_LEAST_1, source)
-    if not config.model.channel_mults:
-        raise KneegenError(f"{source}: model.channel_mults is empty: give one width multiplier per level, e.g. [1, 2, 2]")
     if config.train.best_by == "fid" and config.train.fid_every == 0:
         raise KneegenError(
             f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "
@@ -213,16 +231,6 @@ def get_dotted(config: Any, dotted: str) -> Any:
     return config
 
 
-def check_sampler(name: str, source: str) -> None:
-    """Samplers are a registry plugins extend, so they are checked against it, not a Literal."""
-    from kneegen.engine.samplers import get_sampler  # the engine imports this module
-
-    try:
-        get_sampler(name)
-    except KneegenError as error:
-        raise KneegenError(f"{source}: sample.sampler: {error}") from None
-
-
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping; any other content is the user's to fix."""
     if not path.is_file():
@@ -247,7 +255,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise KneegenError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__}); "
-                           f"e.g. --set model.channel_mults=[1,2,2]") from None
+                           f"e.g. --set model.unet.channel_mults=[1,2,2]") from None
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -264,7 +272,7 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """Plain nested dict (YAML and checkpoint friendly)."""
-    return dataclasses.asdict(config)
+    return {**dataclasses.asdict(config), "model": model_to_mapping(config.model)}
 
 
 def save_config(config: RunConfig, path: Path) -> None:
@@ -291,6 +299,8 @@ def from_dict(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
 
 def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
     """Check `value` against a field type (dataclass, Literal, list[int], scalar) and return it."""
+    if expected is ModelConfig:
+        return model_from_mapping(value, source)
     if dataclasses.is_dataclass(expected):
         return from_dict(expected, value, source, prefix=f"{key}.")
     origin = typing.get_origin(expected)

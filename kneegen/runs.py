@@ -31,6 +31,16 @@ def new_run_dir(root: Path = RUNS_ROOT) -> Path:
     return candidate
 
 
+def start_run_dir(run_dir: Path) -> Path:
+    """Create the run dir; an existing one holds someone's results and is never reused silently."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise KneegenError(
+            f"run dir {run_dir} already exists: pass --resume to continue it, or choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def latest_run(root: Path = RUNS_ROOT) -> Path:
     """The run whose last checkpoint was written most recently."""
     runs = [p.parent for p in root.glob(f"*/{LAST}")] if root.is_dir() else []

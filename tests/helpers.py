@@ -23,11 +23,7 @@ PHANTOM_SLICES_PER_VOLUME = 10  # 6 patients
 # A model that trains in about a second per epoch on 50 images of 32×32 on one CPU thread.
 TINY_MODEL: dict[str, Any] = {
     "arch": "unet",
-    "channels": 16,
-    "channel_mults": [1, 2],
-    "blocks_per_level": 1,
-    "attention_levels": [1],
-    "patch_size": 2,
+    "unet": {"channels": 16, "channel_mults": [1, 2], "blocks_per_level": 1, "attention_levels": [1], "patch_size": 2},
 }
 
 TINY_RUN: dict[str, Any] = {

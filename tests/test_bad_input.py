@@ -60,13 +60,13 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "zero lr": ((*TRAIN, "--set", "train.lr=0"), "train.lr"),
     "ema decay above 1": ((*TRAIN, "--set", "train.ema_decay=1.5"), "train.ema_decay"),
     "ema decay of 1": ((*TRAIN, "--set", "train.ema_decay=1"), "train.ema_decay"),
-    "no channels": ((*TRAIN, "--set", "model.channels=0"), "model.channels"),
-    "empty channel_mults": ((*TRAIN, "--set", "model.channel_mults=[]"), "model.channel_mults"),
-    "zero channel mult": ((*TRAIN, "--set", "model.channel_mults=[1,0]"), "model.channel_mults"),
+    "no channels": ((*TRAIN, "--set", "model.unet.channels=0"), "model.unet.channels"),
+    "empty channel_mults": ((*TRAIN, "--set", "model.unet.channel_mults=[]"), "model.unet.channel_mults"),
+    "zero channel mult": ((*TRAIN, "--set", "model.unet.channel_mults=[1,0]"), "model.unet.channel_mults"),
     "one timestep": ((*TRAIN, "--set", "diffusion.timesteps=1"), "diffusion.timesteps"),
     "zero timesteps": ((*TRAIN, "--set", "diffusion.timesteps=0"), "diffusion.timesteps"),
-    "unclosed list": ((*TRAIN, "--set", "model.channel_mults=[1,2"), "--set"),
-    "dropout of 1": ((*TRAIN, "--set", "model.dropout=1"), "model.dropout"),
+    "unclosed list": ((*TRAIN, "--set", "model.unet.channel_mults=[1,2"), "--set"),
+    "dropout of 1": ((*TRAIN, "--set", "model.unet.dropout=1"), "model.unet.dropout"),
     "negative minutes": ((*TRAIN, "--minutes", -1), "train.minutes"),
     "seed beyond 64 bits": ((*TRAIN, "--set", f"train.seed={2**64}"), "train.seed"),
     "negative batch": ((*TRAIN, "--set", "train.batch_size=-4"), "train.batch_size"),
@@ -116,16 +116,16 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "batch size not a number": ((*TRAIN, "--set", "train.batch_size=abc"), "train.batch_size"),
     "unknown arch": ((*TRAIN, "--set", "model.arch=transformer"), "model.arch"),
     "unknown sampler in config": ((*TRAIN, "--set", "sample.sampler=nope"), "nope"),
-    "attention below the levels": ((*TRAIN, "--set", "model.attention_levels=[5]"), "model.attention_levels"),
+    "attention below the levels": ((*TRAIN, "--set", "model.unet.attention_levels=[5]"), "model.unet.attention_levels"),
     "no gradient accumulation": ((*TRAIN, "--set", "train.grad_accumulation=0"), "train.grad_accumulation"),
     "zero epochs": ((*TRAIN, "--epochs", 0), "train.epochs"),
-    "negative patch size": ((*TRAIN, "--set", "model.patch_size=-1"), "model.patch_size"),
+    "negative patch size": ((*TRAIN, "--set", "model.unet.patch_size=-1"), "model.unet.patch_size"),
     "run dir is a file": ((*TRAIN, "--run-dir", "a-file"), "a-file"),
     "run dir of an existing run": ((*TRAIN, "--run-dir", "the-run"), "--resume"),
     "resume from a non-checkpoint": (("train", "--resume-from", "broken.pt"), "broken.pt"),
     "resume from a truncated checkpoint": (("train", "--resume-from", "cut.pt"), "cut.pt"),
     "resume a folder that is no run": (("train", "--resume", "--run-dir", "notes"), "notes"),
-    "image size the network cannot halve": ((*TRAIN, "--set", "model.channel_mults=[1,1,1,1,1,1]"), "--size"),
+    "image size the network cannot halve": ((*TRAIN, "--set", "model.unet.channel_mults=[1,1,1,1,1,1]"), "--size"),
     # validate
     "validate a non-checkpoint": (("validate", "broken.pt"), "broken.pt"),
     "validate a truncated checkpoint": (("validate", "cut.pt"), "cut.pt"),
@@ -172,7 +172,7 @@ def test_an_unexpected_error_is_one_line_with_a_log_of_its_traceback(workspace, 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("kneegen.commands.train.run_training", broken)
+    monkeypatch.setattr("kneegen.train_request.run_training", broken)
     result = invoke(*TRAIN)
     assert result.exit_code == 1
     (line,) = [line for line in result.output.splitlines() if line.strip()]
@@ -184,7 +184,7 @@ def test_an_unexpected_error_is_one_line_with_a_log_of_its_traceback(workspace, 
 
 def test_debug_shows_the_traceback_of_an_unexpected_error(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
-    monkeypatch.setattr("kneegen.commands.train.run_training", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("kneegen.train_request.run_training", lambda *a, **k: 1 / 0)
     result = invoke("--debug", *TRAIN)
     assert isinstance(result.exception, ZeroDivisionError)
     monkeypatch.setenv("KNEEGEN_DEBUG", "1")

@@ -98,7 +98,7 @@ def test_prepare_and_train_write_the_cache_and_a_run(in_workspace):
     assert run.parent == in_workspace / "runs"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["channels"] == 16
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["unet"]["channels"] == 16
 
 
 def test_train_set_and_epochs_flags_reach_the_config(in_workspace):
@@ -303,7 +303,7 @@ def test_image_size_the_network_cannot_downsample(in_workspace, tmp_path):
     prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36", *TWO_PATIENT_SPLIT)
     assert prepared.exit_code == 0, prepared.output
     result = invoke("train", "--config", "tiny.yaml", "--data", tmp_path / "data36", "--run-dir", tmp_path / "run36",
-                    "--set", "model.channel_mults=[1, 2, 2]")
+                    "--set", "model.unet.channel_mults=[1, 2, 2]")
     assert_clean_user_error(result, "36x36", "--size", "multiples of 8")
     assert not (tmp_path / "run36").exists()
 
@@ -651,16 +651,16 @@ def test_compile_flag_compiles_the_network_once_per_command(in_workspace, compil
 
 
 def test_no_compile_flag_overrides_the_runs_sample_compile(in_workspace, compile_calls, monkeypatch):
-    from kneegen.commands import sample
+    from kneegen import sample_jobs
 
-    load = sample.load_trained_model
+    load = sample_jobs.load_trained_model
 
     def load_with_sample_compile(path, compute):
         model = load(path, compute)
         model.config.sample.compile = True
         return model
 
-    monkeypatch.setattr(sample, "load_trained_model", load_with_sample_compile)
+    monkeypatch.setattr(sample_jobs, "load_trained_model", load_with_sample_compile)
     assert invoke("sample", "single", "--out", "config_compile").exit_code == 0
     assert len(compile_calls) == 1
     assert invoke("sample", "single", "--no-compile", "--out", "config_no_compile").exit_code == 0

@@ -17,7 +17,7 @@ from kneegen.engine.trained import load_trained_model
 from kneegen.sampling import SamplerChoice, sample_batches
 
 CPU_FP32 = Compute(torch.device("cpu"), None)
-TINY = ModelConfig(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=2)
+TINY = ModelConfig("unet", {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=2)})
 
 
 def random_network() -> torch.nn.Module:

@@ -19,6 +19,9 @@ from kneegen.config import (
     save_config,
     to_dict,
 )
+from kneegen.engine.network import network_settings
+from kneegen.engine.plugins import resolve_plugins
+from kneegen.engine.unet import UNetConfig
 from kneegen.errors import KneegenError
 
 
@@ -33,7 +36,8 @@ def test_defaults_without_a_file():
     assert cfg == RunConfig()
     assert cfg.data == "data/prepared"
     assert cfg.device == "auto" and cfg.precision == "auto"
-    assert cfg.model == ModelConfig("unet", 64, [1, 2, 2], 2, [2], 1, 0.0)
+    assert cfg.model == ModelConfig("unet", {})
+    assert network_settings(cfg.model)[1] == UNetConfig(64, [1, 2, 2], 2, [2], 1, 0.0)
     assert cfg.diffusion == DiffusionConfig(1000, "cosine", "v", "l2")
     assert cfg.train.epochs == 50 and cfg.train.batch_size == 32 and cfg.train.lr == 2e-4
     assert cfg.train.ema_decay == 0.999 and cfg.train.val_timesteps == 10
@@ -42,18 +46,30 @@ def test_defaults_without_a_file():
 
 def test_defaults_are_not_shared_between_configs():
     a, b = load_config(), load_config()
-    a.model.channel_mults.append(4)
-    assert b.model.channel_mults == [1, 2, 2]
+    a.model.sections["unet"] = {"channels": 8}
+    assert b.model.sections == {}
 
 
 def test_yaml_file_overrides_only_what_it_names(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n  lr: 0.001\nmodel:\n  channel_mults: [1, 2]\n"))
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n  lr: 0.001\nmodel:\n  unet:\n    channel_mults: [1, 2]\n    attention_levels: [1]\n"))
     assert cfg.train.epochs == 7
     assert cfg.train.lr == 0.001
-    assert cfg.model.channel_mults == [1, 2]
+    unet = network_settings(cfg.model)[1]
+    assert unet.channel_mults == [1, 2]
     assert cfg.train.batch_size == TrainConfig().batch_size
-    assert cfg.model.channels == ModelConfig().channels
+    assert unet.channels == UNetConfig().channels
     assert cfg.diffusion == DiffusionConfig()
+
+
+def test_flat_unet_keys_of_configs_written_before_sections_read_as_the_unet_section(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  arch: unet\n  channels: 16\n  patch_size: 2\n"))
+    assert cfg.model == ModelConfig("unet", {"unet": {"channels": 16, "patch_size": 2}})
+    assert load_config(None, {"model.channels": 8}).model.sections == {"unet": {"channels": 8}}
+
+
+def test_a_model_key_that_is_no_section_is_refused_naming_where_it_goes():
+    with pytest.raises(KneegenError, match=r"model\.width.*model\.unet\.width"):
+        load_config(None, {"model.width": 8})
 
 
 def test_empty_yaml_file_gives_the_defaults(tmp_path):
@@ -62,11 +78,11 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
 
 def test_set_overrides_beat_the_yaml_file(tmp_path):
     path = write(tmp_path, "train:\n  lr: 0.001\n  epochs: 3\n")
-    overrides = dict(parse_override(text) for text in ["train.lr=3e-4", "model.channel_mults=[1, 1, 2]", "device=cpu"])
+    overrides = dict(parse_override(text) for text in ["train.lr=3e-4", "model.unet.channel_mults=[1, 1, 2]", "device=cpu"])
     cfg = load_config(path, overrides)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 3e-4
     assert cfg.train.epochs == 3
-    assert cfg.model.channel_mults == [1, 1, 2]
+    assert cfg.model.sections["unet"]["channel_mults"] == [1, 1, 2]
     assert cfg.device == "cpu"
 
 
@@ -131,15 +147,16 @@ def test_wrong_type_names_the_key_and_the_type(tmp_path):
         ({"train.epochs": 2.5}, "train.epochs"),
         ({"train.epochs": True}, "train.epochs"),  # a bool is not an int here
         ({"train.lr": "fast"}, "train.lr"),
-        ({"model.channel_mults": 2}, "model.channel_mults"),
-        ({"model.channel_mults": [1, "x"]}, "model.channel_mults"),
+        ({"model.unet.channel_mults": 2}, "model.unet.channel_mults"),
+        ({"model.unet.channel_mults": [1, "x"]}, "model.unet.channel_mults"),
+        ({"model.arch": 3}, "model.arch"),
         ({"data": 3}, "data"),
         ({"train": 5}, "train"),
     ],
 )
 def test_wrong_types_are_refused_naming_the_key(override, key):
     with pytest.raises(KneegenError, match=key.replace(".", r"\.")):
-        load_config(None, override)
+        resolve_plugins(load_config(None, override), "test")
 
 
 def test_literal_violation_lists_the_choices(tmp_path):
@@ -152,12 +169,14 @@ def test_literal_violation_lists_the_choices(tmp_path):
 
 @pytest.mark.parametrize(
     "key, choices",
-    [("model.arch", "unet, seed"), ("sample.sampler", "ddim, ddpm"), ("diffusion.prediction", "eps, v"),
+    [("model.arch", "seed, unet"), ("sample.sampler", "ddim, ddpm"), ("diffusion.prediction", "eps, v"),
      ("device", "auto, cpu, cuda, mps")],
 )
-def test_every_literal_field_lists_its_choices(key, choices):
-    with pytest.raises(KneegenError, match=choices):
-        load_config(None, {key: "nonsense"})
+def test_every_choice_lists_its_choices(key, choices):
+    """Plugin choices (network, sampler) are checked once the registries are loaded."""
+    with pytest.raises(KneegenError, match=choices) as info:
+        resolve_plugins(load_config(None, {key: "nonsense"}), "test")
+    assert key in str(info.value)
 
 
 def test_exponent_string_in_yaml_becomes_a_float(tmp_path):

@@ -10,17 +10,19 @@ from kneegen.engine.device import Compute
 from kneegen.engine.memory import HEADROOM, MemoryPlan, fit_batch_in_memory, saved_bytes_per_image
 from kneegen.engine.network import build_network
 from kneegen.errors import KneegenError
-from kneegen.training_run import read_metrics, run_training
+from kneegen.metrics_log import read_metrics
+from kneegen.training_run import run_training
 
 from helpers import tiny_config
 
 CPU = Compute(torch.device("cpu"), None)
-TINY = ModelConfig(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)
+TINY_UNET = dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)
+TINY = ModelConfig("unet", {"unet": TINY_UNET})
 
 
 def test_saved_bytes_grow_with_the_image_and_leave_the_rng_and_weights_alone():
     torch.manual_seed(0)
-    network = build_network(ModelConfig(**{**vars(TINY), "attention_levels": []}), (16, 16)).train()
+    network = build_network(ModelConfig("unet", {"unet": {**TINY_UNET, "attention_levels": []}}), (16, 16)).train()
     before = [p.detach().clone() for p in network.parameters()]
     state = torch.random.get_rng_state()
     small = saved_bytes_per_image(network, (16, 16), CPU)

@@ -7,11 +7,16 @@ import torch
 
 from kneegen.config import ModelConfig
 from kneegen.engine.network import build_network, check_image_size, size_multiple
-from kneegen.engine.seed_unet import SeedUNet
+from kneegen.engine.seed_unet import SeedUNet, SeedUNetConfig
 from kneegen.engine.unet import UNet
 from kneegen.errors import KneegenError
 
 TINY = dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)
+
+
+def unet(**keys) -> ModelConfig:
+    """A U-Net config with these keys in its section."""
+    return ModelConfig("unet", {"unet": keys})
 
 
 def n_parameters(module: torch.nn.Module) -> int:
@@ -19,21 +24,21 @@ def n_parameters(module: torch.nn.Module) -> int:
 
 
 def test_seed_unet_has_the_original_parameter_count():
-    assert n_parameters(SeedUNet()) == 31_140_577
+    assert n_parameters(SeedUNet(SeedUNetConfig())) == 31_140_577
     assert n_parameters(build_network(ModelConfig(arch="seed"), (32, 32))) == 31_140_577
 
 
-def test_seed_arch_ignores_the_unet_keys():
-    network = build_network(ModelConfig(arch="seed", channels=8, channel_mults=[1], patch_size=4), (16, 16))
+def test_seed_arch_ignores_the_unet_section():
+    network = build_network(ModelConfig("seed", {"unet": dict(channels=8, channel_mults=[1], patch_size=4)}), (16, 16))
     assert isinstance(network, SeedUNet)
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        ModelConfig(**TINY),
-        ModelConfig(**{**TINY, "patch_size": 2}),
-        ModelConfig(channels=8, channel_mults=[1, 2, 2], blocks_per_level=2, attention_levels=[0, 2], patch_size=1),
+        unet(**TINY),
+        unet(**{**TINY, "patch_size": 2}),
+        unet(channels=8, channel_mults=[1, 2, 2], blocks_per_level=2, attention_levels=[0, 2], patch_size=1),
     ],
     ids=["tiny", "tiny-patch2", "three-levels"],
 )
@@ -48,7 +53,7 @@ def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
 
 def test_unet_starts_as_zero_predictor_and_depends_on_t_once_trained():
     torch.manual_seed(0)
-    network = build_network(ModelConfig(**TINY), (16, 16))
+    network = build_network(unet(**TINY), (16, 16))
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(network(x, torch.tensor([3, 3])), torch.zeros_like(x))  # zero-initialised head
     with torch.no_grad():
@@ -73,8 +78,8 @@ def test_seed_unet_output_shape_equals_input_shape_for_non_square_images():
     [
         (ModelConfig(arch="seed"), (40, 48), 16),
         (ModelConfig(arch="seed"), (48, 36), 16),
-        (ModelConfig(channel_mults=[1, 2, 2]), (36, 30), 4),
-        (ModelConfig(channel_mults=[1, 2, 2], patch_size=2), (36, 36), 8),
+        (unet(channel_mults=[1, 2, 2]), (36, 30), 4),
+        (unet(channel_mults=[1, 2, 2], patch_size=2), (36, 36), 8),
     ],
 )
 def test_build_network_refuses_a_size_it_cannot_downsample(cfg, shape, multiple):
@@ -92,7 +97,7 @@ def test_size_suggestion_fits_the_network():
     for cfg, shape in [
         (ModelConfig(arch="seed"), (40, 56)),
         (ModelConfig(arch="seed"), (8, 8)),  # the smallest size `prepare` accepts
-        (ModelConfig(channel_mults=[1, 2, 2, 2]), (12, 20)),
+        (unet(channel_mults=[1, 2, 2, 2]), (12, 20)),
     ]:
         with pytest.raises(KneegenError) as info:
             check_image_size(cfg, shape)
@@ -104,12 +109,12 @@ def test_size_suggestion_fits_the_network():
 
 def test_attention_level_outside_the_levels_is_refused():
     with pytest.raises(KneegenError, match="attention_levels"):
-        build_network(ModelConfig(channel_mults=[1, 2], attention_levels=[2]), (32, 32))
+        build_network(unet(channel_mults=[1, 2], attention_levels=[2]), (32, 32))
 
 
 def test_seed_batchnorm_in_eval_mode_is_independent_of_the_rest_of_the_batch():
     torch.manual_seed(0)
-    network = SeedUNet()
+    network = SeedUNet(SeedUNetConfig())
     # Non-trivial running statistics, as after training.
     network.train()
     with torch.no_grad():

@@ -12,9 +12,11 @@ from kneegen.cli import build_app
 from kneegen.config import load_config
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
+from kneegen.engine.plugins import resolve_plugins
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
-from kneegen.training_run import read_metrics, run_training
+from kneegen.metrics_log import read_metrics
+from kneegen.training_run import run_training
 
 from helpers import tiny_config
 
@@ -52,9 +54,9 @@ def test_train_without_config_announces_the_recipe_for_this_cpu(prepared, tmp_pa
     assert result.exit_code == 0, result.output
     assert "recipe cpu-fp32" in result.output
     (run,) = (tmp_path / "runs").iterdir()
-    assert load_config(recipe_path("cpu-fp32"), {"data": str(prepared), "train.epochs": 1, "train.val_images": 4,
-                                                 "train.val_timesteps": 1, "train.batch_size": 24}) == \
-        load_config(run / "config.yaml")
+    recipe = load_config(recipe_path("cpu-fp32"), {"data": str(prepared), "train.epochs": 1, "train.val_images": 4,
+                                                   "train.val_timesteps": 1, "train.batch_size": 24})
+    assert resolve_plugins(recipe, "recipe") == load_config(run / "config.yaml")  # with the network's defaults
 
 
 @pytest.mark.slow
@@ -67,9 +69,9 @@ def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "no --config" not in result.output
     (run,) = (tmp_path / "runs").iterdir()
-    assert load_config(run / "config.yaml") == load_config(recipe_path("cpu-bf16"), {
+    assert load_config(run / "config.yaml") == resolve_plugins(load_config(recipe_path("cpu-bf16"), {
         "data": str(prepared), "train.epochs": 1, "precision": "fp32", "train.val_images": 4,
-        "train.val_timesteps": 1, "train.batch_size": 24})
+        "train.val_timesteps": 1, "train.batch_size": 24}), "recipe")
 
 
 @pytest.mark.slow

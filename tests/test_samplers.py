@@ -181,7 +181,8 @@ def test_sde_solver_first_step_is_the_ddpm_posterior_step(cosine):
 
 def test_a_network_denoiser_is_batch_independent_per_seed():
     torch.manual_seed(0)
-    cfg = ModelConfig(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)
+    cfg = ModelConfig("unet", {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1],
+                                              patch_size=1)})
     network = build_network(cfg, (16, 16))
     with torch.no_grad():  # the zero-initialised head would make every output 0
         for p in network.parameters():
@@ -313,6 +314,7 @@ def test_a_plugin_package_adds_a_sampler_through_entry_points(tmp_path, monkeypa
     import sys
 
     from kneegen.config import load_config
+    from kneegen.engine.plugins import resolve_plugins
 
     dist_info = tmp_path / "halfddim-0.1.dist-info"
     dist_info.mkdir()
@@ -332,7 +334,7 @@ def test_a_plugin_package_adds_a_sampler_through_entry_points(tmp_path, monkeypa
     assert torch.equal(plugin, direct)
     config = tmp_path / "run.yaml"
     config.write_text("sample:\n  sampler: halfddim\n")
-    assert load_config(config).sample.sampler == "halfddim"
+    assert resolve_plugins(load_config(config), "run.yaml").sample.sampler == "halfddim"
     config.write_text("sample:\n  sampler: nosuch\n")
-    with pytest.raises(KneegenError, match="sample.sampler.*nosuch.*halfddim"):
-        load_config(config)
+    with pytest.raises(KneegenError, match="run.yaml: sample.sampler.*nosuch.*halfddim"):
+        resolve_plugins(load_config(config), "run.yaml")

@@ -17,7 +17,8 @@ from kneegen.engine.distributed import SINGLE
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.timesteps import HISTORY, LOGNORMAL_MEAN, LOGNORMAL_STD, UNIFORM_SHARE, TimestepSampler
 from kneegen.runs import step_checkpoint, step_checkpoints
-from kneegen.training_run import read_metrics, run_training
+from kneegen.metrics_log import read_metrics
+from kneegen.training_run import run_training
 
 from helpers import tiny_config, tiny_run_dict
 from test_training_resume import losses, train_with_torchrun

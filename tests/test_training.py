@@ -23,9 +23,10 @@ from kneegen.engine.trained import load_trained_model
 from kneegen.engine.training import create_state, epoch_steps, learning_rate
 from kneegen.engine.validation import bucket_timesteps, validation_loss
 from kneegen.errors import KneegenError
-from kneegen.training_run import epoch_records, read_metrics, run_training
+from kneegen.metrics_log import epoch_records, read_metrics
+from kneegen.training_run import run_training
 
-from helpers import tiny_config
+from helpers import TINY_MODEL, tiny_config
 
 CPU = Compute(torch.device("cpu"), None)
 
@@ -136,7 +137,7 @@ def test_checkpoint_loads_with_weights_only(trained_run):
     assert payload["format"] == FORMAT and payload["format_version"] == FORMAT_VERSION
     assert payload["epoch"] == 2 and payload["step"] == 2 * 4
     assert payload["image_shape"] == [32, 32]
-    assert payload["config"]["model"]["channels"] == 16
+    assert payload["config"]["model"]["unet"]["channels"] == 16
     assert set(payload["model"]) == set(payload["ema"])
     assert load_checkpoint(trained_run / "last.pt")["epoch"] == 2
     assert (trained_run / "best.pt").is_file()
@@ -222,7 +223,7 @@ def losses_of(run_dir: Path) -> list[tuple[int, list[float], float | None]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path, dropout):
-    model = {"dropout": dropout}
+    model = {"unet": {**TINY_MODEL["unet"], "dropout": dropout}}
     straight = tmp_path / "straight"
     run_training(tiny_config(prepared, tmp_path, model=model, train={"epochs": 4}), straight, resume=False)
 
@@ -254,8 +255,8 @@ def test_resume_drops_metrics_written_after_the_checkpoint(prepared, tmp_path):
 
 def test_resume_refuses_a_changed_network(trained_run, prepared, tmp_path):
     before = (trained_run / "last.pt").read_bytes()
-    cfg = tiny_config(prepared, tmp_path, model={"channels": 8}, train={"epochs": 3})
-    with pytest.raises(KneegenError, match="model.channels"):
+    cfg = tiny_config(prepared, tmp_path, model={"unet": {**TINY_MODEL["unet"], "channels": 8}}, train={"epochs": 3})
+    with pytest.raises(KneegenError, match=r"model\.unet differ"):
         run_training(cfg, trained_run, resume=True)
     with pytest.raises(KneegenError, match="already has 2 epochs"):
         run_training(tiny_config(prepared, tmp_path, train={"epochs": 2}), trained_run, resume=True)

@@ -32,7 +32,8 @@ from kneegen.engine.training import (
     steps_per_epoch,
 )
 from kneegen.errors import KneegenError
-from kneegen.training_run import epoch_records, read_metrics, run_training
+from kneegen.metrics_log import epoch_records, read_metrics
+from kneegen.training_run import run_training
 
 from helpers import tiny_config
 

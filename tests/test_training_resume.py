@@ -21,7 +21,9 @@ from kneegen.cli import build_app
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.runs import step_checkpoint, step_checkpoints
-from kneegen.training_run import read_metrics, resume_point, run_training
+from kneegen.metrics_log import read_metrics
+from kneegen.run_checkpoints import resume_point
+from kneegen.training_run import run_training
 
 from helpers import tiny_config, tiny_run_dict
 

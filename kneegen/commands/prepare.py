@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kneegen.data.cache import eight_bit, open_cache
+from kneegen.commands.choices import one_of
+from kneegen.data.cache import open_cache
+from kneegen.data.contact_sheet import write_contact_sheet
 from kneegen.data.geometry import FITS
-from kneegen.data.phantom_folder import files_written_before, write_phantom_folder
+from kneegen.data.phantom_folder import make_phantom
 from kneegen.data.prepare import PrepareOptions, prepare_folder, refuse_to_clobber
-from kneegen.data.splits import SPLITS, SplitFractions
+from kneegen.data.splits import SplitFractions
 from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.data.volumes import AXES
 from kneegen.errors import KneegenError
-from kneegen.progress import console, progress_bar, progress_once_started
-from kneegen.viz import image_grid, save_png
+from kneegen.progress import console, progress_once_started
 
-CONTACT_SHEET = "contact_sheet.png"
-SHEET_TILES_PER_SPLIT = 8
 SKIPPED_SHOWN = 10  # skipped files listed in the table; the manifest has them all
 
 
@@ -35,7 +32,7 @@ def prepare(
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for validation.")] = 0.1,
     test_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for the final test (0: none).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient split (and of the phantom).")] = 0,
-    axis: Annotated[str, typer.Option(help="Volumes: sagittal, coronal or axial slices.")] = "sagittal",
+    axis: Annotated[str, typer.Option(help=f"Volumes: {one_of(AXES)} slices.")] = "sagittal",
     window: Annotated[str, typer.Option(help="Volumes: intensity percentiles mapped to black and white.")] = "0.5,99.5",
     min_foreground: Annotated[float, typer.Option(help="Volumes: leave out slices with less foreground than this fraction.")] = 0.05,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable input instead of skipping it.")] = False,
@@ -104,13 +101,6 @@ def parse_window(text: str) -> tuple[float, float]:
     return (low, high)
 
 
-def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
-    replaced = files_written_before(folder, overwrite)  # refuses before the progress bar starts
-    with progress_bar() as progress:
-        task = progress.add_task("phantom", total=n_images, status="")
-        return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
-
-
 def summary_table(summary: PrepareSummary, out: Path) -> Table:
     """Everything a user should check before training: counts, sides, sizes, splits, skips."""
     table = Table(title=f"prepared {out}", show_header=False)
@@ -133,19 +123,3 @@ def summary_table(summary: PrepareSummary, out: Path) -> Table:
 
 def counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{escape(str(key))} {value}" for key, value in sorted(counts.items()))
-
-
-def write_contact_sheet(out: Path, seed: int) -> Path:
-    """Random slices of each split, one row per non-empty split, to eyeball what training will see."""
-    data = open_cache(out)
-    rng = random.Random(seed)
-    tiles = []
-    for split in SPLITS:
-        images = data.split(split)
-        if len(images) == 0:
-            continue
-        picks = sorted(rng.sample(range(len(images)), min(SHEET_TILES_PER_SPLIT, len(images))))
-        row = list(eight_bit(images[picks]))
-        tiles += row + [np.zeros_like(row[0])] * (SHEET_TILES_PER_SPLIT - len(row))
-    return save_png(image_grid(tiles, columns=SHEET_TILES_PER_SPLIT), out / CONTACT_SHEET)
-

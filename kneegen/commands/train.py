@@ -10,13 +10,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kneegen.config import RunConfig, config_from_mapping, load_config, parse_override
-from kneegen.engine.checkpoint import checkpoint_config
-from kneegen.engine.device import resolve_compute
-from kneegen.errors import KneegenError
-from kneegen.recipes import recipe_for, recipe_names, recipe_path
-from kneegen.runs import CONFIG, home_run_of, latest_run_dir
-from kneegen.training_run import run_training
+from kneegen.commands.choices import DEVICES, PRECISIONS
+from kneegen.config import parse_override
+from kneegen.recipes import recipe_names
+from kneegen.train_request import TrainRequest, start_training
 
 
 def train(
@@ -38,8 +35,8 @@ def train(
     resume_from: Annotated[
         Optional[Path], typer.Option(help="Continue from this run dir, or this checkpoint file (implies --resume).")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (device).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (precision).")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"{DEVICES} (device).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=f"{PRECISIONS} (precision).")] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override any config key: --set train.lr=3e-4 (repeatable).")
     ] = None,
@@ -49,50 +46,4 @@ def train(
     flags = {"train.epochs": epochs, "train.minutes": minutes, "data": str(data) if data else None, "device": device,
              "precision": precision}
     overrides.update({key: value for key, value in flags.items() if value is not None})
-    checkpoint, note = None, ""
-    if resume_from is not None:
-        if not resume_from.exists():
-            raise KneegenError(f"--resume-from {resume_from} not found: give a run dir or a .pt checkpoint in one")
-        resume = True
-        if resume_from.is_file():
-            checkpoint = resume_from
-        else:
-            run_dir = run_dir or resume_from
-    if resume:
-        run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
-        cfg = config_to_resume(config, checkpoint, run_dir, overrides)
-    else:
-        if config is None:
-            config, note = hardware_recipe(device or "auto", precision or "auto")
-        elif not config.exists() and str(config) in recipe_names():
-            config = recipe_path(str(config))
-        cfg = load_config(config, overrides)
-    run_training(cfg, run_dir, resume, checkpoint, origin=note)
-
-
-def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path | None,
-                     overrides: dict[str, Any]) -> RunConfig:
-    """--config if given; else the config.yaml of the checkpoint's run (or of `run_dir`); else,
-    for a checkpoint copied out of its run, the config the checkpoint carries."""
-    if config is not None:
-        return load_config(config, overrides)
-    if checkpoint is not None:
-        home = home_run_of(checkpoint)
-        if home is None:
-            return config_from_mapping(checkpoint_config(checkpoint), str(checkpoint), overrides)
-        return load_config(home / CONFIG, overrides)
-    assert run_dir is not None  # without a checkpoint file, --resume always has a run dir
-    if not (run_dir / CONFIG).is_file():
-        raise KneegenError(f"--resume: {run_dir} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
-                           "or start a new run without --resume")
-    return load_config(run_dir / CONFIG, overrides)
-
-
-def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
-    """The recipe for the machine the run will use (None: the built-in defaults, on a GPU) and
-    the line that announces it."""
-    chosen = recipe_for(resolve_compute(device, precision, allow_fp16=True))
-    if chosen is None:
-        return None, "no --config: the built-in defaults (kneegen/config.py)"
-    name, why = chosen
-    return recipe_path(name), f"no --config: recipe {name} ({why}); another: --config {' or '.join(recipe_names())}"
+    start_training(TrainRequest(config, overrides, run_dir, resume, resume_from, device, precision))

@@ -14,9 +14,19 @@ from pathlib import Path
 
 from kneegen.data.phantom import phantom_file_names, write_phantom
 from kneegen.errors import KneegenError
+from kneegen.progress import progress_bar
 
 MARKER = ".kneegen-phantom.json"
 SHOWN = 3  # foreign files named in the refusal
+
+
+def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
+    """`prepare --phantom N`: the phantom's slices in `folder`, with a progress bar; refuses a
+    folder holding anything but an earlier phantom before writing (and before the bar starts)."""
+    replaced = files_written_before(folder, overwrite)
+    with progress_bar() as progress:
+        task = progress.add_task("phantom", total=n_images, status="")
+        return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
 
 
 def write_phantom_folder(folder: Path, n_images: int, seed: int, replaced: list[str],

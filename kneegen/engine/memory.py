@@ -100,7 +100,7 @@ def fit_batch_in_memory(cfg: RunConfig, plan: MemoryPlan, world_size: int = 1) -
     if not plan.fits(micro):
         raise KneegenError(
             f"one training image needs about {plan.step_bytes(1) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB are free: "
-            "lower model.channels or the image size (kneegen prepare --size), or free memory"
+            "lower the network's width (model.unet.channels) or the image size (kneegen prepare --size), or free memory"
         )
     if accumulation == cfg.train.grad_accumulation:
         return cfg, ""

@@ -312,8 +312,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-SAMPLER_HELP = f"{', '.join(SAMPLERS)} or a plugin's; default from the run's config."  # for the CLI's --sampler
-
 LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"}  # multistep solvers want even steps in λ
 
 
@@ -334,6 +332,11 @@ def registered_samplers() -> dict[str, Callable[..., Tensor]]:
     """The built-in samplers plus every installed `kneegen.samplers` plugin (built-ins win)."""
     plugins = {ep.name: ep for ep in entry_points(group=SAMPLER_GROUP) if ep.name not in SAMPLERS}
     return {**{name: ep.load() for name, ep in plugins.items()}, **SAMPLERS}
+
+
+def sampler_names() -> list[str]:
+    """Every sampler's name, plugins included, without importing the plugins (for `--help`)."""
+    return [*SAMPLERS, *sorted({ep.name for ep in entry_points(group=SAMPLER_GROUP)} - set(SAMPLERS))]
 
 
 def get_sampler(name: str, **options: float) -> Sampler:

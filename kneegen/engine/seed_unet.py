@@ -9,6 +9,8 @@ module's train/eval mode, which the training loop and samplers set.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,18 @@ from kneegen.engine.unet import timestep_embedding
 TIME_DIM = 32
 WIDTHS = (64, 128, 256, 512)
 BOTTLENECK = 1024
+DOWNSAMPLES = len(WIDTHS)  # one max-pool per encoder level
+
+
+@dataclass
+class SeedUNetConfig:
+    """The original's U-Net has no settings: its shape is fixed, as it was."""
+
+    def check(self) -> None:
+        """Nothing to check: there are no keys."""
+
+    def size_multiple(self) -> int:
+        return 2**DOWNSAMPLES
 
 
 class SeedBlock(nn.Module):
@@ -34,7 +48,7 @@ class SeedBlock(nn.Module):
 class SeedUNet(nn.Module):
     """forward(x (B, C, H, W), t (B,)) → (B, C, H, W); H and W divisible by 16."""
 
-    def __init__(self, image_channels: int = 1) -> None:
+    def __init__(self, cfg: SeedUNetConfig, image_channels: int = 1) -> None:
         super().__init__()
         self.time_mlp = nn.Sequential(nn.Linear(TIME_DIM, TIME_DIM), nn.ReLU())
         chans = [image_channels, *WIDTHS]

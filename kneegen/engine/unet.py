@@ -9,15 +9,48 @@ first, which makes small CPU models several times faster at the same quality.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kneegen.config import ModelConfig
+from kneegen.errors import KneegenError
 
 GROUPS = 32  # GroupNorm groups, reduced for narrow layers by `norm`
 HEAD_CHANNELS = 64  # channels per attention head
+
+
+@dataclass
+class UNetConfig:
+    """The U-Net's own keys, under `model.unet` in a run config."""
+
+    channels: int = 64  # width of the first level; later levels multiply it
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    blocks_per_level: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [2])  # 0 = first level
+    patch_size: int = 1  # pixel-unshuffle factor applied before the first level
+    dropout: float = 0.0
+
+    def check(self) -> None:
+        """The bounds the types cannot express, each named by its key."""
+        for key in ("channels", "blocks_per_level", "patch_size"):
+            if getattr(self, key) < 1:
+                raise KneegenError(f"model.unet.{key} = {getattr(self, key)} must be ≥ 1: fix it in the config or "
+                                   f"with --set model.unet.{key}=…")
+        if not 0 <= self.dropout < 1:
+            raise KneegenError(f"model.unet.dropout = {self.dropout} must be ≥ 0 and < 1: fix it in the config or "
+                               "with --set model.unet.dropout=…")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise KneegenError(f"model.unet.channel_mults {self.channel_mults}: give one width multiplier ≥ 1 per "
+                               "level, e.g. [1, 2, 2]")
+        if any(not 0 <= level < len(self.channel_mults) for level in self.attention_levels):
+            raise KneegenError(f"model.unet.attention_levels {self.attention_levels}: levels must be between 0 and "
+                               f"{len(self.channel_mults) - 1} (one per entry of model.unet.channel_mults)")
+
+    def size_multiple(self) -> int:
+        """The patch fold, then one halving per level after the first."""
+        return self.patch_size * 2 ** (len(self.channel_mults) - 1)
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -88,7 +121,7 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """forward(x (B, C, H, W) in [-1, 1], t (B,) integer) → (B, C, H, W) prediction."""
 
-    def __init__(self, cfg: ModelConfig, image_channels: int = 1) -> None:
+    def __init__(self, cfg: UNetConfig, image_channels: int = 1) -> None:
         super().__init__()
         base, patch = cfg.channels, cfg.patch_size
         widths = [base * m for m in cfg.channel_mults]

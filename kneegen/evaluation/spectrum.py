@@ -1,6 +1,6 @@
 """Radially averaged power spectra: a check for the grid artifacts a patch fold can leave.
 
-A network that folds p×p pixels into channels (`model.patch_size` p) and unfolds them at the end
+A network that folds p×p pixels into channels (`model.unet.patch_size` p) and unfolds them at the end
 can leave a pattern that repeats every p pixels: blocks that a look at the image shows and FID
 barely sees. Its energy sits at the fold frequency, 1/p cycles per pixel, i.e. radius W/p in the
 2-D spectrum of a W-pixel-wide image, and its harmonics. Comparing the mean radial power of

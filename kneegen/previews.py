@@ -1,0 +1,35 @@
+"""What a run dir shows while it trains: the loss plots and a grid of samples every few epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kneegen.engine.device import evaluating
+from kneegen.engine.trained import TrainedModel
+from kneegen.engine.training import TrainState
+from kneegen.metrics_log import METRICS_FILE, epoch_records, read_metrics
+from kneegen.run import Run
+from kneegen.sampling import choose_sampler, sample_batches
+from kneegen.viz import image_grid, plot_losses, save_png
+
+PREVIEWS = "previews"
+PREVIEW_SEEDS = list(range(16))  # the same images at every preview, so they show progress
+
+
+def refresh_plots(run_dir: Path) -> None:
+    plot_losses(epoch_records(read_metrics(run_dir / METRICS_FILE)), run_dir)
+
+
+def save_preview(state: TrainState, run: Run) -> Path:
+    """Samples of `PREVIEW_SEEDS` with the run's sampler settings from the weights sampling
+    would use (the EMA), as one grid in previews/epoch-NNNN.png."""
+    path = run.run_dir / PREVIEWS / f"epoch-{state.epoch:04d}.png"
+    model = TrainedModel(state.eval_network, run.schedule, run.cfg, run.image_shape, state.epoch, path)
+    choice = choose_sampler(model, None, None, None)
+    with evaluating(model.network):
+        batches = sample_batches(model, run.compute, choice, PREVIEW_SEEDS, run.cfg.sample.batch_size)
+        tiles = [image for _, images in batches for image in images]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seeds = f"{PREVIEW_SEEDS[0]}-{PREVIEW_SEEDS[-1]}"
+    save_png(image_grid(tiles), path, {"epoch": str(state.epoch), "sampler": choice.describe(), "seeds": seeds})
+    return path

@@ -1,0 +1,28 @@
+"""One training run's shared state: what every job of a run (stepping, validating, logging,
+checkpointing, previewing) reads, built once by `training_run.run_training`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kneegen.config import RunConfig
+from kneegen.engine.device import Compute
+from kneegen.engine.distributed import Distributed
+from kneegen.engine.schedule import Schedule
+from kneegen.evaluation.during_training import TrainingFid
+
+
+@dataclass
+class Run:
+    cfg: RunConfig  # resolved: network defaults filled in, batch fitted to memory
+    run_dir: Path
+    image_shape: tuple[int, int]  # (H, W)
+    train_images: np.ndarray  # (N, H, W) of the cache's train split
+    val_images: np.ndarray  # (V, H, W), the first `train.val_images` of the val split
+    schedule: Schedule
+    compute: Compute
+    dist: Distributed
+    fid: TrainingFid | None  # FID during training (`train.fid_every`), on rank 0 only

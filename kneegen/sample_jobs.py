@@ -1,0 +1,130 @@
+"""What `kneegen sample single | generate | illustrate` do, and the files each writes.
+
+A `SampleJob` is a loaded model, a settled sampler and a fresh output folder; each image is
+`{seed:06d}.png` with its seed, sampler and checkpoint in a PNG text chunk and a JSON sidecar,
+so any image can be made again alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from kneegen.engine.device import Compute, resolve_compute
+from kneegen.engine.pixels import to_uint8
+from kneegen.engine.trained import TrainedModel, load_trained_model
+from kneegen.errors import KneegenError
+from kneegen.progress import console, progress_bar
+from kneegen.runs import resolve_checkpoint
+from kneegen.sampling import SamplerChoice, choose_sampler, pick_frames, sample_batches
+from kneegen.viz import image_grid, save_gif, save_png
+
+STRIP_FRAMES = 8
+GIF_FRAMES = 40
+GRID_TILES = 64  # images shown in grid.png
+
+
+@dataclass(frozen=True)
+class SamplerRequest:
+    """The sampler options as asked for; None takes the run's own setting."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    spacing: str | None = None
+    compile: bool | None = None
+
+
+@dataclass
+class SampleJob:
+    model: TrainedModel
+    choice: SamplerChoice
+    folder: Path
+    compute: Compute
+
+
+def open_job(checkpoint: Path | None, request: SamplerRequest, out: Path | None, device: str,
+             overwrite: bool) -> SampleJob:
+    """Load the model, settle the sampler and make a fresh (or permitted) output folder; a bad
+    sampler or step count is refused before anything is written."""
+    compute = resolve_compute(device, "auto")
+    model = load_trained_model(resolve_checkpoint(checkpoint), compute)
+    compile = model.config.sample.compile if request.compile is None else request.compile
+    choice = choose_sampler(model, request.sampler, request.steps, request.eta, request.spacing, compile)
+    choice.timesteps(model.schedule)
+    folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
+    if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
+        raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    console.print(f"sampling {model.source} (epoch {model.epoch}) with {choice.describe()} on {compute.describe()}")
+    return SampleJob(model, choice, folder, compute)
+
+
+def sample_one(job: SampleJob, seed: int) -> Path:
+    """One image; its path."""
+    ((seeds, images),) = sample_batches(job.model, job.compute, job.choice, [seed], 1)
+    return write_image(job, seeds[0], images[0])
+
+
+def sample_many(job: SampleJob, seeds: list[int], batch_size: int | None) -> Path:
+    """One image per seed, written batch by batch, and grid.png of the first 64; the grid's path."""
+    grid_tiles: list[np.ndarray] = []
+    with progress_bar() as progress:
+        task = progress.add_task("sampling", total=len(seeds), status=job.choice.describe())
+        batches = sample_batches(job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size))
+        for batch_seeds, images in batches:
+            for image_seed, image in zip(batch_seeds, images):
+                write_image(job, image_seed, image)
+            grid_tiles += list(images[: GRID_TILES - len(grid_tiles)])
+            progress.advance(task, len(batch_seeds))
+    return save_png(image_grid(grid_tiles), job.folder / "grid.png")
+
+
+def illustrate(job: SampleJob, seeds: list[int], batch_size: int | None) -> None:
+    """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
+    n_steps = len(job.choice.timesteps(job.model.schedule))
+    strip_steps, gif_steps = pick_frames(n_steps, STRIP_FRAMES), pick_frames(n_steps, GIF_FRAMES)
+    frames: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # step → (x_t, x̂_0) of the current batch
+    with progress_bar() as progress:
+        task = progress.add_task("illustrating", total=len(seeds) * n_steps, status=job.choice.describe())
+
+        def record(i: int, x_t: Tensor, x0: Tensor) -> None:
+            if i in strip_steps or i in gif_steps:
+                frames[i] = (to_uint8(x_t), to_uint8(x0))
+            progress.advance(task, len(x_t))
+
+        # Every batch visits every step, so each batch's frames replace the previous batch's.
+        batches = sample_batches(job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size), on_step=record)
+        for batch, finals in batches:
+            for b, image_seed in enumerate(batch):
+                top = [frames[i][0][b] for i in strip_steps] + [finals[b]]
+                bottom = [frames[i][1][b] for i in strip_steps] + [finals[b]]
+                gif = [np.concatenate([frames[i][0][b], frames[i][1][b]], axis=1) for i in gif_steps]
+                gif.append(np.concatenate([finals[b], finals[b]], axis=1))
+                write_illustration(job.folder, image_seed, top, bottom, gif)
+
+
+def batch_size_of(job: SampleJob, asked: int | None) -> int:
+    return asked or job.model.config.sample.batch_size
+
+
+def write_image(job: SampleJob, seed: int, image: np.ndarray) -> Path:
+    """`{seed:06d}.png` with seed, sampler and steps in a PNG text chunk and a JSON sidecar."""
+    choice = job.choice
+    info = {"seed": str(seed), "sampler": choice.name, "steps": str(choice.steps), "eta": str(choice.eta),
+            "spacing": choice.spacing, "checkpoint": str(job.model.source)}
+    path = save_png(image, job.folder / f"{seed:06d}.png", text=info)
+    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def write_illustration(folder: Path, seed: int, top: list[np.ndarray], bottom: list[np.ndarray],
+                       gif: list[np.ndarray]) -> None:
+    """illustrate_{seed}.png: the x_t frames above, each frame's predicted x0 below; and the GIF."""
+    save_png(image_grid(top + bottom, columns=len(top)), folder / f"illustrate_{seed:06d}.png")
+    save_gif(gif, folder / f"illustrate_{seed:06d}.gif")

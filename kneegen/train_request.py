@@ -1,0 +1,84 @@
+"""What `kneegen train` asks for, turned into a config and a run: a recipe for this machine when
+no config is given, and on `--resume` the config of the run (or checkpoint) being continued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kneegen.config import RunConfig, config_from_mapping, load_config
+from kneegen.engine.checkpoint import checkpoint_config
+from kneegen.engine.device import resolve_compute
+from kneegen.engine.training import TrainState
+from kneegen.errors import KneegenError
+from kneegen.recipes import recipe_for, recipe_names, recipe_path
+from kneegen.runs import CONFIG, home_run_of, latest_run_dir
+from kneegen.training_run import run_training
+
+
+@dataclass
+class TrainRequest:
+    """The train command's options: a config file or recipe name, dotted-key overrides (the
+    flags already folded in), where to write, and what to resume."""
+
+    config: Path | None
+    overrides: dict[str, Any]
+    run_dir: Path | None = None
+    resume: bool = False
+    resume_from: Path | None = None  # a run dir or a checkpoint file; implies resume
+    device: str | None = None
+    precision: str | None = None
+
+
+def start_training(request: TrainRequest) -> TrainState:
+    """Settle the config and the run dir the request means, then train."""
+    config, overrides, run_dir, resume = request.config, request.overrides, request.run_dir, request.resume
+    checkpoint, note = None, ""
+    if request.resume_from is not None:
+        if not request.resume_from.exists():
+            raise KneegenError(f"--resume-from {request.resume_from} not found: give a run dir or a .pt checkpoint in one")
+        resume = True
+        if request.resume_from.is_file():
+            checkpoint = request.resume_from
+        else:
+            run_dir = run_dir or request.resume_from
+    if resume:
+        run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
+        cfg = config_to_resume(config, checkpoint, run_dir, overrides)
+    else:
+        if config is None:
+            config, note = hardware_recipe(request.device or "auto", request.precision or "auto")
+        elif not config.exists() and str(config) in recipe_names():
+            config = recipe_path(str(config))
+        cfg = load_config(config, overrides)
+    return run_training(cfg, run_dir, resume, checkpoint, origin=note)
+
+
+
+def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path | None,
+                     overrides: dict[str, Any]) -> RunConfig:
+    """--config if given; else the config.yaml of the checkpoint's run (or of `run_dir`); else,
+    for a checkpoint copied out of its run, the config the checkpoint carries."""
+    if config is not None:
+        return load_config(config, overrides)
+    if checkpoint is not None:
+        home = home_run_of(checkpoint)
+        if home is None:
+            return config_from_mapping(checkpoint_config(checkpoint), str(checkpoint), overrides)
+        return load_config(home / CONFIG, overrides)
+    assert run_dir is not None  # without a checkpoint file, --resume always has a run dir
+    if not (run_dir / CONFIG).is_file():
+        raise KneegenError(f"--resume: {run_dir} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
+                           "or start a new run without --resume")
+    return load_config(run_dir / CONFIG, overrides)
+
+
+def hardware_recipe(device: str, precision: str) -> tuple[Path | None, str]:
+    """The recipe for the machine the run will use (None: the built-in defaults, on a GPU) and
+    the line that announces it."""
+    chosen = recipe_for(resolve_compute(device, precision, allow_fp16=True))
+    if chosen is None:
+        return None, "no --config: the built-in defaults (kneegen/config.py)"
+    name, why = chosen
+    return recipe_path(name), f"no --config: recipe {name} ({why}); another: --config {' or '.join(recipe_names())}"
