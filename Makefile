@@ -33,7 +33,8 @@ demo: install $(DEMO_DATA)/manifest.json
 $(DEMO_DATA)/manifest.json: | install
 	$(KNEEGEN) prepare --phantom 1600 --size 64 --out $(DEMO_DATA) --phantom-dir data/demo-phantom
 
-test: install
+# Lint first (seconds), then every test: what CI runs.
+test: install lint
 	$(BIN)/python -m pytest -q
 
 # The core suite without the tests marked slow (training, torchrun, console scripts, FID): under a minute.

@@ -73,26 +73,53 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     "demo": (recipe_path("cpu-bf16"), {}),
     "demo-fp32": (recipe_path("cpu-fp32"), {}),
     "seed": (EXAMPLES / "seed.yaml", {}),
-    "old-demo": (recipe_path("cpu-bf16"), {"model.unet.channels": 32, "model.unet.blocks_per_level": 2, "model.unet.patch_size": 4,
-                                           "model.unet.attention_levels": [1], "train.batch_size": 16,
-                                           "diffusion.timestep_sampling": "uniform",
-                                           "diffusion.min_snr_gamma": 5.0,
-                                           "sample.sampler": "dpm++2m"}),  # examples/demo.yaml until 2026-12
+    "old-demo": (
+        recipe_path("cpu-bf16"),
+        {
+            "model.unet.channels": 32,
+            "model.unet.blocks_per_level": 2,
+            "model.unet.patch_size": 4,
+            "model.unet.attention_levels": [1],
+            "train.batch_size": 16,
+            "diffusion.timestep_sampling": "uniform",
+            "diffusion.min_snr_gamma": 5.0,
+            "sample.sampler": "dpm++2m",
+        },
+    ),  # examples/demo.yaml until 2026-12
 }
 SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the bf16 recipe
-    "w32": {"model.unet.channels": 32}, "w48": {"model.unet.channels": 48}, "w64": {"model.unet.channels": 64}, "w96": {"model.unet.channels": 96},
-    "p1": {"model.unet.patch_size": 1}, "p2": {"model.unet.patch_size": 2}, "p4": {"model.unet.patch_size": 4},
-    "b1": {"model.unet.blocks_per_level": 1}, "b2": {"model.unet.blocks_per_level": 2},
-    "bs16": {"train.batch_size": 16}, "bs32": {"train.batch_size": 32}, "bs64": {"train.batch_size": 64},
-    "lr5e4": {"train.lr": 5e-4}, "lr1e3": {"train.lr": 1e-3}, "lr2e3": {"train.lr": 2e-3},
-    "ema995": {"train.ema_decay": 0.995}, "ema998": {"train.ema_decay": 0.998}, "ema999": {"train.ema_decay": 0.999},
-    "attn1": {"model.unet.attention_levels": [1, 2]}, "attn0": {"model.unet.attention_levels": []},
-    "m124": {"model.unet.channel_mults": [1, 2, 4]}, "m1222": {"model.unet.channel_mults": [1, 2, 2, 2]},
-    "drop": {"model.unet.dropout": 0.1}, "fp32": {"precision": "fp32"}, "minsnr0": {"diffusion.min_snr_gamma": 0.0},
-    "offset": {"diffusion.offset_noise": 0.1}, "importance": {"diffusion.timestep_sampling": "importance"},
-    "lognormal": {"diffusion.timestep_sampling": "lognormal"}, "uniform": {"diffusion.timestep_sampling": "uniform"},
+    "w32": {"model.unet.channels": 32},
+    "w48": {"model.unet.channels": 48},
+    "w64": {"model.unet.channels": 64},
+    "w96": {"model.unet.channels": 96},
+    "p1": {"model.unet.patch_size": 1},
+    "p2": {"model.unet.patch_size": 2},
+    "p4": {"model.unet.patch_size": 4},
+    "b1": {"model.unet.blocks_per_level": 1},
+    "b2": {"model.unet.blocks_per_level": 2},
+    "bs16": {"train.batch_size": 16},
+    "bs32": {"train.batch_size": 32},
+    "bs64": {"train.batch_size": 64},
+    "lr5e4": {"train.lr": 5e-4},
+    "lr1e3": {"train.lr": 1e-3},
+    "lr2e3": {"train.lr": 2e-3},
+    "ema995": {"train.ema_decay": 0.995},
+    "ema998": {"train.ema_decay": 0.998},
+    "ema999": {"train.ema_decay": 0.999},
+    "attn1": {"model.unet.attention_levels": [1, 2]},
+    "attn0": {"model.unet.attention_levels": []},
+    "m124": {"model.unet.channel_mults": [1, 2, 4]},
+    "m1222": {"model.unet.channel_mults": [1, 2, 2, 2]},
+    "drop": {"model.unet.dropout": 0.1},
+    "fp32": {"precision": "fp32"},
+    "minsnr0": {"diffusion.min_snr_gamma": 0.0},
+    "offset": {"diffusion.offset_noise": 0.1},
+    "importance": {"diffusion.timestep_sampling": "importance"},
+    "lognormal": {"diffusion.timestep_sampling": "lognormal"},
+    "uniform": {"diffusion.timestep_sampling": "uniform"},
     "minsnr5": {"diffusion.min_snr_gamma": 5.0},
-    "ode": {"sample.sampler": "dpm++2m", "sample.steps": 25}, "sde": {"sample.sampler": "dpm++2m-sde", "sample.steps": 25},
+    "ode": {"sample.sampler": "dpm++2m", "sample.steps": 25},
+    "sde": {"sample.sampler": "dpm++2m-sde", "sample.steps": 25},
 }
 
 
@@ -127,11 +154,14 @@ def recipe_config(name: str, data: Path, epochs: int, seed: int) -> RunConfig:
         path, overrides = recipe_path("cpu-bf16"), {}
         for fragment in name.split("-"):
             if fragment not in SCREEN_AXES:
-                sys.exit(f"recipe {name!r}: {fragment!r} is neither a recipe ({', '.join(RECIPES)}) nor a screening "
-                         f"fragment ({', '.join(SCREEN_AXES)})")
+                sys.exit(
+                    f"recipe {name!r}: {fragment!r} is neither a recipe ({', '.join(RECIPES)}) nor a screening "
+                    f"fragment ({', '.join(SCREEN_AXES)})"
+                )
             overrides = {**overrides, **SCREEN_AXES[fragment]}
-    return load_config(path, {**overrides, **SAME_FOR_ALL, "data": str(data), "train.epochs": epochs,
-                              "train.seed": seed})
+    return load_config(
+        path, {**overrides, **SAME_FOR_ALL, "data": str(data), "train.epochs": epochs, "train.seed": seed}
+    )
 
 
 @dataclass
@@ -155,8 +185,10 @@ class Judge:
         cache = open_cache(data)
         held_out, train = np.asarray(cache.split_8bit("test")), np.asarray(cache.split_8bit("train"))
         if min(len(held_out), len(train)) < samples:
-            sys.exit(f"{data}: {len(train)} training and {len(held_out)} test slices, fewer than --samples {samples}: "
-                     f"give a larger --phantom or fewer --samples")
+            sys.exit(
+                f"{data}: {len(train)} training and {len(held_out)} test slices, fewer than --samples {samples}: "
+                f"give a larger --phantom or fewer --samples"
+            )
         features = data / "quality_features.npz"  # the real slices' features, computed once per cache
         if not features.is_file():
             np.savez(features, held_out=features_of(extractor, held_out), train=features_of(extractor, train))
@@ -176,24 +208,39 @@ class Judge:
         model = load_trained_model(checkpoint, compute)
         choice = choice or SamplerChoice(model.config.sample.sampler, model.config.sample.steps)
         started = time.perf_counter()
-        images = np.concatenate([batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)])
+        images = np.concatenate(
+            [batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)]
+        )
         seconds = (time.perf_counter() - started) / len(self.seeds)
         features = features_of(self.extractor, images)
         patch = getattr(network_settings(model.config.model)[1], "patch_size", 1)  # pixels folded per side
         return self.score(images, features, patch, seconds), images, f"{choice.describe()}, {compute.describe()}"
 
-    def score(self, images: np.ndarray, features: np.ndarray, patch: int, seconds: float, copies: bool = True) -> Scores:
+    def score(
+        self, images: np.ndarray, features: np.ndarray, patch: int, seconds: float, copies: bool = True
+    ) -> Scores:
         kid = kernel_inception_distance(features, self.held_out_features)
         pr = precision_recall(self.held_out_features, features)
         side = min(images.shape[1:])
         fold = power_ratio_at(images, self.held_out, fold_radius(side, max(patch, 2)))
         flagged, chance = 0.0, 0.0
         if copies:
-            spaces = [compare_with_training(features, self.held_out_features, self.train_features),
-                      compare_with_training(images, self.held_out, self.train, pixel_vectors)]
+            spaces = [
+                compare_with_training(features, self.held_out_features, self.train_features),
+                compare_with_training(images, self.held_out, self.train, pixel_vectors),
+            ]
             flagged, chance = copy_fraction(*spaces), copy_chance(*spaces)
-        return Scores(frechet_distance(features, self.held_out_features), kid.mean, kid.std, pr.precision, pr.recall,
-                      fold, flagged, chance, seconds)
+        return Scores(
+            frechet_distance(features, self.held_out_features),
+            kid.mean,
+            kid.std,
+            pr.precision,
+            pr.recall,
+            fold,
+            flagged,
+            chance,
+            seconds,
+        )
 
 
 def features_of(extractor: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
@@ -210,9 +257,24 @@ def prepare_phantom(work: Path, count: int, held_out: float) -> Path:
             sys.exit(f"{data} holds another phantom: remove it or give another --work")
         return data
     val = 0.1
-    command = [sys.executable, "-m", "kneegen", "prepare", "--phantom", str(count), "--size", str(IMAGE_SIZE),
-               "--out", str(data), "--phantom-dir", str(work / "phantom"), "--val-fraction", str(val),
-               "--test-fraction", str(held_out)]
+    command = [
+        sys.executable,
+        "-m",
+        "kneegen",
+        "prepare",
+        "--phantom",
+        str(count),
+        "--size",
+        str(IMAGE_SIZE),
+        "--out",
+        str(data),
+        "--phantom-dir",
+        str(work / "phantom"),
+        "--val-fraction",
+        str(val),
+        "--test-fraction",
+        str(held_out),
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return data
 
@@ -250,8 +312,10 @@ def cpu_kind() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     bf16 = resolve_compute("cpu", "auto").dtype is not None
-    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if bf16 else 'not native'}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    return (
+        f"{model}, {torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if bf16 else 'not native'}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
 
 
 def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
@@ -264,23 +328,30 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
 
 def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
     """One trained checkpoint, several samplers: FID and the rest for each."""
-    print(f"{checkpoint}\n{'sampler':<16} {'FID':>7} {'×floor':>6} {'KID':>7} {'prec':>5} {'recall':>6} {'fold':>5} "
-          f"{'copies':>11} {'s/img':>6}")
+    print(
+        f"{checkpoint}\n{'sampler':<16} {'FID':>7} {'×floor':>6} {'KID':>7} {'prec':>5} {'recall':>6} {'fold':>5} "
+        f"{'copies':>11} {'s/img':>6}"
+    )
     for text in samplers or [None]:
         choice = None
         if text:
             name, steps, *eta = text.split(":")
             choice = SamplerChoice(name, int(steps), float(eta[0]) if eta else 0.0)
         s, _, how = judge.samples(checkpoint, choice)
-        print(f"{text or how:<16} {s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} "
-              f"{s.recall:>6.3f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
-              f"{s.seconds_per_image:>6.3f}", flush=True)
+        print(
+            f"{text or how:<16} {s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} "
+            f"{s.recall:>6.3f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
+            f"{s.seconds_per_image:>6.3f}",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per recipe and seed")
-    parser.add_argument("--recipes", nargs="+", default=["demo", "seed"], help="names from RECIPES or screening fragments")
+    parser.add_argument(
+        "--recipes", nargs="+", default=["demo", "seed"], help="names from RECIPES or screening fragments"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; several give the spread")
     parser.add_argument("--phantom", type=int, default=2900, help="phantom slices in the cache")
     parser.add_argument("--held-out", type=float, default=0.45, help="fraction of patients in the test split")
@@ -296,8 +367,11 @@ def main() -> None:
     print(f"CPU: {cpu_kind()}", flush=True)
     judge = Judge.on(prepare_phantom(args.work, args.phantom, args.held_out), args.feature_weights, args.samples)
     floor, _ = judge.floor()
-    print(f"{len(judge.train)} training and {len(judge.held_out)} held-out phantom slices at {IMAGE_SIZE}²; "
-          f"{args.samples} samples per score; floor FID {floor.fid:.2f}, recall {floor.recall:.3f}", flush=True)
+    print(
+        f"{len(judge.train)} training and {len(judge.held_out)} held-out phantom slices at {IMAGE_SIZE}²; "
+        f"{args.samples} samples per score; floor FID {floor.fid:.2f}, recall {floor.recall:.3f}",
+        flush=True,
+    )
     if args.score:
         for checkpoint in args.score:
             score_samplers(judge, floor, checkpoint, args.samplers)
@@ -311,23 +385,32 @@ def main() -> None:
             facts = network_facts(load_trained_model(run.checkpoint, resolve_compute("cpu", "fp32")))
             rows.append((run, scores, how, facts))
             grid[f"{name}-seed{seed}"] = images
-            print(f"  {name} seed {seed}: {run.epochs} epochs in {run.minutes:.1f} min, {run.images_per_s:.1f} img/s, "
-                  f"FID {scores.fid:.2f} ({scores.fid / floor.fid:.2f}× floor), KID {scores.kid:.4f}, precision "
-                  f"{scores.precision:.3f}, recall {scores.recall:.3f}, fold {scores.fold_ratio:.2f}, copies "
-                  f"{scores.copies:.3f}/{scores.copies_chance:.3f}; {how}", flush=True)
+            print(
+                f"  {name} seed {seed}: {run.epochs} epochs in {run.minutes:.1f} min, {run.images_per_s:.1f} img/s, "
+                f"FID {scores.fid:.2f} ({scores.fid / floor.fid:.2f}× floor), KID {scores.kid:.4f}, precision "
+                f"{scores.precision:.3f}, recall {scores.recall:.3f}, fold {scores.fold_ratio:.2f}, copies "
+                f"{scores.copies:.3f}/{scores.copies_chance:.3f}; {how}",
+                flush=True,
+            )
     save_grid(args.work / "grid.png", grid)
 
     print(f"\n{args.minutes:g} min of training per recipe on {cpu_kind()}")
-    print(f"floor (real vs real, N = {args.samples}): FID {floor.fid:.2f}, KID {floor.kid:.4f}, precision "
-          f"{floor.precision:.3f}, recall {floor.recall:.3f}, fold-power ratio {floor.fold_ratio:.2f}")
-    header = (f"{'recipe':<22} {'seed':>4} {'params':>7} {'GFLOP':>6} {'epochs':>6} {'img/s':>6} {'FID':>7} {'×floor':>6} "
-              f"{'KID':>7} {'prec':>5} {'recall':>6} {'÷floor':>6} {'fold':>5} {'copies':>11} {'s/img':>6}")
+    print(
+        f"floor (real vs real, N = {args.samples}): FID {floor.fid:.2f}, KID {floor.kid:.4f}, precision "
+        f"{floor.precision:.3f}, recall {floor.recall:.3f}, fold-power ratio {floor.fold_ratio:.2f}"
+    )
+    header = (
+        f"{'recipe':<22} {'seed':>4} {'params':>7} {'GFLOP':>6} {'epochs':>6} {'img/s':>6} {'FID':>7} {'×floor':>6} "
+        f"{'KID':>7} {'prec':>5} {'recall':>6} {'÷floor':>6} {'fold':>5} {'copies':>11} {'s/img':>6}"
+    )
     print(header)
     for run, s, _, (params, gflop) in rows:
-        print(f"{run.name:<22} {run.seed:>4} {params:>6.2f}M {gflop:>6.2f} {run.epochs:>6} {run.images_per_s:>6.1f} "
-              f"{s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} {s.recall:>6.3f} "
-              f"{s.recall / floor.recall:>6.2f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
-              f"{s.seconds_per_image:>6.3f}")
+        print(
+            f"{run.name:<22} {run.seed:>4} {params:>6.2f}M {gflop:>6.2f} {run.epochs:>6} {run.images_per_s:>6.1f} "
+            f"{s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} {s.recall:>6.3f} "
+            f"{s.recall / floor.recall:>6.2f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
+            f"{s.seconds_per_image:>6.3f}"
+        )
     for name in args.recipes:
         fids = [s.fid for run, s, _, _ in rows if run.name == name]
         if len(fids) > 1:

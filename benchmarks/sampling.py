@@ -58,7 +58,10 @@ def diffusers_unet() -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     model = UNet2DModel(
-        in_channels=1, out_channels=1, block_out_channels=(64, 128, 128), layers_per_block=2,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     )
@@ -121,25 +124,34 @@ def main() -> None:
     except ImportError:
         print("diffusers not installed: its row is skipped (pip install -e '.[test]')")
 
-    print(f"{'model':<24} {'prec':>4} {'batch':>5} {'GFLOP/img':>10} {'ms/img-step':>12} {'TFLOP/s':>8} "
-          f"{'of fp32 peak':>13} {'of bf16 peak':>13} {'first call s':>13}")
+    print(
+        f"{'model':<24} {'prec':>4} {'batch':>5} {'GFLOP/img':>10} {'ms/img-step':>12} {'TFLOP/s':>8} "
+        f"{'of fp32 peak':>13} {'of bf16 peak':>13} {'first call s':>13}"
+    )
     results = {}
     for name, forward, eager, batch, compute in rows:
         seconds, gflop, first = per_image_step(forward, eager, batch, args.size, compute, args.repeats)
         achieved = gflop / seconds / 1e3
         results[name] = seconds
         precision = "bf16" if compute.dtype else "fp32"
-        print(f"{name:<24} {precision:>4} {batch:>5} {gflop:>10.1f} {1e3 * seconds:>12.1f} {achieved:>8.3f} "
-              f"{achieved / peaks['fp32']:>13.0%} {achieved / peaks['bf16']:>13.0%} {first:>13.1f}", flush=True)
+        print(
+            f"{name:<24} {precision:>4} {batch:>5} {gflop:>10.1f} {1e3 * seconds:>12.1f} {achieved:>8.3f} "
+            f"{achieved / peaks['fp32']:>13.0%} {achieved / peaks['bf16']:>13.0%} {first:>13.1f}",
+            flush=True,
+        )
 
     if args.compile:
         eager_s, compiled_s = results[DEFAULT_ROW], results[compiled_row]
-        print(f"compiled vs eager at {args.size}², batch {args.batch}: {eager_s / compiled_s:.2f}x "
-              f"({1e3 * eager_s:.1f} → {1e3 * compiled_s:.1f} ms/img-step)")
+        print(
+            f"compiled vs eager at {args.size}², batch {args.batch}: {eager_s / compiled_s:.2f}x "
+            f"({1e3 * eager_s:.1f} → {1e3 * compiled_s:.1f} ms/img-step)"
+        )
     default_100 = 100 * DEFAULT_STEPS * results[DEFAULT_ROW]
     original_100 = 100 * ORIGINAL_STEPS * results[SEED_ROW]
-    print(f"100 images at {args.size}²: kneegen dpm++2m-{DEFAULT_STEPS} {default_100 / 60:.1f} min vs original "
-          f"DDPM-{ORIGINAL_STEPS} {original_100 / 60:.1f} min ({original_100 / default_100:.1f}x faster)")
+    print(
+        f"100 images at {args.size}²: kneegen dpm++2m-{DEFAULT_STEPS} {default_100 / 60:.1f} min vs original "
+        f"DDPM-{ORIGINAL_STEPS} {original_100 / 60:.1f} min ({original_100 / default_100:.1f}x faster)"
+    )
 
 
 if __name__ == "__main__":

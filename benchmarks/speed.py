@@ -22,8 +22,12 @@ from kneegen.recipes import recipe_names, recipe_path
 
 
 def models() -> dict[str, ModelConfig]:
-    recipes = {f"unet-{name}": model_from_mapping(yaml.safe_load(recipe_path(name).read_text())["model"],
-                                                  str(recipe_path(name))) for name in recipe_names()}
+    recipes = {
+        f"unet-{name}": model_from_mapping(
+            yaml.safe_load(recipe_path(name).read_text())["model"], str(recipe_path(name))
+        )
+        for name in recipe_names()
+    }
     return {
         "unet-default": ModelConfig(),
         **recipes,
@@ -81,8 +85,10 @@ def main() -> None:
         baseline: dict[str, tuple[float, float]] = {}
         for precision in args.precisions:
             if precision == "bf16" and not bf16_supported(cpu) and args.precisions == ["fp32", "bf16"]:
-                print(f"{'(all)':<18} {size:>5} {'bf16':>5}   "
-                      "skipped: this CPU has no native bf16 (pass --precisions bf16)")
+                print(
+                    f"{'(all)':<18} {size:>5} {'bf16':>5}   "
+                    "skipped: this CPU has no native bf16 (pass --precisions bf16)"
+                )
                 continue
             compute = Compute(cpu, torch.bfloat16 if precision == "bf16" else None)
             for name, cfg in models().items():
@@ -95,8 +101,10 @@ def main() -> None:
         if "seed" in baseline:
             seed_train, seed_ms = baseline["seed"]
             for name, (images_per_s, ms) in baseline.items():
-                print(f"  {size}² fp32 vs seed: {name}: "
-                      f"train ×{images_per_s / seed_train:.2f}, sampling ×{seed_ms / ms:.2f} faster")
+                print(
+                    f"  {size}² fp32 vs seed: {name}: "
+                    f"train ×{images_per_s / seed_train:.2f}, sampling ×{seed_ms / ms:.2f} faster"
+                )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,10 @@ def diffusers_unet(width: int) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        in_channels=1, out_channels=1, block_out_channels=(width, 2 * width, 2 * width), layers_per_block=2,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     )
@@ -188,8 +191,10 @@ def measure(args: argparse.Namespace) -> dict:
         compute = resolve_compute(cfg.device, cfg.precision, allow_fp16=True)
         network, step = kneegen_steps(cfg, args.size, args.steps, compute)
         batch = cfg.train.batch_size
-        label = f"{'kneegen recipe' if args.worker == 'kneegen' else 'original recipe'} ({cfg.model.arch}, " \
-                f"{precision_name(compute)})"
+        label = (
+            f"{'kneegen recipe' if args.worker == 'kneegen' else 'original recipe'} ({cfg.model.arch}, "
+            f"{precision_name(compute)})"
+        )
         call = lambda n, x, t: n(x, t)  # noqa: E731
     params = sum(p.numel() for p in network.parameters())
     step()  # warm-up: allocations, cuDNN / oneDNN kernel choice
@@ -201,8 +206,15 @@ def measure(args: argparse.Namespace) -> dict:
     seconds = (time.perf_counter() - started) / args.steps
     memory = peak_memory_mb(compute, rss_before_kb)
     gflop = forward_gflop(network, args.size, call)
-    return {"label": label, "batch": batch, "params": params, "gflop": gflop, "images_per_s": batch / seconds,
-            "peak_mb": memory, "precision": precision_name(compute)}
+    return {
+        "label": label,
+        "batch": batch,
+        "params": params,
+        "gflop": gflop,
+        "images_per_s": batch / seconds,
+        "peak_mb": memory,
+        "precision": precision_name(compute),
+    }
 
 
 def precision_name(compute: Compute) -> str:
@@ -222,9 +234,26 @@ def synchronize_device(device: torch.device) -> None:
 
 
 def run_worker(name: str, args: argparse.Namespace, width: int) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--size", str(args.size), "--batch", str(args.batch),
-               "--seed-batch", str(args.seed_batch), "--steps", str(args.steps), "--device", args.device,
-               "--precision", args.precision, "--diffusers-width", str(width)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--seed-batch",
+        str(args.seed_batch),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--diffusers-width",
+        str(width),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -238,7 +267,9 @@ def main() -> None:
     parser.add_argument("--seed-batch", type=int, default=16, help="batch of the original recipe (it used 16)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", help="kneegen recipe's and the plain loop's precision (diffusers: fp32)")
+    parser.add_argument(
+        "--precision", default="auto", help="kneegen recipe's and the plain loop's precision (diffusers: fp32)"
+    )
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--diffusers-width", type=int, default=64, help=argparse.SUPPRESS)
@@ -253,25 +284,35 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(torch.float32, device)}
     if resolve_compute(args.device, "auto").dtype == torch.bfloat16:
         peaks["bf16"] = matmul_peak(torch.bfloat16, device)
-    print(f"CPU: {cpu_kind()}; device {args.device}; {args.size}², {args.steps} timed steps after 1 warm-up, each "
-          f"row in its own process; matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()), flush=True)
-    print(f"{'contender':<44} {'params':>8} {'GFLOP/img':>10} {'batch':>6} {'img/s':>9} {'TFLOP/s':>8} {'% peak':>7} "
-          f"{'peak MB':>9}")
+    print(
+        f"CPU: {cpu_kind()}; device {args.device}; {args.size}², {args.steps} timed steps after 1 warm-up, each "
+        f"row in its own process; matmul peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()),
+        flush=True,
+    )
+    print(
+        f"{'contender':<44} {'params':>8} {'GFLOP/img':>10} {'batch':>6} {'img/s':>9} {'TFLOP/s':>8} {'% peak':>7} "
+        f"{'peak MB':>9}"
+    )
     rows = {}
     for name in args.contenders:
         row = rows[name] = run_worker(name, args, width)
         achieved = 3 * row["gflop"] * row["images_per_s"] / 1000
         peak = peaks.get(row["precision"])
         share = f"{100 * achieved / peak:>6.0f}%" if peak else f"{'-':>7}"
-        print(f"{row['label']:<44} {row['params'] / 1e6:>7.2f}M {row['gflop']:>10.2f} {row['batch']:>6} "
-              f"{row['images_per_s']:>9.1f} {achieved:>8.3f} {share} {row['peak_mb']:>9.0f}", flush=True)
+        print(
+            f"{row['label']:<44} {row['params'] / 1e6:>7.2f}M {row['gflop']:>10.2f} {row['batch']:>6} "
+            f"{row['images_per_s']:>9.1f} {achieved:>8.3f} {share} {row['peak_mb']:>9.0f}",
+            flush=True,
+        )
     if "kneegen" in rows:
         ours = rows["kneegen"]
         for name in ("plain", "diffusers", "original"):
             if name in rows:
                 other = rows[name]
-                print(f"kneegen recipe vs {name}: ×{ours['images_per_s'] / other['images_per_s']:.2f} images/s, "
-                      f"×{ours['peak_mb'] / max(other['peak_mb'], 1e-9):.2f} peak memory")
+                print(
+                    f"kneegen recipe vs {name}: ×{ours['images_per_s'] / other['images_per_s']:.2f} images/s, "
+                    f"×{ours['peak_mb'] / max(other['peak_mb'], 1e-9):.2f} peak memory"
+                )
     print("reproduce: .venv/bin/python benchmarks/training.py " + " ".join(sys.argv[1:]))
 
 

@@ -65,7 +65,9 @@ def options(
     show_version: Annotated[
         bool, typer.Option("--version", help="Print kneegen's version and exit.", is_eager=True, callback=print_version)
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an unexpected error (or {DEBUG_VARIABLE}=1).")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of an unexpected error (or {DEBUG_VARIABLE}=1).")
+    ] = False,
 ) -> None:
     """Train diffusion models on knee MRI slices and generate new ones."""
     debugging["on"] = debug
@@ -110,8 +112,10 @@ def describe(error: Exception) -> str:
         return "out of memory: lower the image size, batch size or number of images asked for"
     if isinstance(error, yaml.YAMLError):
         return f"not valid YAML ({error.__class__.__name__}): check the --set value or the config file"
-    return f"unexpected {error.__class__.__name__}: {error} (a bug; traceback in {write_crash_log(error)}, " \
-           f"or rerun with --debug)"
+    return (
+        f"unexpected {error.__class__.__name__}: {error} (a bug; traceback in {write_crash_log(error)}, "
+        f"or rerun with --debug)"
+    )
 
 
 def write_crash_log(error: Exception) -> Path:

@@ -60,8 +60,10 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
     flat = {key: raw.pop(key) for key in FLAT_UNET_KEYS if key in raw}
     for name, section in raw.items():
         if not isinstance(section, dict):
-            raise KneegenError(f"{source}: unknown config key 'model.{name}'; a network's keys go in its "
-                               f"section, e.g. model.{arch}.{name}")
+            raise KneegenError(
+                f"{source}: unknown config key 'model.{name}'; a network's keys go in its "
+                f"section, e.g. model.{arch}.{name}"
+            )
         sections[str(name)] = dict(section)
     if flat:
         sections["unet"] = {**sections.get("unet", {}), **flat}
@@ -80,9 +82,13 @@ class DiffusionConfig:
     schedule: ScheduleKind = "cosine"
     prediction: Prediction = "v"
     loss: LossKind = "l2"
-    min_snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off. 5 chosen by benchmarks/defaults.py
+    min_snr_gamma: float = (
+        5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off. 5 chosen by benchmarks/defaults.py
+    )
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
-    timestep_sampling: TimestepSampling = "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(−1.2, 1.2²) (EDM)
+    timestep_sampling: TimestepSampling = (
+        "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(−1.2, 1.2²) (EDM)
+    )
 
 
 @dataclass
@@ -211,8 +217,9 @@ def check_bound(key: str, value: float, bounds: Bounds, source: str) -> None:
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        raise KneegenError(f"{source}: {key} = {value} must be {describe_bounds(bounds)}: fix it in the config or "
-                           f"with --set {key}=…")
+        raise KneegenError(
+            f"{source}: {key} = {value} must be {describe_bounds(bounds)}: fix it in the config or with --set {key}=…"
+        )
 
 
 def describe_bounds(bounds: Bounds) -> str:
@@ -254,8 +261,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
-        raise KneegenError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__}); "
-                           f"e.g. --set model.unet.channel_mults=[1,2,2]") from None
+        raise KneegenError(
+            f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__}); "
+            f"e.g. --set model.unet.channel_mults=[1,2,2]"
+        ) from None
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

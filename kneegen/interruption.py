@@ -38,7 +38,9 @@ class StopRequest:
             self.previous = {number: signal.signal(number, self.handle) for number in SIGNALS}
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.restore()
 
     def handle(self, number: int, frame: FrameType | None) -> None:
@@ -46,8 +48,10 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
-        console.print(f"{self.requested}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
-                      highlight=False)
+        console.print(
+            f"{self.requested}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+            highlight=False,
+        )
 
     def restore(self) -> None:
         for number, handler in self.previous.items():

@@ -55,8 +55,10 @@ def open_tensorboard(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        console.print("train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-                      "writing metrics.jsonl only")
+        console.print(
+            "train.tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+            "writing metrics.jsonl only"
+        )
         return None
     return SummaryWriter(str(folder))
 
@@ -136,7 +138,8 @@ def keep_metrics_up_to(path: Path, state: TrainState) -> None:
     """Drop the records written after the checkpoint (before a crash), so none repeat: epoch
     records of later epochs, step records of later steps."""
     kept = [
-        r for r in read_metrics(path)
+        r
+        for r in read_metrics(path)
         if (r["step"] <= state.step if r.get("kind") == "steps" else r["epoch"] <= state.epoch)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))

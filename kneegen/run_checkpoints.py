@@ -54,7 +54,9 @@ def save_training_checkpoint(
             stale.unlink()
 
 
-def resume_point(run_dir: Path | None, checkpoint: Path | None, cfg: RunConfig) -> tuple[Path, dict[str, Any], str] | None:
+def resume_point(
+    run_dir: Path | None, checkpoint: Path | None, cfg: RunConfig
+) -> tuple[Path, dict[str, Any], str] | None:
     """(path, payload, the train keys changed) of `checkpoint`, or of the newest readable
     checkpoint of `run_dir` (a truncated or corrupt one is named and skipped); None when the run
     has no checkpoint file at all, i.e. it stopped before its first. Checks that `cfg` may continue it."""
@@ -99,6 +101,9 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
         changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
     if changed:
         raise KneegenError(f"--resume: {', '.join(changed)} differ from the config of {path}; keep them as they were")
-    allowed = [f"train.{key} {saved['train'][key]} → {value}" for key, value in current["train"].items()
-               if value != saved["train"][key]]
+    allowed = [
+        f"train.{key} {saved['train'][key]} → {value}"
+        for key, value in current["train"].items()
+        if value != saved["train"][key]
+    ]
     return f", with {', '.join(allowed)}" if allowed else ""

@@ -45,7 +45,9 @@ def latest_run(root: Path = RUNS_ROOT) -> Path:
     """The run whose last checkpoint was written most recently."""
     runs = [p.parent for p in root.glob(f"*/{LAST}")] if root.is_dir() else []
     if not runs:
-        raise KneegenError(f"no trained run found under {root}/: train one first (kneegen train), or name a checkpoint file")
+        raise KneegenError(
+            f"no trained run found under {root}/: train one first (kneegen train), or name a checkpoint file"
+        )
     return max(runs, key=lambda run: (run / LAST).stat().st_mtime)
 
 

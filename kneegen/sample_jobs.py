@@ -48,8 +48,9 @@ class SampleJob:
     compute: Compute
 
 
-def open_job(checkpoint: Path | None, request: SamplerRequest, out: Path | None, device: str,
-             overwrite: bool) -> SampleJob:
+def open_job(
+    checkpoint: Path | None, request: SamplerRequest, out: Path | None, device: str, overwrite: bool
+) -> SampleJob:
     """Load the model, settle the sampler and make a fresh (or permitted) output folder; a bad
     sampler or step count is refused before anything is written."""
     compute = resolve_compute(device, "auto")
@@ -99,7 +100,9 @@ def illustrate(job: SampleJob, seeds: list[int], batch_size: int | None) -> None
             progress.advance(task, len(x_t))
 
         # Every batch visits every step, so each batch's frames replace the previous batch's.
-        batches = sample_batches(job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size), on_step=record)
+        batches = sample_batches(
+            job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size), on_step=record
+        )
         for batch, finals in batches:
             for b, image_seed in enumerate(batch):
                 top = [frames[i][0][b] for i in strip_steps] + [finals[b]]
@@ -116,15 +119,22 @@ def batch_size_of(job: SampleJob, asked: int | None) -> int:
 def write_image(job: SampleJob, seed: int, image: np.ndarray) -> Path:
     """`{seed:06d}.png` with seed, sampler and steps in a PNG text chunk and a JSON sidecar."""
     choice = job.choice
-    info = {"seed": str(seed), "sampler": choice.name, "steps": str(choice.steps), "eta": str(choice.eta),
-            "spacing": choice.spacing, "checkpoint": str(job.model.source)}
+    info = {
+        "seed": str(seed),
+        "sampler": choice.name,
+        "steps": str(choice.steps),
+        "eta": str(choice.eta),
+        "spacing": choice.spacing,
+        "checkpoint": str(job.model.source),
+    }
     path = save_png(image, job.folder / f"{seed:06d}.png", text=info)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return path
 
 
-def write_illustration(folder: Path, seed: int, top: list[np.ndarray], bottom: list[np.ndarray],
-                       gif: list[np.ndarray]) -> None:
+def write_illustration(
+    folder: Path, seed: int, top: list[np.ndarray], bottom: list[np.ndarray], gif: list[np.ndarray]
+) -> None:
     """illustrate_{seed}.png: the x_t frames above, each frame's predicted x0 below; and the GIF."""
     save_png(image_grid(top + bottom, columns=len(top)), folder / f"illustrate_{seed:06d}.png")
     save_gif(gif, folder / f"illustrate_{seed:06d}.gif")

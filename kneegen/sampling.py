@@ -47,7 +47,11 @@ class SamplerChoice:
 
 
 def choose_sampler(
-    model: TrainedModel, name: str | None, steps: int | None, eta: float | None, spacing: str | None = None,
+    model: TrainedModel,
+    name: str | None,
+    steps: int | None,
+    eta: float | None,
+    spacing: str | None = None,
     compile: bool = False,
 ) -> SamplerChoice:
     """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained.
@@ -65,8 +69,11 @@ def choose_sampler(
     if eta is not None and not 0 <= eta <= 1:
         raise KneegenError(f"--eta {eta}: give a value from 0 (deterministic DDIM) to 1 (ancestral, like DDPM)")
     return SamplerChoice(
-        chosen, default_steps if steps is None else steps, sample.eta if eta is None else eta,
-        spacing or sample.spacing, compile,
+        chosen,
+        default_steps if steps is None else steps,
+        sample.eta if eta is None else eta,
+        spacing or sample.spacing,
+        compile,
     )
 
 
@@ -103,7 +110,7 @@ MAX_IMAGES = 10_000_000  # a list of seeds beyond this is a typo, not a plan (an
 
 
 def parse_seeds(text: str) -> list[int]:
-    """"0-63" → 0…63; "1,5,9-12" → [1, 5, 9, 10, 11, 12]; order kept, repeats refused."""
+    """ "0-63" → 0…63; "1,5,9-12" → [1, 5, 9, 10, 11, 12]; order kept, repeats refused."""
     seeds: list[int] = []
     try:
         for part in text.split(","):

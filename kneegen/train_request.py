@@ -37,7 +37,9 @@ def start_training(request: TrainRequest) -> TrainState:
     checkpoint, note = None, ""
     if request.resume_from is not None:
         if not request.resume_from.exists():
-            raise KneegenError(f"--resume-from {request.resume_from} not found: give a run dir or a .pt checkpoint in one")
+            raise KneegenError(
+                f"--resume-from {request.resume_from} not found: give a run dir or a .pt checkpoint in one"
+            )
         resume = True
         if request.resume_from.is_file():
             checkpoint = request.resume_from
@@ -55,9 +57,9 @@ def start_training(request: TrainRequest) -> TrainState:
     return run_training(cfg, run_dir, resume, checkpoint, origin=note)
 
 
-
-def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path | None,
-                     overrides: dict[str, Any]) -> RunConfig:
+def config_to_resume(
+    config: Path | None, checkpoint: Path | None, run_dir: Path | None, overrides: dict[str, Any]
+) -> RunConfig:
     """--config if given; else the config.yaml of the checkpoint's run (or of `run_dir`); else,
     for a checkpoint copied out of its run, the config the checkpoint carries."""
     if config is not None:
@@ -69,8 +71,10 @@ def config_to_resume(config: Path | None, checkpoint: Path | None, run_dir: Path
         return load_config(home / CONFIG, overrides)
     assert run_dir is not None  # without a checkpoint file, --resume always has a run dir
     if not (run_dir / CONFIG).is_file():
-        raise KneegenError(f"--resume: {run_dir} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
-                           "or start a new run without --resume")
+        raise KneegenError(
+            f"--resume: {run_dir} holds no {CONFIG}, so it is no kneegen run: give the --run-dir of one, "
+            "or start a new run without --resume"
+        )
     return load_config(run_dir / CONFIG, overrides)
 
 

@@ -40,7 +40,10 @@ from kneegen.runs import CONFIG, LAST, STEP_CHECKPOINTS, home_run_of, latest_run
 
 
 def run_training(
-    cfg: RunConfig, run_dir: Path | None = None, resume: bool = False, checkpoint: Path | None = None,
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint: Path | None = None,
     origin: str = "",
 ) -> TrainState:
     """Train `cfg` up to `train.epochs`: in a new `run_dir` (default runs/<time>), or with `resume`
@@ -69,8 +72,17 @@ def run_training(
 
         # 3. A new run dir, or the state of the interrupted run; then the epochs.
         run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint)
-        run = Run(cfg, run_dir, data.image_shape, train_images, val_images,
-                  Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), compute, dist, fid)
+        run = Run(
+            cfg,
+            run_dir,
+            data.image_shape,
+            train_images,
+            val_images,
+            Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps),
+            compute,
+            dist,
+            fid,
+        )
         if dist.is_main:
             save_config(cfg, run_dir / CONFIG)
         processes = f", {dist.world_size} processes" if dist.enabled else ""
@@ -106,8 +118,9 @@ def open_run_dir(
     resumed = resume_point(run_dir, checkpoint, cfg)
     if resumed is None:
         if run_dir is None or not (run_dir / CONFIG).is_file():
-            raise KneegenError(f"--resume: {run_dir} holds neither a checkpoint nor a {CONFIG}: start a new run "
-                               "without --resume")
+            raise KneegenError(
+                f"--resume: {run_dir} holds neither a checkpoint nor a {CONFIG}: start a new run without --resume"
+            )
         if dist.is_main:
             console.print(f"--resume: {run_dir} has no checkpoint yet: starting it from the beginning", highlight=False)
             keep_metrics_up_to(run_dir / METRICS_FILE, state)
@@ -168,14 +181,20 @@ def train_epochs(state: TrainState, run: Run) -> None:
             validation = None
             if dist.is_main and (epoch % train.val_every == 0 or epoch == train.epochs):
                 validation = validation_loss(
-                    state.eval_network, run.val_images, run.schedule, run.cfg.diffusion, run.compute,
-                    train.val_timesteps, train.batch_size,
+                    state.eval_network,
+                    run.val_images,
+                    run.schedule,
+                    run.cfg.diffusion,
+                    run.compute,
+                    train.val_timesteps,
+                    train.batch_size,
                 )
             quality = None
             if run.fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):
                 progress.update(task, status=f"epoch {epoch}: FID of {train.fid_samples} samples")
-                quality = run.fid.score(TrainedModel(state.eval_network, run.schedule, run.cfg, run.image_shape,
-                                                     epoch, run.run_dir))
+                quality = run.fid.score(
+                    TrainedModel(state.eval_network, run.schedule, run.cfg, run.image_shape, epoch, run.run_dir)
+                )
             record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
 

@@ -30,8 +30,10 @@ def test_shift_moves_each_image_by_a_whole_number_of_pixels_within_one_pixel_at_
             (dy, dx)
             for dy in range(-1, 2)
             for dx in range(-1, 2)
-            if torch.equal(moved[:, max(dy, 0) : 25 + min(dy, 0), max(dx, 0) : 25 + min(dx, 0)],
-                           original[:, max(-dy, 0) : 25 + min(-dy, 0), max(-dx, 0) : 25 + min(-dx, 0)])
+            if torch.equal(
+                moved[:, max(dy, 0) : 25 + min(dy, 0), max(dx, 0) : 25 + min(dx, 0)],
+                original[:, max(-dy, 0) : 25 + min(-dy, 0), max(-dx, 0) : 25 + min(-dx, 0)],
+            )
         ]
         assert len(matches) == 1  # 4 % of 25 px rounds to at most 1 px
         dy, dx = matches[0]
@@ -62,8 +64,12 @@ def test_flip_mirrors_some_images_and_leaves_the_others():
 def test_same_generator_state_same_augmentation():
     x = batch()
     kinds = ["shift", "intensity", "flip"]
-    assert torch.equal(augment(x, kinds, torch.Generator().manual_seed(5)), augment(x, kinds, torch.Generator().manual_seed(5)))
-    assert not torch.equal(augment(x, kinds, torch.Generator().manual_seed(5)), augment(x, kinds, torch.Generator().manual_seed(6)))
+    assert torch.equal(
+        augment(x, kinds, torch.Generator().manual_seed(5)), augment(x, kinds, torch.Generator().manual_seed(5))
+    )
+    assert not torch.equal(
+        augment(x, kinds, torch.Generator().manual_seed(5)), augment(x, kinds, torch.Generator().manual_seed(6))
+    )
 
 
 @pytest.mark.slow

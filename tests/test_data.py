@@ -219,7 +219,9 @@ def test_sixteen_bit_sources_keep_their_precision(tmp_path):
     ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 251 + 7).astype(np.uint16)  # odd values
     for i in range(4):
         Image.fromarray(ramp + i).save(src / f"OAI900000{i}_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz_1.png")
-    Image.fromarray((ramp >> 8).astype(np.uint8)).save(src / "OAI9000009_BaseLine_3_de3d1_SAG_3D_DESS_WE_RIGHT.nii.gz_1.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(
+        src / "OAI9000009_BaseLine_3_de3d1_SAG_3D_DESS_WE_RIGHT.nii.gz_1.png"
+    )
     summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.6, 0.4, 0.0)))
     data = open_cache(tmp_path / "out")
     assert summary.dtype == "uint16" and data.images.dtype == np.uint16
@@ -276,9 +278,13 @@ def test_sides_are_stratified_across_splits(tmp_path):
         Image.fromarray(pixels).save(src / f"OAI{9000000 + n}_BaseLine_3_de3d1_SAG_3D_DESS_WE_{side}.nii.gz_1.png")
     for seed in range(3):
         out = tmp_path / f"out{seed}"
-        summary = prepare_folder(src, out, prepare_options((8, 8), fractions=SplitFractions(0.5, 0.25, 0.25), seed=seed))
+        summary = prepare_folder(
+            src, out, prepare_options((8, 8), fractions=SplitFractions(0.5, 0.25, 0.25), seed=seed)
+        )
         assert {name: c.sides for name, c in summary.splits.items()} == {
-            "train": {"LEFT": 10, "RIGHT": 10}, "val": {"LEFT": 5, "RIGHT": 5}, "test": {"LEFT": 5, "RIGHT": 5},
+            "train": {"LEFT": 10, "RIGHT": 10},
+            "val": {"LEFT": 5, "RIGHT": 5},
+            "test": {"LEFT": 5, "RIGHT": 5},
         }
         assert_no_leak(out)
 
@@ -307,7 +313,11 @@ def test_a_split_that_would_be_empty_is_refused(tmp_path, small_src):
 
 @pytest.mark.parametrize(
     "fractions, message",
-    [((0.7, 0.2, 0.2), "must add up to 1"), ((1.0, 0.0, 0.0), "both train and val"), ((0.9, 0.2, -0.1), "--test-fraction -0.1: must be between 0 and 1")],
+    [
+        ((0.7, 0.2, 0.2), "must add up to 1"),
+        ((1.0, 0.0, 0.0), "both train and val"),
+        ((0.9, 0.2, -0.1), "--test-fraction -0.1: must be between 0 and 1"),
+    ],
 )
 def test_bad_fractions_are_refused(small_src, tmp_path, fractions, message):
     with pytest.raises(KneegenError, match=message):
@@ -368,8 +378,11 @@ def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):
         prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
 
 
-@pytest.mark.parametrize("failure", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device")],
-                         ids=["ctrl-c", "disk-full"])
+@pytest.mark.parametrize(
+    "failure",
+    [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device")],
+    ids=["ctrl-c", "disk-full"],
+)
 def test_a_failure_while_replacing_a_cache_leaves_the_old_cache_whole(small_src, tmp_path, monkeypatch, failure):
     out = tmp_path / "out"
     prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))

@@ -152,9 +152,13 @@ def test_ms_ssim_setting_follows_the_image_size():
 def knees() -> dict[str, np.ndarray]:
     """Training, held-out and fresh patients of the phantom at 32², ten slices each."""
     volumes = {
-        "train": range(6), "held_out": range(100, 103), "fresh": range(200, 203),
+        "train": range(6),
+        "held_out": range(100, 103),
+        "fresh": range(200, 203),
     }
-    return {name: np.concatenate([phantom_volume(s, 10, "RIGHT", 32, 32) for s in seeds]) for name, seeds in volumes.items()}
+    return {
+        name: np.concatenate([phantom_volume(s, 10, "RIGHT", 32, 32) for s in seeds]) for name, seeds in volumes.items()
+    }
 
 
 def test_exact_training_slices_are_flagged_and_fresh_patients_are_not(knees):

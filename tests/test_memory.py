@@ -36,7 +36,10 @@ def test_saved_bytes_grow_with_the_image_and_leave_the_rng_and_weights_alone():
     assert small > 16 * 16 * 16 * 4
     # Attention on a finer level too: more of the memory grows with (HW)².
     attending = build_network(TINY, (16, 16))
-    assert saved_bytes_per_image(attending, (32, 32), CPU) / saved_bytes_per_image(attending, (16, 16), CPU) > large / small
+    assert (
+        saved_bytes_per_image(attending, (32, 32), CPU) / saved_bytes_per_image(attending, (16, 16), CPU)
+        > large / small
+    )
 
 
 def plan(per_image: int, available: int) -> MemoryPlan:
@@ -73,6 +76,8 @@ def test_training_with_little_memory_makes_the_updates_of_the_full_batch(prepare
     monkeypatch.setattr("kneegen.engine.memory.free_memory", lambda device, processes: little)
     monkeypatch.setattr("kneegen.engine.memory.BYTES_PER_PARAMETER", 0)
     run_training(tiny_config(prepared, tmp_path), tmp_path / "planned")
-    losses = [[r["train_losses"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "epoch"]
-              for run in (tmp_path / "by-hand", tmp_path / "planned")]
+    losses = [
+        [r["train_losses"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "epoch"]
+        for run in (tmp_path / "by-hand", tmp_path / "planned")
+    ]
     assert losses[0] == losses[1]

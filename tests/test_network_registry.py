@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
 from kneegen.config import RunConfig, from_dict
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.engine.device import resolve_compute
@@ -19,9 +18,11 @@ from kneegen.errors import KneegenError
 from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 
+from helpers import tiny_config
+
 CPU = resolve_compute("cpu", "fp32")
 
-TOY_NETWORK = '''
+TOY_NETWORK = """
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class Toy(nn.Module):
 
 
 NETWORK = Network(Toy, ToyConfig)
-'''
+"""
 
 
 def install_plugin(folder: Path, monkeypatch: pytest.MonkeyPatch, entry: str, module: str, source: str) -> None:
@@ -90,7 +91,9 @@ def test_a_plugin_network_trains_resumes_and_samples_by_name(prepared, tmp_path,
 
 
 def test_a_plugin_that_fails_to_load_is_named_in_one_line(tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "broken = broken_net:NETWORK", "broken_net", "raise ImportError('no torch_geometric')\n")
+    install_plugin(
+        tmp_path, monkeypatch, "broken = broken_net:NETWORK", "broken_net", "raise ImportError('no torch_geometric')\n"
+    )
     with pytest.raises(KneegenError, match=r"network plugin 'broken' \(broken_net:NETWORK\).*no torch_geometric"):
         registered_networks()
 

@@ -37,8 +37,7 @@ def test_volume_has_requested_shape_and_dtype():
 
 
 def test_same_seed_gives_identical_volume():
-    np.testing.assert_array_equal(phantom_volume(7, 5, "LEFT", 64, 72),
-                                  phantom_volume(7, 5, "LEFT", 64, 72))
+    np.testing.assert_array_equal(phantom_volume(7, 5, "LEFT", 64, 72), phantom_volume(7, 5, "LEFT", 64, 72))
 
 
 def test_different_patients_differ():
@@ -90,7 +89,7 @@ def test_noise_is_rician():
     assert floor.min() >= 0
     assert floor.mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.02)  # Rayleigh
     strong = _rician(np.ones((400, 400), np.float32), sigma, rng)
-    assert strong.mean() == pytest.approx(1.0 + sigma ** 2 / 2, rel=0.01)
+    assert strong.mean() == pytest.approx(1.0 + sigma**2 / 2, rel=0.01)
     assert strong.std() == pytest.approx(sigma, rel=0.05)
 
 
@@ -121,7 +120,8 @@ def test_write_phantom_writes_exact_count_with_akoa_names(tmp_path):
             assert image.size == (AKOA_WIDTH, AKOA_HEIGHT)
     assert len({patient for patient, _ in slices_by_knee}) == 3
     assert sorted(map(sorted, slices_by_knee.values())) == sorted(
-        [list(range(1, 21)), list(range(1, 21)), list(range(1, 6))])
+        [list(range(1, 21)), list(range(1, 21)), list(range(1, 6))]
+    )
 
 
 def test_write_phantom_is_byte_identical_for_the_same_seed(tmp_path):

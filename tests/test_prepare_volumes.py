@@ -60,8 +60,11 @@ def test_every_input_kind_lands_in_the_cache_without_leaks(mixed_src, tmp_path):
     data = open_cache(out)
     assert summary.dtype == "uint16" and data.images.dtype == np.uint16 and data.images.shape[1:] == SIZE
     assert {Path(v["path"]).name for v in manifest["volumes"]} == {
-        "OAI9000000_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz", "OAI9000001_BaseLine_3_de3d1_SAG_3D_DESS_WE_RIGHT.nii.gz",
-        "OAI9000002_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz", "dicom_P001", "anatomical.nii",
+        "OAI9000000_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz",
+        "OAI9000001_BaseLine_3_de3d1_SAG_3D_DESS_WE_RIGHT.nii.gz",
+        "OAI9000002_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz",
+        "dicom_P001",
+        "anatomical.nii",
     }
     real = next(v for v in manifest["volumes"] if v["path"] == "anatomical.nii")
     canonical = nib.as_closest_canonical(nib.load(NIBABEL_DATA / "anatomical.nii")).get_fdata()
@@ -88,10 +91,13 @@ def test_bad_volumes_are_skipped_with_reasons_or_stop_the_run_with_strict(mixed_
 
 def test_coronal_axis_and_window_reach_the_reader(mixed_src, tmp_path):
     sagittal = prepare_folder(mixed_src, tmp_path / "s", prepare_options(SIZE, fractions=FIFTHS))
-    coronal = prepare_folder(mixed_src, tmp_path / "c", prepare_options(SIZE, fractions=FIFTHS, axis="coronal",
-                                                                        percentiles=(5.0, 95.0)))
+    coronal = prepare_folder(
+        mixed_src, tmp_path / "c", prepare_options(SIZE, fractions=FIFTHS, axis="coronal", percentiles=(5.0, 95.0))
+    )
     assert sagittal.images != coronal.images  # other slice counts along another axis
-    real = next(v for v in json.loads((tmp_path / "c/manifest.json").read_text())["volumes"] if v["path"] == "anatomical.nii")
+    real = next(
+        v for v in json.loads((tmp_path / "c/manifest.json").read_text())["volumes"] if v["path"] == "anatomical.nii"
+    )
     canonical = nib.as_closest_canonical(nib.load(NIBABEL_DATA / "anatomical.nii")).get_fdata()
     assert real["window"] == pytest.approx(list(np.percentile(canonical, (5.0, 95.0))), rel=1e-6)
 

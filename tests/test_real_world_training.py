@@ -60,7 +60,7 @@ def test_training_and_sampling_on_a_non_square_sixteen_bit_cache(deep_cache, tmp
     compute = resolve_compute("cpu", "fp32")
     model = load_trained_model(run_dir / "last.pt", compute)
     assert model.image_shape == SHAPE
-    (_, images), = list(sample_batches(model, compute, choose_sampler(model, "ddim", 2, None), [0, 1], 2))
+    ((_, images),) = list(sample_batches(model, compute, choose_sampler(model, "ddim", 2, None), [0, 1], 2))
     assert np.asarray(images).shape == (2, *SHAPE)
 
 

@@ -14,8 +14,8 @@ from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.errors import KneegenError
-from kneegen.recipes import recipe_for, recipe_names, recipe_path
 from kneegen.metrics_log import read_metrics
+from kneegen.recipes import recipe_for, recipe_names, recipe_path
 from kneegen.training_run import run_training
 
 from helpers import tiny_config
@@ -47,31 +47,80 @@ def test_channels_last_only_on_gpus():
 @pytest.mark.slow
 def test_train_without_config_announces_the_recipe_for_this_cpu(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(build_app(), [
-        "train", "--data", str(prepared), "--epochs", "1", "--precision", "fp32",
-        "--set", "train.val_images=4", "--set", "train.val_timesteps=1", "--set", "train.batch_size=24",
-    ])
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "train",
+            "--data",
+            str(prepared),
+            "--epochs",
+            "1",
+            "--precision",
+            "fp32",
+            "--set",
+            "train.val_images=4",
+            "--set",
+            "train.val_timesteps=1",
+            "--set",
+            "train.batch_size=24",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "recipe cpu-fp32" in result.output
     (run,) = (tmp_path / "runs").iterdir()
-    recipe = load_config(recipe_path("cpu-fp32"), {"data": str(prepared), "train.epochs": 1, "train.val_images": 4,
-                                                   "train.val_timesteps": 1, "train.batch_size": 24})
+    recipe = load_config(
+        recipe_path("cpu-fp32"),
+        {
+            "data": str(prepared),
+            "train.epochs": 1,
+            "train.val_images": 4,
+            "train.val_timesteps": 1,
+            "train.batch_size": 24,
+        },
+    )
     assert resolve_plugins(recipe, "recipe") == load_config(run / "config.yaml")  # with the network's defaults
 
 
 @pytest.mark.slow
 def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(build_app(), [
-        "train", "--config", "cpu-bf16", "--data", str(prepared), "--epochs", "1", "--precision", "fp32",
-        "--set", "train.val_images=4", "--set", "train.val_timesteps=1", "--set", "train.batch_size=24",
-    ])
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "train",
+            "--config",
+            "cpu-bf16",
+            "--data",
+            str(prepared),
+            "--epochs",
+            "1",
+            "--precision",
+            "fp32",
+            "--set",
+            "train.val_images=4",
+            "--set",
+            "train.val_timesteps=1",
+            "--set",
+            "train.batch_size=24",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "no --config" not in result.output
     (run,) = (tmp_path / "runs").iterdir()
-    assert load_config(run / "config.yaml") == resolve_plugins(load_config(recipe_path("cpu-bf16"), {
-        "data": str(prepared), "train.epochs": 1, "precision": "fp32", "train.val_images": 4,
-        "train.val_timesteps": 1, "train.batch_size": 24}), "recipe")
+    assert load_config(run / "config.yaml") == resolve_plugins(
+        load_config(
+            recipe_path("cpu-bf16"),
+            {
+                "data": str(prepared),
+                "train.epochs": 1,
+                "precision": "fp32",
+                "train.val_images": 4,
+                "train.val_timesteps": 1,
+                "train.batch_size": 24,
+            },
+        ),
+        "recipe",
+    )
 
 
 @pytest.mark.slow

@@ -106,7 +106,15 @@ def test_deterministic_ddim_is_the_scalar_recursion_of_song_et_al(cosine):
 
 @pytest.mark.parametrize(
     "name, eta",
-    [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0), ("dpm++3m", 0.0), ("dpm++2m-sde", 0.0), ("unipc", 0.0)],
+    [
+        ("ddpm", 0.0),
+        ("ddim", 0.0),
+        ("ddim", 1.0),
+        ("dpm++2m", 0.0),
+        ("dpm++3m", 0.0),
+        ("dpm++2m-sde", 0.0),
+        ("unipc", 0.0),
+    ],
 )
 def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name, eta):
     timesteps = sample_timesteps(1000, 20)
@@ -122,8 +130,15 @@ def test_same_seeds_give_identical_images_whatever_the_batch_split(cosine, name,
 
 @pytest.mark.parametrize("name, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++2m-sde", 0.0)])
 def test_different_seeds_give_different_images(cosine, name, eta):
-    out = generate(gaussian_denoiser(cosine), get_sampler(name, eta=eta), sample_timesteps(1000, 20), cosine,
-                   [0, 1, 2, 3], SHAPE, CPU)
+    out = generate(
+        gaussian_denoiser(cosine),
+        get_sampler(name, eta=eta),
+        sample_timesteps(1000, 20),
+        cosine,
+        [0, 1, 2, 3],
+        SHAPE,
+        CPU,
+    )
     for i in range(4):
         for j in range(i + 1, 4):
             assert (out[i] - out[j]).abs().max().item() > 1e-3
@@ -144,7 +159,10 @@ def test_stochastic_samplers_inject_noise_beyond_the_start():
             return torch.randn((2, *shape), generator=self.generator)
 
     for sampler, stochastic in [
-        (ddpm, True), (get_sampler("ddim", eta=1.0), True), (get_sampler("dpm++2m-sde"), True), (ddim, False),
+        (ddpm, True),
+        (get_sampler("ddim", eta=1.0), True),
+        (get_sampler("dpm++2m-sde"), True),
+        (ddim, False),
     ]:
         a = sampler(denoise, start.clone(), timesteps, schedule, FixedNoise(1))
         b = sampler(denoise, start.clone(), timesteps, schedule, FixedNoise(2))
@@ -153,8 +171,9 @@ def test_stochastic_samplers_inject_noise_beyond_the_start():
 
 def sde_std_error(schedule: Schedule, name: str, steps: int, eta: float = 0.0) -> float:
     timesteps = timesteps_for(name, schedule, steps)
-    out = generate(gaussian_denoiser(schedule), get_sampler(name, eta=eta), timesteps, schedule,
-                   list(range(4000)), SHAPE, CPU)
+    out = generate(
+        gaussian_denoiser(schedule), get_sampler(name, eta=eta), timesteps, schedule, list(range(4000)), SHAPE, CPU
+    )
     assert abs(out.mean().item() - MU) < 0.01
     return abs(out.std().item() - STD)
 
@@ -181,8 +200,10 @@ def test_sde_solver_first_step_is_the_ddpm_posterior_step(cosine):
 
 def test_a_network_denoiser_is_batch_independent_per_seed():
     torch.manual_seed(0)
-    cfg = ModelConfig("unet", {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1],
-                                              patch_size=1)})
+    cfg = ModelConfig(
+        "unet",
+        {"unet": dict(channels=16, channel_mults=[1, 2], blocks_per_level=1, attention_levels=[1], patch_size=1)},
+    )
     network = build_network(cfg, (16, 16))
     with torch.no_grad():  # the zero-initialised head would make every output 0
         for p in network.parameters():
@@ -191,7 +212,9 @@ def test_a_network_denoiser_is_batch_independent_per_seed():
     denoise = make_denoiser(network, schedule, "v", Compute(CPU, None))
     sampler, timesteps = get_sampler("ddim", eta=1.0), sample_timesteps(1000, 4)
     whole = generate(denoise, sampler, timesteps, schedule, [7, 8, 9, 10], (1, 16, 16), CPU)
-    parts = torch.cat([generate(denoise, sampler, timesteps, schedule, seeds, (1, 16, 16), CPU) for seeds in ([7], [8, 9, 10])])
+    parts = torch.cat(
+        [generate(denoise, sampler, timesteps, schedule, seeds, (1, 16, 16), CPU) for seeds in ([7], [8, 9, 10])]
+    )
     torch.testing.assert_close(whole, parts, rtol=0, atol=1e-5)
     assert (whole[0] - whole[1]).abs().max().item() > 1e-3
 
@@ -241,12 +264,13 @@ def ode_error(schedule: Schedule, name: str, steps: int) -> float:
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize(
-    "name, steps, min_ratio, max_ratio", [
+    "name, steps, min_ratio, max_ratio",
+    [
         ("ddim", 50, 1.7, 2.3),
         ("dpm++2m", 50, 3.0, 6.0),
         ("dpm++3m", 25, 4.5, 20.0),
         ("unipc", 25, 4.5, 20.0),  # order 2 plus the corrector: third order
-    ]
+    ],
 )
 def test_deterministic_solvers_converge_at_their_order(kind, name, steps, min_ratio, max_ratio):
     """Doubling the steps divides the error by ~2 (first order), ~4 (second) or more (third);

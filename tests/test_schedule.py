@@ -76,8 +76,12 @@ def test_add_noise_draws_from_q_xt_given_x0(t_value):
     abar = schedule.alphas_cumprod[t_value].item()
     mean, var = x_t.mean(dim=0).flatten(), x_t.var(dim=0).flatten()
     # 5 standard errors of mean and variance, N = 40k
-    torch.testing.assert_close(mean, math.sqrt(abar) * x0.flatten(), rtol=0, atol=5 * math.sqrt((1 - abar) / draws) + 1e-7)
-    torch.testing.assert_close(var, torch.full((5,), 1 - abar), rtol=0, atol=5 * (1 - abar) * math.sqrt(2 / draws) + 1e-7)
+    torch.testing.assert_close(
+        mean, math.sqrt(abar) * x0.flatten(), rtol=0, atol=5 * math.sqrt((1 - abar) / draws) + 1e-7
+    )
+    torch.testing.assert_close(
+        var, torch.full((5,), 1 - abar), rtol=0, atol=5 * (1 - abar) * math.sqrt(2 / draws) + 1e-7
+    )
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

@@ -23,7 +23,9 @@ def test_split_counts_by_largest_remainder(n, fractions, expected):
 
 
 def test_every_patient_gets_exactly_one_split_with_the_planned_counts():
-    sides = {f"p{i:03d}": ({"LEFT"} if i % 3 == 0 else {"RIGHT"} if i % 3 == 1 else {"LEFT", "RIGHT"}) for i in range(101)}
+    sides = {
+        f"p{i:03d}": ({"LEFT"} if i % 3 == 0 else {"RIGHT"} if i % 3 == 1 else {"LEFT", "RIGHT"}) for i in range(101)
+    }
     assignment = split_patients(sides, SplitFractions(), seed=0)
     assert set(assignment) == set(sides)
     totals = {name: sum(1 for s in assignment.values() if s == name) for name in ("train", "val", "test")}
@@ -36,5 +38,7 @@ def test_every_patient_gets_exactly_one_split_with_the_planned_counts():
 def test_same_seed_same_split_other_seed_other_split():
     sides = {f"p{i}": {"LEFT"} for i in range(30)}
     first = split_patients(sides, SplitFractions(), seed=1)
-    assert first == split_patients(dict(reversed(list(sides.items()))), SplitFractions(), seed=1)  # input order irrelevant
+    assert first == split_patients(
+        dict(reversed(list(sides.items()))), SplitFractions(), seed=1
+    )  # input order irrelevant
     assert first != split_patients(sides, SplitFractions(), seed=2)

@@ -16,8 +16,8 @@ from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.distributed import SINGLE
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.timesteps import HISTORY, LOGNORMAL_MEAN, LOGNORMAL_STD, UNIFORM_SHARE, TimestepSampler
-from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.metrics_log import read_metrics
+from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
 
 from helpers import tiny_config, tiny_run_dict
@@ -141,8 +141,12 @@ IMPORTANCE = {"timesteps": 8, "timestep_sampling": "importance"}
 
 @pytest.mark.slow
 def test_importance_run_resumed_mid_run_gives_the_losses_of_a_straight_run(prepared, tmp_path):
-    cfg = tiny_config(prepared, tmp_path, diffusion=IMPORTANCE,
-                      train={"epochs": 4, "checkpoint_every_steps": 3, "keep_checkpoints": 10})
+    cfg = tiny_config(
+        prepared,
+        tmp_path,
+        diffusion=IMPORTANCE,
+        train={"epochs": 4, "checkpoint_every_steps": 3, "keep_checkpoints": 10},
+    )
     run_dir = tmp_path / "run"
     run_training(cfg, run_dir)
     straight, straight_last = losses(run_dir), load_checkpoint(run_dir / "last.pt")
@@ -167,8 +171,9 @@ def test_a_checkpoint_without_a_timestep_history_resumes_with_an_empty_one(prepa
     payload = torch.load(run_dir / "last.pt", weights_only=True)
     del payload["timestep_sampler"]
     torch.save(payload, run_dir / "last.pt")
-    state = run_training(tiny_config(prepared, tmp_path, diffusion=IMPORTANCE, train={"epochs": 2}), run_dir,
-                         resume=True)
+    state = run_training(
+        tiny_config(prepared, tmp_path, diffusion=IMPORTANCE, train={"epochs": 2}), run_dir, resume=True
+    )
     assert state.timestep_sampler.seen.sum().item() == 50  # the second epoch's images only
 
 

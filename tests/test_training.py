@@ -33,8 +33,15 @@ CPU = Compute(torch.device("cpu"), None)
 
 def run_validation(network, images, cfg, buckets=None, batch_size=None):
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    return validation_loss(network, images, schedule, cfg.diffusion, CPU,
-                           buckets or cfg.train.val_timesteps, batch_size or cfg.train.batch_size)
+    return validation_loss(
+        network,
+        images,
+        schedule,
+        cfg.diffusion,
+        CPU,
+        buckets or cfg.train.val_timesteps,
+        batch_size or cfg.train.batch_size,
+    )
 
 
 # --- learning -----------------------------------------------------------------------------------
@@ -278,8 +285,15 @@ def test_resume_of_a_folder_without_checkpoint_or_config_is_refused(prepared, tm
 
 def test_run_dir_holds_config_metrics_plots_and_checkpoints(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "loss_train.png", "loss_val.png",
-            "loss_overlay.png"} <= names
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "loss_train.png",
+        "loss_val.png",
+        "loss_overlay.png",
+    } <= names
     records = read_metrics(trained_run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["step"] for r in records] == [4, 8]

@@ -39,7 +39,9 @@ def test_out_of_memory_names_the_batch_size_and_accumulation(prepared, tmp_path,
         yield  # a generator, like the real epoch_steps
 
     monkeypatch.setattr("kneegen.training_run.epoch_steps", exhausted)
-    with pytest.raises(KneegenError, match="memory at step 0 with train.batch_size 16: lower it, or raise train.grad_accumulation"):
+    with pytest.raises(
+        KneegenError, match="memory at step 0 with train.batch_size 16: lower it, or raise train.grad_accumulation"
+    ):
         run_training(tiny_config(prepared, tmp_path), tmp_path / "run", resume=False)
 
 

@@ -232,8 +232,9 @@ def test_compile_wraps_the_training_network_only(prepared, tmp_path, monkeypatch
 @pytest.mark.slow
 def test_step_records_previews_and_missing_tensorboard(prepared, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    cfg = tiny_config(prepared, tmp_path, train={"epochs": 1, "log_every_steps": 2, "preview_every": 1,
-                                                  "tensorboard": True})
+    cfg = tiny_config(
+        prepared, tmp_path, train={"epochs": 1, "log_every_steps": 2, "preview_every": 1, "tensorboard": True}
+    )
     run_training(cfg, run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "steps"]
@@ -253,8 +254,15 @@ def test_step_records_previews_and_missing_tensorboard(prepared, tmp_path, capsy
         assert any((run_dir / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("key", ["train.grad_accumulation=0", "diffusion.min_snr_gamma=-1", "train.log_every_steps=-1",
-                                 "diffusion.timestep_sampling=sometimes"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "train.grad_accumulation=0",
+        "diffusion.min_snr_gamma=-1",
+        "train.log_every_steps=-1",
+        "diffusion.timestep_sampling=sometimes",
+    ],
+)
 def test_out_of_range_options_are_named(prepared, tmp_path, key):
     name, value = key.split("=")
     section, leaf = name.split(".")

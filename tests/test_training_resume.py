@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from kneegen.cli import build_app
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
-from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.metrics_log import read_metrics
 from kneegen.run_checkpoints import resume_point
+from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
 
 from helpers import tiny_config, tiny_run_dict
@@ -61,7 +61,9 @@ def test_sigkill_mid_epoch_then_resume_gives_the_losses_of_a_straight_run(prepar
     with log.open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "kneegen", "train", "--config", config, "--run-dir", run_dir],
-            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
         marker = step_checkpoint(run_dir, KILL_AFTER_STEP)
         deadline = time.monotonic() + 120
@@ -111,7 +113,10 @@ def test_ctrl_c_saves_the_current_step_and_names_the_resume_command(prepared, st
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "kneegen", "train", "--config", config, "--run-dir", run_dir],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     marker, deadline = step_checkpoint(run_dir, KILL_AFTER_STEP), time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -131,8 +136,9 @@ def test_ctrl_c_saves_the_current_step_and_names_the_resume_command(prepared, st
 
 
 @pytest.mark.slow
-def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(prepared, straight_run, tmp_path,
-                                                                                 monkeypatch):
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(
+    prepared, straight_run, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump(tiny_run_dict(prepared, train=LONG_RUN)))
@@ -202,9 +208,25 @@ def train_with_torchrun(run: dict, config: Path, run_dir: Path) -> subprocess.Co
     """`kneegen train` of the run config `run` (written to `config`) in 2 gloo processes; it must succeed."""
     config.write_text(yaml.safe_dump(run))
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kneegen", "train", "--config", config, "--run-dir", run_dir],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kneegen",
+            "train",
+            "--config",
+            config,
+            "--run-dir",
+            run_dir,
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     return launched

@@ -290,8 +290,10 @@ def test_real_mri_gives_uint16_slices_with_content():
     result = read_volume_slices(path)
 
     canonical = nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32)
-    print(f"anatomical.nii: RAS shape {result.shape}, {len(result.slices)} sagittal slices kept, "
-          f"{result.skipped_empty} skipped, window {result.window}")
+    print(
+        f"anatomical.nii: RAS shape {result.shape}, {len(result.slices)} sagittal slices kept, "
+        f"{result.skipped_empty} skipped, window {result.window}"
+    )
     assert result.shape == canonical.shape
     assert result.window == pytest.approx(tuple(np.percentile(canonical, (0.5, 99.5))), rel=1e-6)
     assert len(result.slices) >= 10

@@ -25,16 +25,27 @@ SKIPPED_SHOWN = 10  # skipped files listed in the table; the manifest has them a
 
 
 def prepare(
-    src: Annotated[Optional[Path], typer.Argument(help="Folder of slices (PNG/JPG/TIFF) and/or volumes (NIfTI, DICOM series), searched recursively.")] = None,
+    src: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Folder of slices (PNG/JPG/TIFF) and/or volumes (NIfTI, DICOM series), searched recursively."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where the cache is written.")] = Path("data/prepared"),
     size: Annotated[str, typer.Option(help="Image size: 256 (square) or HxW, e.g. 224x256.")] = "256",
-    fit: Annotated[str, typer.Option(help="pad (keep aspect, black borders), crop (keep aspect, fill) or stretch.")] = "pad",
+    fit: Annotated[
+        str, typer.Option(help="pad (keep aspect, black borders), crop (keep aspect, fill) or stretch.")
+    ] = "pad",
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for validation.")] = 0.1,
-    test_fraction: Annotated[float, typer.Option(help="Fraction of patients held out for the final test (0: none).")] = 0.1,
+    test_fraction: Annotated[
+        float, typer.Option(help="Fraction of patients held out for the final test (0: none).")
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient split (and of the phantom).")] = 0,
     axis: Annotated[str, typer.Option(help=f"Volumes: {one_of(AXES)} slices.")] = "sagittal",
     window: Annotated[str, typer.Option(help="Volumes: intensity percentiles mapped to black and white.")] = "0.5,99.5",
-    min_foreground: Annotated[float, typer.Option(help="Volumes: leave out slices with less foreground than this fraction.")] = 0.05,
+    min_foreground: Annotated[
+        float, typer.Option(help="Volumes: leave out slices with less foreground than this fraction.")
+    ] = 0.05,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable input instead of skipping it.")] = False,
     workers: Annotated[int, typer.Option(help="Processes decoding inputs; 0 = one per core.")] = 0,
     inspect: Annotated[Optional[Path], typer.Option(help="Print the summary of an existing cache and stop.")] = None,
@@ -73,7 +84,7 @@ def prepare(
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"256" → (256, 256); "224x256" → (224, 256) as (H, W)."""
+    """ "256" → (256, 256); "224x256" → (224, 256) as (H, W)."""
     parts = text.lower().split("x")
     try:
         values = [int(p) for p in parts]
@@ -91,29 +102,37 @@ def parse_choice(text: str, choices: tuple[str, ...], flag: str) -> Any:
 
 
 def parse_window(text: str) -> tuple[float, float]:
-    """"0.5,99.5" → (0.5, 99.5): the low and high intensity percentiles."""
+    """ "0.5,99.5" → (0.5, 99.5): the low and high intensity percentiles."""
     try:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
         low, high = -1.0, -1.0
     if not 0.0 <= low < high <= 100.0:
-        raise KneegenError(f"--window {text!r}: expected two percentiles low,high with 0 <= low < high <= 100, e.g. 0.5,99.5")
+        raise KneegenError(
+            f"--window {text!r}: expected two percentiles low,high with 0 <= low < high <= 100, e.g. 0.5,99.5"
+        )
     return (low, high)
 
 
 def summary_table(summary: PrepareSummary, out: Path) -> Table:
     """Everything a user should check before training: counts, sides, sizes, splits, skips."""
     table = Table(title=f"prepared {out}", show_header=False)
-    table.add_row("images", f"{summary.images} ({summary.dtype}, {summary.image_shape[0]}x{summary.image_shape[1]}, fit {summary.fit})")
+    table.add_row(
+        "images",
+        f"{summary.images} ({summary.dtype}, {summary.image_shape[0]}x{summary.image_shape[1]}, fit {summary.fit})",
+    )
     table.add_row("patients / volumes", f"{summary.patients} / {summary.volumes}")
     table.add_row("sides", counts_text(summary.sides))
     table.add_row("sizes found", counts_text(summary.source_sizes) or "-")
     for split, counts in summary.splits.items():
         table.add_row(
             split,
-            f"{counts.images} images, {counts.patients} patients, {counts.volumes} volumes ({counts_text(counts.sides) or '-'})",
+            f"{counts.images} images, {counts.patients} patients, {counts.volumes} volumes "
+            f"({counts_text(counts.sides) or '-'})",
         )
-    table.add_row("skipped", f"{len(summary.skipped)} ({counts_text(summary.skip_reasons())})" if summary.skipped else "0")
+    table.add_row(
+        "skipped", f"{len(summary.skipped)} ({counts_text(summary.skip_reasons())})" if summary.skipped else "0"
+    )
     for path, reason in summary.skipped[:SKIPPED_SHOWN]:
         table.add_row("", escape(f"{path}: {reason}"))
     if len(summary.skipped) > SKIPPED_SHOWN:

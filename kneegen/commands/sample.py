@@ -29,15 +29,27 @@ Out = Annotated[Optional[Path], typer.Option(help="Output folder; default sample
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Images per network call; default sample.batch_size.")]
 Device = Annotated[str, typer.Option(help=f"{DEVICES}.")]
 Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that already has images.")]
-Compile = Annotated[Optional[bool], typer.Option(
-    "--compile/--no-compile", help="torch.compile the network (slow first batch, faster after); default sample.compile.")]
+Compile = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the network (slow first batch, faster after); default sample.compile.",
+    ),
+]
 
 
 @app.command()
 def single(
-    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    checkpoint: Checkpoint = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    eta: Eta = None,
     spacing: Spacing = None,
-    seed: Seed = 0, out: Out = None, device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
+    seed: Seed = 0,
+    out: Out = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    compile: Compile = None,
 ) -> None:
     """Generate one image and print its path."""
     check_seed(seed, "--seed")
@@ -48,10 +60,18 @@ def single(
 @app.command()
 def generate(
     n: Count = None,
-    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    checkpoint: Checkpoint = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    eta: Eta = None,
     spacing: Spacing = None,
-    seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
-    device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
+    seed: Seed = 0,
+    seeds_: Seeds = None,
+    out: Out = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    compile: Compile = None,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
@@ -59,16 +79,26 @@ def generate(
     started = time.perf_counter()
     grid = sample_many(job, seeds, batch_size)
     seconds = time.perf_counter() - started
-    console.print(f"{len(seeds)} images in {job.folder} ({seconds:.1f} s, {seconds / len(seeds):.2f} s/image); grid: {grid}")
+    console.print(
+        f"{len(seeds)} images in {job.folder} ({seconds:.1f} s, {seconds / len(seeds):.2f} s/image); grid: {grid}"
+    )
 
 
 @app.command()
 def illustrate(
     n: Count = None,
-    checkpoint: Checkpoint = None, sampler: Sampler = None, steps: Steps = None, eta: Eta = None,
+    checkpoint: Checkpoint = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    eta: Eta = None,
     spacing: Spacing = None,
-    seed: Seed = 0, seeds_: Seeds = None, out: Out = None, batch_size: BatchSize = None,
-    device: Device = "auto", overwrite: Overwrite = False, compile: Compile = None,
+    seed: Seed = 0,
+    seeds_: Seeds = None,
+    out: Out = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    compile: Compile = None,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)

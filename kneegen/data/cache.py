@@ -41,7 +41,6 @@ class PreparedData:
         start, stop = self.manifest["split_ranges"].get(name, (0, 0))
         return self.images[start:stop]
 
-
     def split_8bit(self, name: str) -> np.ndarray:
         """A split as PNGs, Inception and the pixel metrics see it (see `eight_bit`)."""
         return eight_bit(self.split(name))
@@ -63,22 +62,30 @@ def open_cache(root: Path) -> PreparedData:
     if not root.is_dir():
         raise KneegenError(f"data dir {root} not found: run `kneegen prepare SRC --out {root}` first (or --phantom N)")
     if not is_cache(root):
-        raise KneegenError(f"{root} holds no prepared data ({MANIFEST_FILE} missing): run `kneegen prepare` on it first")
+        raise KneegenError(
+            f"{root} holds no prepared data ({MANIFEST_FILE} missing): run `kneegen prepare` on it first"
+        )
     try:
         manifest = json.loads((root / MANIFEST_FILE).read_text())
     except (ValueError, UnicodeDecodeError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise KneegenError(f"{root / MANIFEST_FILE} is damaged or not a kneegen cache manifest: prepare the data again "
-                           f"(kneegen prepare SRC --out {root} --overwrite)")
+        raise KneegenError(
+            f"{root / MANIFEST_FILE} is damaged or not a kneegen cache manifest: prepare the data again "
+            f"(kneegen prepare SRC --out {root} --overwrite)"
+        )
     try:
         images = np.load(root / IMAGES_FILE, mmap_mode="r")
     except (OSError, ValueError, EOFError):
-        raise KneegenError(f"{root / IMAGES_FILE} is missing or damaged: prepare the data again "
-                           f"(kneegen prepare SRC --out {root} --overwrite)") from None
+        raise KneegenError(
+            f"{root / IMAGES_FILE} is missing or damaged: prepare the data again "
+            f"(kneegen prepare SRC --out {root} --overwrite)"
+        ) from None
     if images.ndim != 3 or len(images) != manifest.get("split_ranges", {}).get("test", [0, len(images)])[1]:
-        raise KneegenError(f"{root / IMAGES_FILE} does not match {MANIFEST_FILE}: prepare the data again "
-                           f"(kneegen prepare SRC --out {root} --overwrite)")
+        raise KneegenError(
+            f"{root / IMAGES_FILE} does not match {MANIFEST_FILE}: prepare the data again "
+            f"(kneegen prepare SRC --out {root} --overwrite)"
+        )
     return PreparedData(root, images, manifest)
 
 
@@ -111,6 +118,7 @@ def check_room_for(root: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise KneegenError(
-            f"{root}: the cache needs at least {needed / 2**20:,.0f} MiB and the disk has {free / 2**20:,.0f} MiB free: "
+            f"{root}: the cache needs at least {needed / 2**20:,.0f} MiB and the disk has "
+            f"{free / 2**20:,.0f} MiB free: "
             "free some space, choose another --out, or a smaller --size"
         )

@@ -25,9 +25,10 @@ order reversed, as lateral and medial swap.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -41,9 +42,17 @@ PNG_COMPRESS_LEVEL = 1  # noisy slices barely compress; level 1 halves the save 
 
 # Tissue signal as a fraction of full scale (DESS water excitation: fat suppressed).
 BASE_INTENSITY = {
-    "skin": 0.3, "fat": 0.12, "muscle": 0.27, "marrow": 0.17, "cortex": 0.03,
-    "cartilage": 0.62, "fluid": 0.95, "meniscus": 0.03, "tendon": 0.04,
-    "acl": 0.15, "vessel": 0.45,
+    "skin": 0.3,
+    "fat": 0.12,
+    "muscle": 0.27,
+    "marrow": 0.17,
+    "cortex": 0.03,
+    "cartilage": 0.62,
+    "fluid": 0.95,
+    "meniscus": 0.03,
+    "tendon": 0.04,
+    "acl": 0.15,
+    "vessel": 0.45,
 }
 CORTEX_THICKNESS = 0.018
 PLATEAU_X = -0.06  # centre of the tibial plateau, slightly behind the condyle's
@@ -90,8 +99,9 @@ def phantom_file_name(patient_id: int, side: str, slice_index: int) -> str:
     return f"OAI{patient_id}_BaseLine_3_de3d1_SAG_3D_DESS_WE_{side}.nii.gz_{slice_index}.png"
 
 
-def phantom_volume(patient_seed: int, n_slices: int, side: str,
-                   height: int = AKOA_HEIGHT, width: int = AKOA_WIDTH) -> np.ndarray:
+def phantom_volume(
+    patient_seed: int, n_slices: int, side: str, height: int = AKOA_HEIGHT, width: int = AKOA_WIDTH
+) -> np.ndarray:
     """(n_slices, height, width) uint8 volume of one knee; deterministic for a seed."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
@@ -106,8 +116,10 @@ def phantom_volume(patient_seed: int, n_slices: int, side: str,
     volume = np.empty((n_slices, height, width), np.uint8)
     for i, z in enumerate(zs):
         texture = _slice_texture(textures, float(z))
-        clean = _gaussian_blur(_render_slice(*grid, float(z), patient, texture),
-                               BLUR_SIGMA_PX * _unit_px(height, width) / (AKOA_HEIGHT / 2))
+        clean = _gaussian_blur(
+            _render_slice(*grid, float(z), patient, texture),
+            BLUR_SIGMA_PX * _unit_px(height, width) / (AKOA_HEIGHT / 2),
+        )
         volume[i] = _to_uint8(_rician(clean * bias, patient.noise, rng), patient.gamma)
     return np.ascontiguousarray(volume[:, :, ::-1]) if side == "LEFT" else volume
 
@@ -130,12 +142,20 @@ def phantom_plan(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> l
 
 
 def phantom_file_names(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> list[str]:
-    return [phantom_file_name(v.patient_id, v.side, index)
-            for v in phantom_plan(n_images, seed, slices_per_volume) for index in range(1, v.slices + 1)]
+    return [
+        phantom_file_name(v.patient_id, v.side, index)
+        for v in phantom_plan(n_images, seed, slices_per_volume)
+        for index in range(1, v.slices + 1)
+    ]
 
 
-def write_phantom(out_dir: Path, n_images: int, seed: int = 0, slices_per_volume: int = 20,
-                  on_volume: Callable[[int], None] | None = None) -> list[Path]:
+def write_phantom(
+    out_dir: Path,
+    n_images: int,
+    seed: int = 0,
+    slices_per_volume: int = 20,
+    on_volume: Callable[[int], None] | None = None,
+) -> list[Path]:
     """Write exactly n_images AKOA-named PNG slices, one volume per patient, into out_dir.
 
     Patient ids and sides are drawn from `seed`, so the same seed gives byte-identical
@@ -162,12 +182,19 @@ def _sample_patient(rng: np.random.Generator) -> Patient:
     u = rng.uniform
     centre = u(-0.1, 0.1)
     return Patient(
-        scale=u(0.9, 1.08), shift=(u(-0.1, 0.1), u(-0.1, 0.1)), tilt=u(-0.08, 0.08),
-        flexion=u(-0.1, 0.1), condyle=u(0.9, 1.1), plateau=u(0.9, 1.1),
-        patella_drop=u(-0.08, 0.08), cartilage=u(0.026, 0.045), effusion=u(0.0, 1.0),
+        scale=u(0.9, 1.08),
+        shift=(u(-0.1, 0.1), u(-0.1, 0.1)),
+        tilt=u(-0.08, 0.08),
+        flexion=u(-0.1, 0.1),
+        condyle=u(0.9, 1.1),
+        plateau=u(0.9, 1.1),
+        patella_drop=u(-0.08, 0.08),
+        cartilage=u(0.026, 0.045),
+        effusion=u(0.0, 1.0),
         fat=u(0.03, 0.11),
         intensity={k: v * u(0.85, 1.15) for k, v in BASE_INTENSITY.items()},
-        noise=u(0.015, 0.04), gamma=u(0.85, 1.15),
+        noise=u(0.015, 0.04),
+        gamma=u(0.85, 1.15),
         bias=(u(-0.25, 0.25), u(-0.25, 0.25), u(-0.1, 0.1), u(-0.15, 0.05)),
         stack=(centre - u(0.8, 0.92), centre + u(0.8, 0.92)),
     )
@@ -190,6 +217,7 @@ def _patient_grid(height: int, width: int, patient: Patient) -> tuple[np.ndarray
 
 # ---- implicit shapes: approximate signed distance in grid units, negative inside ----
 
+
 def _rotated(X: np.ndarray, Y: np.ndarray, cx: float, cy: float, angle: float):
     """Offsets of every point from (cx, cy) in a frame rotated by angle."""
     dx, dy = X - cx, Y - cy
@@ -205,7 +233,7 @@ def _ellipse(X, Y, cx, cy, a, b, angle=0.0):
         return FAR
     dx, dy = _rotated(X, Y, cx, cy, angle)
     k0 = np.sqrt((dx / a) ** 2 + (dy / b) ** 2)
-    k1 = np.sqrt((dx / a ** 2) ** 2 + (dy / b ** 2) ** 2)
+    k1 = np.sqrt((dx / a**2) ** 2 + (dy / b**2) ** 2)
     return (k0 - 1) * np.clip(k0 / (k1 + 1e-9), min(a, b), max(a, b))
 
 
@@ -252,6 +280,7 @@ def _section(z: float, centre: float, half_width: float) -> float:
 
 # ---- anatomy ----
 
+
 class _Condyle(NamedTuple):
     """The femoral condyle's ellipse in this slice and how central the slice is to it."""
 
@@ -288,8 +317,7 @@ def _bones(X, Y, z: float, p: Patient) -> _Bones:
     shaft_top = -1.5 + (z / 0.85) ** 2  # the metaphysis narrows upwards, so edge slices end lower
     has_shaft = shaft_top < -0.55 and (cond > 0 or abs(z) < 0.3)
     # the shaft's bottom is cut at a slope: the notch roof (Blumensaat's line)
-    shaft = -_union(-_column(X, Y, -0.02, shaft_top, 0.0, 0.2, 0.32), 0.35 * X - 0.12 - Y) \
-        if has_shaft else FAR
+    shaft = -_union(-_column(X, Y, -0.02, shaft_top, 0.0, 0.2, 0.32), 0.35 * X - 0.12 - Y) if has_shaft else FAR
     # the condyle is flat-bottomed from side to side: its sections shrink but stay on the joint
     radius = (0.2 + 0.8 * cond) if cond else 0.0
     height = ry * (0.5 + 0.5 * radius)
@@ -300,19 +328,25 @@ def _bones(X, Y, z: float, p: Patient) -> _Bones:
     Xt, Yt = Xt + cx, Yt + cy
     plateau_half = 0.5 * p.plateau * (0.5 + 0.5 * _section(z, 0, 0.95))
     tibia = _tibia(Xt, Yt, z, p, plateau_y, plateau_half)
-    fibula = _union(_ellipse(Xt, Yt, -0.36, plateau_y + 0.45, 0.12, 0.13),
-                    _column(Xt, Yt, -0.4, plateau_y + 0.5, 2.0, 0.06, 0.05)) \
-        if _section(z, 0.72, 0.2) else FAR
+    fibula = (
+        _union(
+            _ellipse(Xt, Yt, -0.36, plateau_y + 0.45, 0.12, 0.13),
+            _column(Xt, Yt, -0.4, plateau_y + 0.5, 2.0, 0.06, 0.05),
+        )
+        if _section(z, 0.72, 0.2)
+        else FAR
+    )
     tx, ty = 0.32, plateau_y + 0.42
     cos, sin = math.cos(p.flexion), math.sin(p.flexion)
     tuberosity = (cx + cos * (tx - cx) - sin * (ty - cy), cy + sin * (tx - cx) + cos * (ty - cy))
     px, py, tilt, ps = 0.55, -0.55 + p.patella_drop, 0.15, _section(z, 0.05, 0.6)
     half_height = 0.27 * (0.6 + 0.4 * ps)
     patella = _ellipse(X, Y, px, py, 0.15 * (0.5 + 0.5 * ps), half_height, tilt) if ps else FAR
-    poles = ((px + half_height * math.sin(tilt), py - half_height * math.cos(tilt)),
-             (px - half_height * math.sin(tilt), py + half_height * math.cos(tilt)))
-    return _Bones(femur, tibia, patella, fibula, condyle, plateau_y, plateau_half,
-                  Xt, Yt, tuberosity, poles)
+    poles = (
+        (px + half_height * math.sin(tilt), py - half_height * math.cos(tilt)),
+        (px - half_height * math.sin(tilt), py + half_height * math.cos(tilt)),
+    )
+    return _Bones(femur, tibia, patella, fibula, condyle, plateau_y, plateau_half, Xt, Yt, tuberosity, poles)
 
 
 def _tibia(Xt, Yt, z: float, p: Patient, plateau_y: float, half: float):
@@ -356,13 +390,17 @@ def _paint_soft_tissue(img, X, Y, z, p: Patient, b: _Bones, texture: Texture) ->
     fat = val["fat"] * (1 + 0.3 * coarse + 0.15 * fine)
     np.copyto(img, fat, where=np.minimum(popliteal, hoffa) < 0)
     if abs(z) < 0.3:
-        vessels = np.minimum(_capsule(X, Y, (-0.74, -1.0), (-0.68, 0.0), 0.035),
-                             _capsule(X, Y, (-0.68, 0.0), (-0.62, 1.0), 0.035))
+        vessels = np.minimum(
+            _capsule(X, Y, (-0.74, -1.0), (-0.68, 0.0), 0.035), _capsule(X, Y, (-0.68, 0.0), (-0.62, 1.0), 0.035)
+        )
         np.copyto(img, val["vessel"] * (1 + 0.1 * fine), where=(vessels < 0) & (popliteal < -0.03))
     np.copyto(img, val["tendon"], where=np.minimum(tendon, quad) < 0)
     if 0.72 < abs(z) < 0.88:  # collateral ligaments run down the sides of the joint
-        ligament = _capsule(X, Y, (-0.1, -0.45), (-0.05, 0.6), 0.025) if z < 0 \
+        ligament = (
+            _capsule(X, Y, (-0.1, -0.45), (-0.05, 0.6), 0.025)
+            if z < 0
             else _capsule(X, Y, (-0.15, -0.5), (-0.34, b.plateau_y + 0.4), 0.03)
+        )
         np.copyto(img, val["tendon"], where=ligament < 0)
 
 
@@ -377,13 +415,19 @@ def _paint_joint(img, X, Y, z, p: Patient, b: _Bones) -> None:
     under_condyle = np.abs(b.Xt - cx) < 0.9 * b.condyle.rx
     top_of_tibia = (b.Yt < b.plateau_y + 0.06) & under_condyle
     behind_patella = X < b.patella_poles[1][0]
-    pouch = _ellipse(X, Y, 0.38, upper_pole_y - 0.2, 0.015 + 0.05 * p.effusion,
-                     0.2 * _section(z, 0, 0.6), 0.1)
-    fluid = ((b.femur < fluid_t) & articular_femur) | ((b.tibia < fluid_t) & top_of_tibia) \
-        | ((b.patella < fluid_t) & behind_patella) | (pouch < 0)
+    pouch = _ellipse(X, Y, 0.38, upper_pole_y - 0.2, 0.015 + 0.05 * p.effusion, 0.2 * _section(z, 0, 0.6), 0.1)
+    fluid = (
+        ((b.femur < fluid_t) & articular_femur)
+        | ((b.tibia < fluid_t) & top_of_tibia)
+        | ((b.patella < fluid_t) & behind_patella)
+        | (pouch < 0)
+    )
     np.copyto(img, val["fluid"], where=fluid)
-    cartilage = ((b.femur < cart) & articular_femur) | ((b.tibia < cart) & top_of_tibia) \
+    cartilage = (
+        ((b.femur < cart) & articular_femur)
+        | ((b.tibia < cart) & top_of_tibia)
         | ((b.patella < 1.4 * cart) & behind_patella)
+    )
     np.copyto(img, val["cartilage"] * (1 + 0.15 * (Y - cy)), where=cartilage)
     if b.condyle.section:
         _paint_menisci(img, p, b)
@@ -400,8 +444,12 @@ def _paint_menisci(img, p: Patient, b: _Bones) -> None:
     back, front = PLATEAU_X - b.plateau_half + 0.02, PLATEAU_X + b.plateau_half - 0.06
     for edge, direction, length, height in ((back, 1, 0.16, 0.13), (front, -1, 0.11, 0.1)):
         depth = (b.Xt - edge) * direction
-        wedge = (depth > 0) & (depth < length + reach) & (b.Yt < base) \
+        wedge = (
+            (depth > 0)
+            & (depth < length + reach)
+            & (b.Yt < base)
             & (base - b.Yt < height * (1 - depth / (length + reach)))
+        )
         np.copyto(img, p.intensity["meniscus"], where=wedge & outside_cartilage)
 
 
@@ -412,8 +460,10 @@ def _paint_cruciates(img, X, Y, z: float, p: Patient, b: _Bones) -> None:
         acl = _capsule(X, Y, (0.1, ty - 0.02), (-0.2, cy + 0.08), 0.04)
         np.copyto(img, p.intensity["acl"], where=acl < 0)
     if z < 0.05:
-        pcl = np.minimum(_capsule(X, Y, (-0.36, ty + 0.06), (-0.22, ty - 0.12), 0.045),
-                         _capsule(X, Y, (-0.22, ty - 0.12), (0.0, cy + 0.12), 0.04))
+        pcl = np.minimum(
+            _capsule(X, Y, (-0.36, ty + 0.06), (-0.22, ty - 0.12), 0.045),
+            _capsule(X, Y, (-0.22, ty - 0.12), (0.0, cy + 0.12), 0.04),
+        )
         np.copyto(img, p.intensity["tendon"], where=pcl < 0)
 
 
@@ -421,8 +471,12 @@ def _paint_bones(img, Y, p: Patient, b: _Bones, texture: Texture) -> None:
     """Dark cortical rim around mottled marrow, with faint physeal scars."""
     _, coarse, fine = texture
     marrow = p.intensity["marrow"] * (1 + 0.15 * fine + 0.12 * coarse)
-    for bone, scar_y in ((b.femur, b.condyle.y - 0.22), (b.tibia, b.plateau_y + 0.2),
-                         (b.patella, None), (b.fibula, None)):
+    for bone, scar_y in (
+        (b.femur, b.condyle.y - 0.22),
+        (b.tibia, b.plateau_y + 0.2),
+        (b.patella, None),
+        (b.fibula, None),
+    ):
         if not isinstance(bone, np.ndarray):
             continue
         np.copyto(img, p.intensity["cortex"], where=bone < 0)
@@ -433,6 +487,7 @@ def _paint_bones(img, Y, p: Patient, b: _Bones, texture: Texture) -> None:
 
 
 # ---- texture, blur and MRI signal model ----
+
 
 def _volume_textures(rng, height: int, width: int, unit_px: float) -> np.ndarray:
     """Two noise fields per Texture scale; slices mix each pair so texture drifts slowly."""
@@ -457,8 +512,8 @@ def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     taps = (taps / taps.sum()).astype(np.float32)
     h, w = img.shape
     padded = np.pad(img, radius, mode="edge")
-    rows = sum(t * padded[:, k:k + w] for k, t in enumerate(taps))
-    return sum(t * rows[k:k + h] for k, t in enumerate(taps))
+    rows = sum(t * padded[:, k : k + w] for k, t in enumerate(taps))
+    return sum(t * rows[k : k + h] for k, t in enumerate(taps))
 
 
 def _bias_field(X, Y, p: Patient) -> np.ndarray:

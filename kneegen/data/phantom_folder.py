@@ -29,8 +29,9 @@ def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Pat
         return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
 
 
-def write_phantom_folder(folder: Path, n_images: int, seed: int, replaced: list[str],
-                         on_volume: Callable[[int], None] | None = None) -> Path:
+def write_phantom_folder(
+    folder: Path, n_images: int, seed: int, replaced: list[str], on_volume: Callable[[int], None] | None = None
+) -> Path:
     """Write the phantom into `folder`, after deleting `replaced`: what `files_written_before`
     found of an earlier phantom there, so none of its slices linger."""
     for name in replaced:
@@ -59,7 +60,9 @@ def files_written_before(folder: Path, overwrite: bool) -> list[str]:
             "(if they are an earlier phantom's, delete them yourself)"
         )
     if not overwrite:
-        raise KneegenError(f"--phantom-dir {folder} already holds a phantom: pass --overwrite to replace it, or choose another folder")
+        raise KneegenError(
+            f"--phantom-dir {folder} already holds a phantom: pass --overwrite to replace it, or choose another folder"
+        )
     return sorted(own)
 
 
@@ -69,5 +72,7 @@ def read_marker(marker: Path) -> set[str]:
         if not all(isinstance(name, str) and "/" not in name and "\\" not in name for name in files):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise KneegenError(f"{marker} is damaged: delete the phantom folder {marker.parent} yourself, or choose another --phantom-dir") from None
+        raise KneegenError(
+            f"{marker} is damaged: delete the phantom folder {marker.parent} yourself, or choose another --phantom-dir"
+        ) from None
     return set(files)

@@ -87,15 +87,21 @@ def prepare_folder(
         skipped.append({"path": result.item.name, "reason": result.reason})
     if not decoded:
         first = next(entry for entry in skipped if entry["path"] == items[0].name)
-        raise KneegenError(f"none of the {len(items)} inputs in {src} could be read: check the files ({first['path']}: {first['reason']})")
+        raise KneegenError(
+            f"none of the {len(items)} inputs in {src} could be read: check the files "
+            f"({first['path']}: {first['reason']})"
+        )
 
     # 2. Split by patient, then order the slices split by split so each split is one block.
     sides: dict[str, set[str]] = {}
     for result in decoded:
         sides.setdefault(result.patient, set()).add(result.side)  # type: ignore[arg-type]
     assignment = split_patients(sides, options.fractions, options.seed)
-    rows = [(SPLITS.index(assignment[r.patient]), n, r, index, pixels)
-            for n, r in enumerate(decoded) for index, pixels in r.slices]
+    rows = [
+        (SPLITS.index(assignment[r.patient]), n, r, index, pixels)
+        for n, r in enumerate(decoded)
+        for index, pixels in r.slices
+    ]
     rows.sort(key=lambda row: row[:2])
 
     # 3. One bit depth for all: 16-bit if any source is, so no precision is lost.
@@ -229,6 +235,8 @@ def refuse_to_clobber(out: Path, overwrite: bool, flag: str = "--out") -> None:
     if overwrite or not out.exists():
         return
     if is_cache(out):
-        raise KneegenError(f"{out} already holds prepared data: pass --overwrite to replace it, or choose another {flag}")
+        raise KneegenError(
+            f"{out} already holds prepared data: pass --overwrite to replace it, or choose another {flag}"
+        )
     if any(out.iterdir()):
         raise KneegenError(f"{out} exists and is not empty: choose another {flag}, or pass --overwrite")

@@ -54,7 +54,9 @@ def split_patients(patient_sides: dict[str, set[str]], fractions: SplitFractions
             if n < len(wanted)
             else f"raise --{empty[0]}-fraction or add patients"
         )
-        raise KneegenError(f"{n} patients cannot fill the {', '.join(empty)} split at fractions {fractions.as_dict()}: {advice}")
+        raise KneegenError(
+            f"{n} patients cannot fill the {', '.join(empty)} split at fractions {fractions.as_dict()}: {advice}"
+        )
 
     # Deal each stratum out in turn; a running tally keeps the totals at `counts`.
     rng = random.Random(seed)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kneegen.config import AugmentKind
+
 MAX_SHIFT = 0.04  # of the image side
 MAX_INTENSITY_SCALE = 0.1  # ± of the contrast around black
 

@@ -73,8 +73,11 @@ class CompiledNetwork(nn.Module):
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager re-raises real bugs
             self.failed = True
             reason = (str(error).strip().splitlines() or [""])[0][:160]
-            print(f"warning: torch.compile failed ({type(error).__name__}: {reason}); sampling continues "
-                  f"uncompiled (drop --compile or set sample.compile: false to skip the attempt)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: torch.compile failed ({type(error).__name__}: {reason}); sampling continues "
+                f"uncompiled (drop --compile or set sample.compile: false to skip the attempt)",
+                file=sys.stderr,
+                flush=True,
+            )
             return self.network(x[:real], t[:real])
         return output[:real].clone()  # a copy: CUDA graphs overwrite their outputs on the next replay

@@ -80,7 +80,9 @@ def free_memory(device: torch.device, processes_here: int) -> int | None:
     return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, processes_here)
 
 
-def plan_memory(network: nn.Module, image_shape: tuple[int, int], compute: Compute, processes_here: int) -> MemoryPlan | None:
+def plan_memory(
+    network: nn.Module, image_shape: tuple[int, int], compute: Compute, processes_here: int
+) -> MemoryPlan | None:
     available = free_memory(compute.device, processes_here)
     if available is None:
         return None
@@ -99,14 +101,16 @@ def fit_batch_in_memory(cfg: RunConfig, plan: MemoryPlan, world_size: int = 1) -
     micro = math.ceil(rows / accumulation)
     if not plan.fits(micro):
         raise KneegenError(
-            f"one training image needs about {plan.step_bytes(1) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB are free: "
+            f"one training image needs about {plan.step_bytes(1) / GIB:.1f} GiB and "
+            f"{plan.available / GIB:.1f} GiB are free: "
             "lower the network's width (model.unet.channels) or the image size (kneegen prepare --size), or free memory"
         )
     if accumulation == cfg.train.grad_accumulation:
         return cfg, ""
+    before = math.ceil(rows / cfg.train.grad_accumulation)
     note = (
-        f"memory: a micro-batch of {math.ceil(rows / cfg.train.grad_accumulation)} needs about "
-        f"{plan.step_bytes(math.ceil(rows / cfg.train.grad_accumulation)) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB "
+        f"memory: a micro-batch of {before} needs about "
+        f"{plan.step_bytes(before) / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB "
         f"are free: training each batch of {cfg.train.batch_size} as {accumulation} micro-batches of up to {micro} "
         f"(train.grad_accumulation {accumulation}; the same updates)"
     )

@@ -70,7 +70,9 @@ class TimestepSampler:
     def lognormal(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """(B,) the t whose ln σ_t is nearest to ln σ ~ N(P_mean, P_std²)."""
         log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(batch_size, generator=generator, dtype=torch.float64)
-        above = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.timesteps - 1)  # first t with ln σ_t ≥ ln σ
+        above = torch.searchsorted(self.log_sigmas, log_sigma).clamp(
+            1, self.timesteps - 1
+        )  # first t with ln σ_t ≥ ln σ
         below = above - 1
         nearer_below = (log_sigma - self.log_sigmas[below]) < (self.log_sigmas[above] - log_sigma)
         return torch.where(nearer_below, below, above)

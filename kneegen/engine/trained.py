@@ -11,8 +11,8 @@ from kneegen.config import RunConfig, from_dict
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
-from kneegen.engine.schedule import Schedule
 from kneegen.engine.plugins import resolve_plugins
+from kneegen.engine.schedule import Schedule
 
 
 @dataclass

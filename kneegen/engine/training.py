@@ -95,7 +95,8 @@ def create_state(
         scaler=compute.grad_scaler(),
         generator=torch.Generator().manual_seed(cfg.train.seed),
         timestep_sampler=TimestepSampler(
-            cfg.diffusion.timesteps, cfg.diffusion.timestep_sampling,
+            cfg.diffusion.timesteps,
+            cfg.diffusion.timestep_sampling,
             Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).log_sigmas(),
         ),
     )
@@ -177,12 +178,14 @@ def rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     numpy_state = states["numpy"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-        "has_gauss": numpy_state["has_gauss"],
-        "gauss": numpy_state["gauss"],
-    })
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -266,7 +269,9 @@ def epoch_steps(
         weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
         rows = dist.share(len(index))
         micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
-        augmented = augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
+        augmented = (
+            augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
+        )
 
         # 2. Forward and backward per micro-batch. Gradients add up; DDP averages them over the
         #    processes on the last one. The scale makes the sum the gradient of the mean loss.

@@ -36,17 +36,25 @@ class UNetConfig:
         """The bounds the types cannot express, each named by its key."""
         for key in ("channels", "blocks_per_level", "patch_size"):
             if getattr(self, key) < 1:
-                raise KneegenError(f"model.unet.{key} = {getattr(self, key)} must be ≥ 1: fix it in the config or "
-                                   f"with --set model.unet.{key}=…")
+                raise KneegenError(
+                    f"model.unet.{key} = {getattr(self, key)} must be ≥ 1: fix it in the config or "
+                    f"with --set model.unet.{key}=…"
+                )
         if not 0 <= self.dropout < 1:
-            raise KneegenError(f"model.unet.dropout = {self.dropout} must be ≥ 0 and < 1: fix it in the config or "
-                               "with --set model.unet.dropout=…")
+            raise KneegenError(
+                f"model.unet.dropout = {self.dropout} must be ≥ 0 and < 1: fix it in the config or "
+                "with --set model.unet.dropout=…"
+            )
         if not self.channel_mults or min(self.channel_mults) < 1:
-            raise KneegenError(f"model.unet.channel_mults {self.channel_mults}: give one width multiplier ≥ 1 per "
-                               "level, e.g. [1, 2, 2]")
+            raise KneegenError(
+                f"model.unet.channel_mults {self.channel_mults}: give one width multiplier ≥ 1 per "
+                "level, e.g. [1, 2, 2]"
+            )
         if any(not 0 <= level < len(self.channel_mults) for level in self.attention_levels):
-            raise KneegenError(f"model.unet.attention_levels {self.attention_levels}: levels must be between 0 and "
-                               f"{len(self.channel_mults) - 1} (one per entry of model.unet.channel_mults)")
+            raise KneegenError(
+                f"model.unet.attention_levels {self.attention_levels}: levels must be between 0 and "
+                f"{len(self.channel_mults) - 1} (one per entry of model.unet.channel_mults)"
+            )
 
     def size_multiple(self) -> int:
         """The patch fold, then one halving per level after the first."""
@@ -162,7 +170,9 @@ class UNet(nn.Module):
             self.up_levels.append(Level(pairs, time_dim, cfg.dropout, level in cfg.attention_levels))
             self.upsamples.append(nn.Conv2d(width, width, 3, padding=1) if level > 0 else nn.Identity())
 
-        self.head = nn.Sequential(norm(width), nn.SiLU(), nn.Conv2d(width, image_channels * patch * patch, 3, padding=1))
+        self.head = nn.Sequential(
+            norm(width), nn.SiLU(), nn.Conv2d(width, image_channels * patch * patch, 3, padding=1)
+        )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 

@@ -74,10 +74,18 @@ def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = MAX_PAIRS, seed: 
     scores = []
     for start in range(0, len(first), PAIR_BATCH):
         i, j = first[start : start + PAIR_BATCH], second[start : start + PAIR_BATCH]
-        scores.append(ms_ssim(
-            x[i], x[j], kernel_size=setting.kernel_size, sigma=setting.sigma, betas=setting.betas,
-            data_range=1.0, normalize="relu", reduction="none",
-        ))
+        scores.append(
+            ms_ssim(
+                x[i],
+                x[j],
+                kernel_size=setting.kernel_size,
+                sigma=setting.sigma,
+                betas=setting.betas,
+                data_range=1.0,
+                normalize="relu",
+                reduction="none",
+            )
+        )
     return float(torch.cat(scores).double().mean())
 
 

@@ -68,4 +68,3 @@ class TrainingFid:
             kid=kid.kernel_inception_distance(features, self.reference).mean,
             samples=len(samples),
         )
-

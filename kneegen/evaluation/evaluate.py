@@ -32,10 +32,19 @@ from kneegen.errors import KneegenError
 from kneegen.evaluation import frechet, kid
 from kneegen.evaluation.diversity import mean_pairwise_ms_ssim, ms_ssim_available, ms_ssim_setting
 from kneegen.evaluation.features import (
-    FEATURE_DIM, INSTALL_HINT, InceptionFeatures, extract_features, find_feature_weights, load_feature_extractor,
+    FEATURE_DIM,
+    INSTALL_HINT,
+    InceptionFeatures,
+    extract_features,
+    find_feature_weights,
+    load_feature_extractor,
 )
 from kneegen.evaluation.memorisation import (
-    SpaceReport, compare_with_training, copy_chance, copy_fraction, pixel_vectors,
+    SpaceReport,
+    compare_with_training,
+    copy_chance,
+    copy_fraction,
+    pixel_vectors,
 )
 from kneegen.evaluation.reference import held_out_images, reference_features
 from kneegen.evaluation.report import write_report
@@ -104,7 +113,8 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
 def check_image_size(model: TrainedModel, cache: PreparedData) -> None:
     if cache.image_shape != model.image_shape:
         raise KneegenError(
-            f"{model.source} was trained on {model.image_shape[0]}x{model.image_shape[1]} images but {cache.root} holds "
+            f"{model.source} was trained on {model.image_shape[0]}x{model.image_shape[1]} images but "
+            f"{cache.root} holds "
             f"{cache.image_shape[0]}x{cache.image_shape[1]}: pass --data with a cache of the trained size"
         )
 
@@ -140,8 +150,13 @@ def evaluate_model(
     # 1. The deterministic validation loss.
     val_images = cache.split("val")
     loss = validation_loss(
-        model.network, val_images, model.schedule, model.config.diffusion, compute,
-        model.config.train.val_timesteps, model.config.train.batch_size,
+        model.network,
+        val_images,
+        model.schedule,
+        model.config.diffusion,
+        compute,
+        model.config.train.val_timesteps,
+        model.config.train.batch_size,
         counter(progress, f"loss: {model.source.name}", len(val_images)),
     )
 
@@ -160,11 +175,17 @@ def evaluate_model(
 
     # 4. The report beside the checkpoint.
     report: dict[str, Any] = {
-        "checkpoint": str(model.source), "epoch": model.epoch, "data": str(cache.root),
-        "val_images": len(val_images), "val_loss": loss.loss,
+        "checkpoint": str(model.source),
+        "epoch": model.epoch,
+        "data": str(cache.root),
+        "val_images": len(val_images),
+        "val_loss": loss.loss,
         "loss_by_t": dict(zip(loss.bucket_timesteps, loss.bucket_losses)),
-        "sampler": choice.describe(), "samples": len(seeds), "seeds": [seeds[0], seeds[-1]],
-        "held_out_split": reference.split, "held_out_images": len(reference.held_out),
+        "sampler": choice.describe(),
+        "samples": len(seeds),
+        "seeds": [seeds[0], seeds[-1]],
+        "held_out_split": reference.split,
+        "held_out_images": len(reference.held_out),
         **scores.summary(reference),
     }
     return write_report(report_dir(model.source), report, samples, reference.train, scores.pixels, scores.features)

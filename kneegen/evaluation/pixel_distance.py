@@ -28,7 +28,9 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
         [np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)), np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))], axis=1
     )  # (N, 2)
     cells = x[:, : height // LAYOUT_CELLS * LAYOUT_CELLS, : width // LAYOUT_CELLS * LAYOUT_CELLS]
-    layout = cells.reshape(n, LAYOUT_CELLS, height // LAYOUT_CELLS, LAYOUT_CELLS, width // LAYOUT_CELLS).mean(axis=(2, 4))
+    layout = cells.reshape(n, LAYOUT_CELLS, height // LAYOUT_CELLS, LAYOUT_CELLS, width // LAYOUT_CELLS).mean(
+        axis=(2, 4)
+    )
     return np.concatenate([percentiles, moments, edges, layout.reshape(n, -1)], axis=1)
 
 

@@ -32,9 +32,14 @@ class PrecisionRecall:
 def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = NEIGHBOURS) -> PrecisionRecall:
     """Precision and recall of `generated` (M, F) against `real` (N, F) features."""
     if min(len(real), len(generated)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images per set, "
-                         f"got {len(real)} real and {len(generated)} generated")
-    real_t, generated_t = torch.from_numpy(np.asarray(real, np.float64)), torch.from_numpy(np.asarray(generated, np.float64))
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} images per set, "
+            f"got {len(real)} real and {len(generated)} generated"
+        )
+    real_t, generated_t = (
+        torch.from_numpy(np.asarray(real, np.float64)),
+        torch.from_numpy(np.asarray(generated, np.float64)),
+    )
     return PrecisionRecall(
         precision=coverage(generated_t, real_t, kth_neighbour_radii(real_t, k)),
         recall=coverage(real_t, generated_t, kth_neighbour_radii(generated_t, k)),

@@ -27,7 +27,7 @@ REFERENCE_PREFIX = "fid_reference"
 
 
 def held_out_split(manifest: dict[str, Any]) -> str:
-    """"test" when the manifest has a non-empty test split, else "val"."""
+    """ "test" when the manifest has a non-empty test split, else "val"."""
     start, stop = manifest.get("split_ranges", {}).get("test", (0, 0))
     return "test" if stop > start else "val"
 

@@ -63,7 +63,11 @@ def nearest_pairs(
         for name, space in spaces.items():
             j = int(space.samples.index[i])
             tiles.append(np.asarray(train[j]))
-            record[name] = {"train_index": j, "distance": float(space.samples.distance[i]), "flagged": bool(space.flagged[i])}
+            record[name] = {
+                "train_index": j,
+                "distance": float(space.samples.distance[i]),
+                "flagged": bool(space.flagged[i]),
+            }
         records.append(record)
     return image_grid(tiles, columns=1 + len(spaces)), records
 
@@ -78,7 +82,11 @@ def save_report_figure(path: Path, report: dict[str, Any], grid: np.ndarray, pai
     figure, axes = plt.subplots(2, 2, figsize=(11, 9), gridspec_kw={"height_ratios": [3, 2]})
     axes[0, 0].imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     axes[0, 0].set_title(f"samples ({report['sampler']})")
-    columns = "sample | nearest train (features) | (pixels)" if report["memorisation"]["features"] else "sample | nearest train (pixels)"
+    columns = (
+        "sample | nearest train (features) | (pixels)"
+        if report["memorisation"]["features"]
+        else "sample | nearest train (pixels)"
+    )
     axes[0, 1].imshow(pairs, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     axes[0, 1].set_title(columns, fontsize=9)
     for ax in axes[0]:
@@ -105,19 +113,26 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("FID ↓", f"{report['fid']:.2f}" if report["fid"] is not None else SKIPPED),
         ("KID ↓", f"{report['kid_mean']:.4f} ± {report['kid_std']:.4f}" if report["kid_mean"] is not None else SKIPPED),
         ("MS-SSIM samples", f"{report['ms_ssim_samples']:.3f}" if report["ms_ssim_samples"] is not None else SKIPPED),
-        (f"MS-SSIM held-out ({held_out})",
-         f"{report['ms_ssim_held_out']:.3f}" if report["ms_ssim_held_out"] is not None else SKIPPED),
-        ("likely copies", f"{report['copy_fraction']:.1%} of {report['samples']} (chance ≤ {report['copy_chance']:.1%})"),
+        (
+            f"MS-SSIM held-out ({held_out})",
+            f"{report['ms_ssim_held_out']:.3f}" if report["ms_ssim_held_out"] is not None else SKIPPED,
+        ),
+        (
+            "likely copies",
+            f"{report['copy_fraction']:.1%} of {report['samples']} (chance ≤ {report['copy_chance']:.1%})",
+        ),
     ]
 
 
 def metrics_table(reports: list[dict[str, Any]]) -> Table:
     """One column per checkpoint: epoch, sampler, loss (overall and per t), FID, KID, MS-SSIM, copies."""
     first = reports[0]
-    table = Table(title=(
-        f"validation on {first['data']}: {first['held_out_images']} held-out ({first['held_out_split']}) images, "
-        f"{first['samples']} samples per checkpoint"
-    ))
+    table = Table(
+        title=(
+            f"validation on {first['data']}: {first['held_out_images']} held-out ({first['held_out_split']}) images, "
+            f"{first['samples']} samples per checkpoint"
+        )
+    )
     table.add_column("")
     for report in reports:
         table.add_column(short_name(report["checkpoint"]), justify="right")
@@ -126,9 +141,7 @@ def metrics_table(reports: list[dict[str, Any]]) -> Table:
     table.add_row("val loss", *(f"{r['val_loss']:.5f}" for r in reports))
     timesteps = sorted({int(t) for r in reports for t in r["loss_by_t"]})
     for t in timesteps:
-        table.add_row(f"  loss t={t}", *(
-            f"{r['loss_by_t'][t]:.5f}" if t in r["loss_by_t"] else "-" for r in reports
-        ))
+        table.add_row(f"  loss t={t}", *(f"{r['loss_by_t'][t]:.5f}" if t in r["loss_by_t"] else "-" for r in reports))
     for k, (label, _) in enumerate(metric_rows(first)):
         table.add_row(label, *(metric_rows(r)[k][1] for r in reports))
     return table

@@ -25,7 +25,9 @@ def radial_power(images: np.ndarray) -> np.ndarray:
     x = x - x.mean(axis=(1, 2), keepdims=True)
     power = (np.abs(np.fft.fftshift(np.fft.fft2(x), axes=(1, 2))) ** 2).mean(axis=0)  # (H, W)
     height, width = power.shape
-    fy = (np.arange(height) - height // 2) * min(height, width) / height  # cycles per image, on the shorter side's scale
+    fy = (
+        (np.arange(height) - height // 2) * min(height, width) / height
+    )  # cycles per image, on the shorter side's scale
     fx = (np.arange(width) - width // 2) * min(height, width) / width
     radius = np.rint(np.hypot(fy[:, None], fx[None, :])).astype(int)
     bins = min(height, width) // 2 + 1
