@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from kneegen.data.cache import open_cache
+from kneegen.data.options import PrepareOptions
 from kneegen.data.phantom import write_phantom
-from kneegen.data.prepare import PrepareOptions, prepare_folder
+from kneegen.data.prepare import prepare_folder
 from kneegen.engine.pixels import to_model_range
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from kneegen.config import RunConfig, load_config
-from kneegen.data.prepare import PrepareOptions
+from kneegen.data.options import PrepareOptions
 from kneegen.data.splits import SplitFractions
 
 IMAGE_SIZE = 32

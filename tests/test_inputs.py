@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from kneegen.cli import build_app
 from kneegen.data.cache import open_cache
 from kneegen.data.inputs import load_readers
-from kneegen.data.prepare import PrepareOptions, prepare_folder
+from kneegen.data.options import PrepareOptions
+from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
 

@@ -13,8 +13,9 @@ from kneegen.commands.choices import one_of
 from kneegen.data.cache import open_cache
 from kneegen.data.contact_sheet import write_contact_sheet
 from kneegen.data.geometry import FITS
+from kneegen.data.options import PrepareOptions
 from kneegen.data.phantom_folder import make_phantom
-from kneegen.data.prepare import PrepareOptions, prepare_folder, refuse_to_clobber
+from kneegen.data.prepare import prepare_folder, refuse_to_clobber
 from kneegen.data.splits import SplitFractions
 from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.data.volumes import AXES

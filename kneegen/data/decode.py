@@ -19,7 +19,7 @@ from kneegen.data.inputs import Decoded, InputReader, Item
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
-    from kneegen.data.prepare import PrepareOptions
+    from kneegen.data.options import PrepareOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

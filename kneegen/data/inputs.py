@@ -26,7 +26,7 @@ import numpy as np
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
-    from kneegen.data.prepare import PrepareOptions
+    from kneegen.data.options import PrepareOptions
 
 INPUT_GROUP = "kneegen.inputs"  # entry-point group through which a package adds an input reader
 

@@ -35,7 +35,7 @@ from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
-    from kneegen.data.prepare import PrepareOptions
+    from kneegen.data.options import PrepareOptions
 
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 DICOM_SUFFIX = ".dcm"
