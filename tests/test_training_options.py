@@ -47,14 +47,14 @@ def test_min_snr_weights_match_the_closed_forms():
     alpha_bar = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)  # SNR = 1/9, 1, 9, 99
     snr = alpha_bar / (1 - alpha_bar)
     gamma = 5.0
-    eps = min_snr_weight(alpha_bar, gamma, "eps")
-    v = min_snr_weight(alpha_bar, gamma, "v")
+    eps = min_snr_weight(snr, gamma, "eps")
+    v = min_snr_weight(snr, gamma, "v")
     assert eps.tolist() == pytest.approx([1.0, 1.0, 5 / 9, 5 / 99])  # min(SNR, γ) / SNR
     assert v.tolist() == pytest.approx([0.1, 0.5, 5 / 10, 5 / 100])  # min(SNR, γ) / (SNR + 1)
     below = snr <= gamma
     assert v[below].tolist() == pytest.approx(alpha_bar[below].tolist())  # SNR/(SNR+1) = ᾱ while SNR ≤ γ
     assert eps.dtype == torch.float32
-    assert min_snr_weight(alpha_bar, 0.0, "v").tolist() == [1.0] * 4  # γ = 0: off
+    assert min_snr_weight(snr, 0.0, "v").tolist() == [1.0] * 4  # γ = 0: off
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -72,7 +72,10 @@ def test_min_snr_weighted_loss_is_min_snr_times_the_x0_error(prediction):
     gamma = 5.0
     alpha_bar = schedule.alpha_bar(t)
     snr = alpha_bar / (1 - alpha_bar)
-    weighted = min_snr_weight(alpha_bar, gamma, prediction).double() * (output - target).square().flatten(1).mean(1)
+    torch.testing.assert_close(schedule.snr(t), snr, rtol=1e-12, atol=0)
+    weighted = min_snr_weight(schedule.snr(t), gamma, prediction).double() * (output - target).square().flatten(1).mean(
+        1
+    )
     x0_error = (x0_hat - x0).square().flatten(1).mean(1)
     torch.testing.assert_close(weighted, snr.clamp(max=gamma) * x0_error, rtol=1e-5, atol=1e-12)
 

@@ -24,16 +24,15 @@ def per_image_loss(prediction: Tensor, target: Tensor, kind: LossKind) -> Tensor
     return error.flatten(1).mean(dim=1)
 
 
-def min_snr_weight(alpha_bar: Tensor, gamma: float, prediction: Prediction) -> Tensor:
-    """(B,) ᾱ_t → (B,) fp32 loss weights of Min-SNR-γ (Hang et al. 2023); all ones when γ = 0.
+def min_snr_weight(snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
+    """(B,) SNR_t (Schedule.snr) → (B,) fp32 loss weights of Min-SNR-γ (Hang et al. 2023); all ones when γ = 0.
 
     The paper weights the x_0 error by min(SNR_t, γ), SNR_t = ᾱ_t / (1 − ᾱ_t). A squared ε error is
     SNR_t times the x_0 error and a squared v error (SNR_t + 1) times it, so in the network's own
     target the weight is min(SNR, γ) / SNR for ε-prediction and min(SNR, γ) / (SNR + 1) for v.
     """
     if gamma <= 0:
-        return torch.ones(alpha_bar.shape, dtype=torch.float32, device=alpha_bar.device)
-    snr = alpha_bar / (1.0 - alpha_bar)  # SNR_t
+        return torch.ones(snr.shape, dtype=torch.float32, device=snr.device)
     clipped = snr.clamp(max=gamma)  # min(SNR_t, γ)
     weight = clipped / snr if prediction == "eps" else clipped / (snr + 1.0)
     return weight.float()

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from kneegen.engine.schedule import Schedule
+from kneegen.engine.schedule import Schedule, sigma_of_log_snr
 from kneegen.errors import KneegenError
 
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -94,11 +94,8 @@ def ddpm(
         x0, _ = denoise(x, t)
         if on_step is not None:
             on_step(i, x, x0)
-        abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
-        alpha_ts = abar_t / abar_s  # α_{t|s} = ᾱ_t / ᾱ_s
         # 1. Posterior mean  μ̃ = √ᾱ_s β_{t|s}/(1−ᾱ_t) x̂_0 + √α_{t|s} (1−ᾱ_s)/(1−ᾱ_t) x_t  (eq. 7).
-        coef_x0 = abar_s.sqrt() * (1 - alpha_ts) / (1 - abar_t)
-        coef_xt = alpha_ts.sqrt() * (1 - abar_s) / (1 - abar_t)
+        coef_x0, coef_xt = schedule.posterior_mean_coefs(t, s)
         mean = broadcast(coef_x0, x) * x0 + broadcast(coef_xt, x) * x
         # 2. Add posterior noise, except on the last step where the variance is zero.
         std = schedule.posterior_variance(t, s).sqrt()
@@ -270,7 +267,7 @@ def unipc_update(
     m0, lambda_0 = history[-1]
     lambda_t = schedule.log_snr(target)
     alpha_t, sigma_t = schedule.alpha_sigma_at(target)
-    sigma_0 = 1 / math.sqrt(1 + math.exp(2 * lambda_0))  # σ from λ: α² + σ² = 1
+    sigma_0 = sigma_of_log_snr(lambda_0)
     h = lambda_t - lambda_0
     # 1. Earlier x̂_0 as scaled differences D_k = (x̂_0^(k) − m0) / r_k, r_k = (λ_k − λ_0)/h.
     ratios, differences = [], []

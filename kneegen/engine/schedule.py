@@ -31,6 +31,7 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t, (T,)
         self.padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])  # ᾱ_{−1} … ᾱ_{T−1}
         self.log_snrs = 0.5 * (self.alphas_cumprod.log() - (1.0 - self.alphas_cumprod).log())  # λ_t, (T,), decreasing
+        self.snrs = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # SNR_t = ᾱ_t / (1 − ᾱ_t) = e^{2λ_t}, (T,)
 
     @property
     def timesteps(self) -> int:
@@ -52,6 +53,10 @@ class Schedule:
     def alpha_bar(self, t: Tensor) -> Tensor:
         """ᾱ_t for integer t in [−1, T−1], with ᾱ_{−1} = 1; float64, same shape as t."""
         return self.padded[t.long().cpu() + 1].to(t.device)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR_t for integer t in [0, T−1]; float64, same shape as t (the loss weights' input)."""
+        return self.snrs[t.long().cpu()].to(t.device)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(√ᾱ_t, √(1 − ᾱ_t)) shaped (B, 1, 1, 1) to broadcast over images like `like`."""
@@ -84,10 +89,23 @@ class Schedule:
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma
 
+    def posterior_mean_coefs(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior mean μ̃ = c_0 x̂_0 + c_t x_t of q(x_s | x_t, x_0), s < t (Ho et al. eq. 7 between
+        any two steps): c_0 = √ᾱ_s (1 − α_{t|s}) / (1 − ᾱ_t), c_t = √α_{t|s} (1 − ᾱ_s) / (1 − ᾱ_t),
+        with α_{t|s} = ᾱ_t / ᾱ_s; float64, shaped like t."""
+        abar_t, abar_s = self.alpha_bar(t), self.alpha_bar(s)
+        alpha_ts = abar_t / abar_s
+        return abar_s.sqrt() * (1 - alpha_ts) / (1 - abar_t), alpha_ts.sqrt() * (1 - abar_s) / (1 - abar_t)
+
     def posterior_variance(self, t: Tensor, s: Tensor) -> Tensor:
         """Var of q(x_s | x_t, x_0) for s < t: (1 − ᾱ_s)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_s); β̃_t when s = t − 1."""
         abar_t, abar_s = self.alpha_bar(t), self.alpha_bar(s)
         return (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
+
+
+def sigma_of_log_snr(log_snr: float) -> float:
+    """σ from λ = log(α/σ) on a variance-preserving schedule (α² + σ² = 1)."""
+    return 1 / math.sqrt(1 + math.exp(2 * log_snr))
 
 
 def make_betas(kind: ScheduleKind, timesteps: int) -> Tensor:

@@ -265,7 +265,7 @@ def epoch_steps(
         #    generator every process holds in the same state; this process trains on its rows.
         t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
         noise_all = draw_noise(state.generator, (len(index), 1, *images.shape[1:]), diffusion.offset_noise)
-        min_snr_all = min_snr_weight(schedule.alpha_bar(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+        min_snr_all = min_snr_weight(schedule.snr(t_all), diffusion.min_snr_gamma, diffusion.prediction)
         weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
         rows = dist.share(len(index))
         micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
