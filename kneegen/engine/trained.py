@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kneegen.config import RunConfig, from_dict
+from kneegen.config import RunConfig, config_from_mapping
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
@@ -29,7 +29,7 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     """Rebuild the network from the checkpoint's own config and load its EMA weights
     (the raw weights when the run had no EMA)."""
     payload = load_checkpoint(path)
-    config = resolve_plugins(from_dict(RunConfig, payload["config"], source=str(path), prefix=""), str(path))
+    config = resolve_plugins(config_from_mapping(payload["config"], str(path)), str(path))  # every check a YAML gets
     image_shape = tuple(payload["image_shape"])
     network = build_network(config.model, image_shape)
     network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
