@@ -103,6 +103,10 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "lr5e4": {"train.lr": 5e-4},
     "lr1e3": {"train.lr": 1e-3},
     "lr2e3": {"train.lr": 2e-3},
+    "snap": {"train.ema_snapshots": True},  # power-EMA snapshots for kneegen ema (post-hoc EMA)
+    "beta99": {"train.adam_beta2": 0.99},
+    "cool": {"train.cooldown": 0.2},  # the LR falls linearly to 0 over the last 20 % of the planned run
+    "cool4": {"train.cooldown": 0.4},
     "ema995": {"train.ema_decay": 0.995},
     "ema998": {"train.ema_decay": 0.998},
     "ema999": {"train.ema_decay": 0.999},

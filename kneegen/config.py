@@ -101,14 +101,17 @@ class TrainConfig:
     optimizer: OptimizerKind = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # the second-moment decay; EDM2 trains with 0.99 (adapts faster in short runs)
     warmup_steps: int = 200
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.999  # 0 disables EMA: sampling then uses the raw weights
+    ema_snapshots: bool = False  # keep power-EMA snapshots each epoch, for any EMA length after training (kneegen ema)
     seed: int = 0
     val_every: int = 1  # epochs between validations
     val_images: int = 256  # held-out images used for the validation loss
     val_timesteps: int = 10  # fixed t grid: one bucket each
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine decays to 0 over train.epochs
+    cooldown: float = 0.0  # constant LR, then linear to 0 over this last fraction of the run (with minutes: as planned)
     grad_accumulation: int = 1  # micro-batches per step; batch_size stays the images per step
     max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss/gradient; 0 = never
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = at epoch ends only)
@@ -180,6 +183,8 @@ RANGES: dict[str, Bounds] = {
     "train.batch_size": AT_LEAST_1,
     "train.lr": POSITIVE,
     "train.weight_decay": AT_LEAST_0,
+    "train.adam_beta2": (0, 1, False, False),
+    "train.cooldown": (0, 1, True, False),
     "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip": AT_LEAST_0,
     "train.ema_decay": (0, 1, True, False),
@@ -209,6 +214,11 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
         raise KneegenError(
             f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "
             "e.g. --set train.fid_every=5"
+        )
+    if config.train.cooldown and config.train.lr_schedule != "constant":
+        raise KneegenError(
+            f"{source}: train.cooldown ends a constant LR; train.lr_schedule = {config.train.lr_schedule} "
+            "decays on its own: set one of them"
         )
 
 

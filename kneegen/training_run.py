@@ -19,6 +19,7 @@ import torch
 
 from kneegen.config import RunConfig, check_ranges, save_config
 from kneegen.data.cache import open_cache
+from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snapshot
 from kneegen.engine.checkpoint import remove_partial_writes
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
@@ -37,6 +38,8 @@ from kneegen.progress import console, progress_bar
 from kneegen.run import Run
 from kneegen.run_checkpoints import resume_point, save_training_checkpoint
 from kneegen.runs import CONFIG, LAST, STEP_CHECKPOINTS, home_run_of, latest_run_dir, new_run_dir, start_run_dir
+
+EPOCHS_BEFORE_PLANNING = 2  # the first epoch carries one-off costs (allocation, caches); the second shows the pace
 
 
 def run_training(
@@ -124,6 +127,7 @@ def open_run_dir(
         if dist.is_main:
             console.print(f"--resume: {run_dir} has no checkpoint yet: starting it from the beginning", highlight=False)
             keep_metrics_up_to(run_dir / METRICS_FILE, state)
+            drop_snapshots_after(run_dir, state.step)
         return run_dir
     path, payload, changes = resumed
     restore_state(state, payload, dist)
@@ -134,7 +138,8 @@ def open_run_dir(
         console.print(f"resuming from {path} (epoch {state.epoch}, step {state.step}){changes}", highlight=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         keep_metrics_up_to(run_dir / METRICS_FILE, state)
-        for folder in (run_dir, run_dir / STEP_CHECKPOINTS):
+        drop_snapshots_after(run_dir, state.step)
+        for folder in (run_dir, run_dir / STEP_CHECKPOINTS, run_dir / SNAPSHOTS):
             remove_partial_writes(folder)
     return run_dir
 
@@ -200,6 +205,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
 
             # 3. Checkpoints (last.pt, the kept step history, best.pt on a better validation loss
             #    or FID), plots and the preview grid; then every process waits for rank 0.
+            if dist.is_main and state.power_emas:
+                save_ema_snapshot(state, run.run_dir)  # before last.pt: a resume drops what comes after it
             save_training_checkpoint(state, run, validation, quality)
             if dist.is_main:
                 refresh_plots(run.run_dir)
@@ -215,15 +222,34 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 )
             dist.barrier()
 
-            # 4. A time budget (`train.minutes`): stop where the next epoch would pass it, as rank 0 decides.
+            # 4. A time budget (`train.minutes`): with a cooldown, plan the run's end once an epoch's time
+            #    is known; stop there, or where the next epoch would pass the budget, as rank 0 decides.
             if train.minutes and state.epoch < train.epochs:
                 now = time.perf_counter()
+                if train.cooldown and not state.end_step and state.epoch >= EPOCHS_BEFORE_PLANNING:
+                    budget_left, pace = 60 * train.minutes - (now - started), now - epoch_started
+                    state.end_step = dist.broadcast(
+                        planned_end_step(state.epoch, train.epochs, budget_left, pace, per_epoch)
+                    )
+                    progress.console.print(
+                        f"train.cooldown: {state.end_step // per_epoch} epochs fit in train.minutes; the LR falls "
+                        f"to 0 from step {round(state.end_step * (1 - train.cooldown))} to step {state.end_step}"
+                    )
+                if state.step >= state.end_step > 0:
+                    progress.console.print(f"stopped after epoch {state.epoch}: the cooldown has brought the LR to 0")
+                    return
                 if dist.broadcast(now - started + (now - epoch_started) > 60 * train.minutes):
                     progress.console.print(
                         f"stopped after epoch {state.epoch}: another would pass train.minutes = {train.minutes:g}; "
                         f"kneegen train --resume continues this run"
                     )
                     return
+
+
+def planned_end_step(done: int, max_epochs: int, budget_left: float, epoch_seconds: float, per_epoch: int) -> int:
+    """The step at which the epochs that still fit in `budget_left` seconds end, at the last epoch's pace."""
+    epochs = min(max_epochs, done + max(1, int(budget_left // epoch_seconds)))
+    return epochs * per_epoch
 
 
 def every(count: int, interval: int) -> bool:

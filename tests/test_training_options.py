@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from kneegen.config import TrainConfig
+from kneegen.config import TrainConfig, load_config
 from kneegen.data.cache import open_cache
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import Distributed, check_world_fits
@@ -33,7 +33,7 @@ from kneegen.engine.training import (
 )
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import epoch_records, read_metrics
-from kneegen.training_run import run_training
+from kneegen.training_run import planned_end_step, run_training
 
 from helpers import tiny_config
 
@@ -101,6 +101,44 @@ def test_cosine_learning_rate_follows_warmup_then_half_cosine_to_zero():
     assert lrs[6] == pytest.approx(0.5) and lrs[10] == pytest.approx(0.0, abs=1e-12)
     constant = TrainConfig(lr=1.0, warmup_steps=2)
     assert [learning_rate(constant, step, 10) for step in range(5)] == pytest.approx([0.5, 1, 1, 1, 1])
+
+
+def test_cooldown_holds_the_lr_then_falls_linearly_to_zero_over_the_last_fraction():
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, cooldown=0.2)
+    lrs = [learning_rate(cfg, step, 100) for step in range(100)]
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[80] == pytest.approx(1.0)
+    assert lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(1 / 20)  # (100 − step) / 20
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert learning_rate(cfg, 100, 100) == 0.0
+
+
+def test_cooldown_with_a_cosine_schedule_is_refused():
+    with pytest.raises(KneegenError, match="train.cooldown"):
+        load_config(None, {"train.cooldown": 0.2, "train.lr_schedule": "cosine"})
+
+
+def test_the_time_budget_plans_the_cooldowns_end_from_the_pace_of_an_epoch():
+    assert planned_end_step(2, 100, budget_left=50.0, epoch_seconds=10.0, per_epoch=7) == (2 + 5) * 7
+    assert planned_end_step(2, 4, budget_left=50.0, epoch_seconds=10.0, per_epoch=7) == 4 * 7  # train.epochs caps
+    assert planned_end_step(2, 100, budget_left=3.0, epoch_seconds=10.0, per_epoch=7) == 3 * 7  # at least one more
+
+
+@pytest.mark.slow
+def test_a_timed_run_with_a_cooldown_ends_at_its_plan_with_the_lr_at_zero(prepared, tmp_path):
+    """A budget far above what 4 epochs need: the plan is all 4 epochs, and the LR falls as with --epochs 4."""
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(prepared, tmp_path, train={"epochs": 4, "minutes": 30.0, "cooldown": 0.5})
+    state = run_training(cfg, run_dir)
+    assert state.end_step == 4 * steps_per_epoch(50, 16) and state.epoch == 4
+    lrs = [record["lr"] for record in epoch_records(read_metrics(run_dir / "metrics.jsonl"))]
+    assert lrs[0] == lrs[1] == pytest.approx(2e-3) and lrs[1] > lrs[2] > lrs[3] > 0
+    by_epochs = tiny_config(prepared, tmp_path, train={"epochs": 4, "cooldown": 0.5})
+    assert lrs[3] == pytest.approx(learning_rate(by_epochs.train, state.end_step - 1, state.end_step))
+
+
+def test_adam_beta2_reaches_the_optimizer():
+    state = create_state(load_config(None, {"model.unet.channels": 8, "train.adam_beta2": 0.99}), (16, 16), CPU)
+    assert state.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -30,6 +30,7 @@ from kneegen.engine.ema import EMA
 from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
 from kneegen.engine.pixels import to_model_range
+from kneegen.engine.posthoc_ema import STORED_SIGMA_RELS, PowerEMA
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.timesteps import TimestepSampler
 from kneegen.errors import KneegenError
@@ -46,6 +47,7 @@ class TrainState:
     network: nn.Module  # the weights, as checkpoints hold them
     train_network: nn.Module  # what a step calls: `network`, compiled and/or wrapped by DDP
     ema: EMA | None  # on rank 0 only
+    power_emas: list[PowerEMA]  # with train.ema_snapshots, on rank 0: EDM2's pair, snapshotted for post-hoc EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 loss scaling; switched off otherwise
     generator: torch.Generator  # draws t and ε; in the same state in every process
@@ -58,6 +60,7 @@ class TrainState:
     bad_in_a_row: int = 0  # consecutive steps with a non-finite loss or gradient
     best_val_loss: float = math.inf
     best_fid: float = math.inf  # only tracked with train.fid_every
+    end_step: int = 0  # where the LR schedule ends, once a time budget has fixed it (train.cooldown); 0 = train.epochs
 
     @property
     def eval_network(self) -> nn.Module:
@@ -84,6 +87,8 @@ def create_state(
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
     ema = EMA(network, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and dist.is_main else None
+    keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
+    power_emas = [PowerEMA(network, sigma_rel) for sigma_rel in STORED_SIGMA_RELS] if keeps_snapshots else []
     if dist.enabled:
         torch.manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * dist.rank)  # each process its own dropout
     train_network = torch.compile(network) if cfg.train.compile else network
@@ -91,6 +96,7 @@ def create_state(
         network=network,
         train_network=dist.wrap(train_network),
         ema=ema,
+        power_emas=power_emas,
         optimizer=make_optimizer(network, cfg.train),
         scaler=compute.grad_scaler(),
         generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -107,7 +113,9 @@ def make_optimizer(network: nn.Module, train: TrainConfig) -> torch.optim.Optimi
     step took 21 ms for the default 6.9 M-parameter model, against 69 ms for the per-parameter
     loop and 104 ms for the multi-tensor (foreach) version."""
     optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(network.parameters(), lr=train.lr, weight_decay=train.weight_decay, fused=True)
+    return optimizer_class(
+        network.parameters(), lr=train.lr, betas=(0.9, train.adam_beta2), weight_decay=train.weight_decay, fused=True
+    )
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -119,6 +127,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
     return {
         "model": state.network.state_dict(),
         "ema": state.ema.model.state_dict() if state.ema is not None else None,
+        "power_emas": [power.model.state_dict() for power in state.power_emas],
         "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(),
         "generator": state.generator.get_state(),
@@ -132,6 +141,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "bad_in_a_row": state.bad_in_a_row,
         "best_val_loss": state.best_val_loss,
         "best_fid": state.best_fid,
+        "end_step": state.end_step,
     }
 
 
@@ -144,6 +154,9 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     state.network.load_state_dict(payload["model"])
     if state.ema is not None:
         state.ema.model.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
+    saved_powers = payload.get("power_emas") or [payload["model"]] * len(state.power_emas)  # snapshots newly asked
+    for power, saved in zip(state.power_emas, saved_powers):
+        power.model.load_state_dict(saved)
     state.optimizer.load_state_dict(payload["optimizer"])
     if payload["scaler"]:
         state.scaler.load_state_dict(payload["scaler"])
@@ -157,6 +170,7 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     state.bad_in_a_row = payload["bad_in_a_row"]
     state.best_val_loss = payload["best_val_loss"]
     state.best_fid = payload.get("best_fid", math.inf)  # absent from checkpoints before train.fid_every
+    state.end_step = payload.get("end_step", 0)  # absent before train.cooldown
 
 
 def rng_states() -> dict[str, Any]:
@@ -196,11 +210,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Linear warm-up over `warmup_steps`, then constant, or a half cosine that reaches 0 after
-    `total_steps`. A function of the step alone: there is no schedule state to checkpoint."""
+    `total_steps`; a constant LR with `cooldown` falls linearly to 0 over that last fraction of
+    `total_steps` (warmup-stable-decay). A function of the step and the planned length alone."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        cooldown_steps = cfg.cooldown * total_steps
+        return cfg.lr * min(1.0, max(0.0, total_steps - step) / cooldown_steps) if cooldown_steps else cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -256,7 +272,7 @@ def epoch_steps(
     checkpointed: a run resumed from it continues with the next batch."""
     train, diffusion = cfg.train, cfg.diffusion
     batches = epoch_batches(len(images), train, state.epoch, dist.world_size)
-    total_steps = train.epochs * len(batches)
+    total_steps = state.end_step or train.epochs * len(batches)
     if state.batch_in_epoch == 0:
         state.epoch_losses, state.epoch_skipped = [], []
     state.train_network.train()
@@ -307,6 +323,8 @@ def epoch_steps(
             state.scaler.step(state.optimizer)
             if state.ema is not None:
                 state.ema.update(state.network, state.step)
+            for power in state.power_emas:
+                power.update(state.network, state.step + 1)  # steps done, this one included
             if state.timestep_sampler.importance:
                 batch_losses = torch.zeros(len(index), device=compute.device)  # (B,) zeros outside this share
                 batch_losses[rows] = torch.cat(row_losses)

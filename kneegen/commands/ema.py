@@ -1,0 +1,60 @@
+"""`kneegen ema [RUN_DIR] --lengths 0.03,0.05,0.1`: EMA lengths chosen after training, by FID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kneegen.commands.choices import DEVICES
+from kneegen.ema_snapshots import choose_ema_length
+from kneegen.engine.device import resolve_compute
+from kneegen.errors import KneegenError
+from kneegen.progress import console
+from kneegen.runs import latest_run_dir
+
+DEFAULT_LENGTHS = "0.03,0.05,0.07,0.10,0.15,0.20"
+
+
+def ema(
+    run_dir: Annotated[
+        Optional[Path], typer.Argument(help="A run trained with train.ema_snapshots; default: the latest.")
+    ] = None,
+    lengths: Annotated[
+        str, typer.Option(help="EMA lengths σ_rel to mix (fraction of training averaged, EDM2).")
+    ] = DEFAULT_LENGTHS,
+    samples: Annotated[int, typer.Option(help="Images per length for its FID against the val split.")] = 256,
+    device: Annotated[str, typer.Option(help=f"{DEVICES}.")] = "auto",
+) -> None:
+    """Mix the run's EMA snapshots into checkpoints of other EMA lengths (ema-σ.pt) and rank them by FID."""
+    run_dir = run_dir or latest_run_dir()
+    sigma_rels = parse_lengths(lengths)
+    results = choose_ema_length(run_dir, sigma_rels, resolve_compute(device, "auto"), samples)
+    table = Table(title=f"post-hoc EMA of {escape(str(run_dir))}, FID of {samples} samples vs the val split")
+    for column in ("σ_rel", "FID", "KID", "checkpoint"):
+        table.add_column(column)
+    best = min(results, key=lambda result: result.quality.fid)
+    for result in results:
+        mark = " (best)" if result is best else ""
+        table.add_row(
+            f"{result.sigma_rel:g}{mark}",
+            f"{result.quality.fid:.2f}",
+            f"{result.quality.kid:.4f}",
+            escape(str(result.path)),
+        )
+    console.print(table)
+    console.print(f"best: kneegen sample generate 64 --checkpoint {escape(str(best.path))}", highlight=False)
+
+
+def parse_lengths(text: str) -> list[float]:
+    """ "0.05,0.1" → [0.05, 0.1]; the range is checked where each length is used."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise KneegenError(f"--lengths {text!r}: give EMA lengths as fractions of training, e.g. 0.05,0.1")
+    return values

@@ -1,0 +1,112 @@
+"""Power-EMA snapshots of a training run (`train.ema_snapshots`), and EMA lengths mixed from them
+after training (EDM2's post-hoc EMA): one run gives any EMA length, each judged by FID.
+
+At every epoch end the run stores its two power EMAs (σ_rel 0.05 and 0.10) in
+ema_snapshots/step-NNNNNNNN.pt. `kneegen ema RUN` then solves, per asked σ_rel, the mix of all
+snapshots whose averaging profile is closest to that EMA's at the last step, writes it as a
+checkpoint `ema-0.070.pt` beside last.pt (sampled and validated as any other), and scores each by
+FID on the val split so the best length is picked by sample quality, not by loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kneegen.data.cache import open_cache
+from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
+from kneegen.engine.device import Compute
+from kneegen.engine.posthoc_ema import Snapshot, combine, gamma_of, reconstruction_weights
+from kneegen.engine.trained import load_trained_model
+from kneegen.engine.training import TrainState
+from kneegen.errors import KneegenError
+from kneegen.evaluation.during_training import SampleQuality, TrainingFid
+from kneegen.progress import progress_bar
+from kneegen.runs import LAST
+
+SNAPSHOTS = "ema_snapshots"
+STORED_DTYPE = torch.float16  # halves the disk; its rounding (~5e-4 relative) is far below what EMA lengths change
+
+
+@dataclass
+class PosthocResult:
+    sigma_rel: float
+    path: Path
+    quality: SampleQuality
+
+
+def snapshot_paths(run_dir: Path) -> list[Path]:
+    """The run's snapshots, oldest first (the step is in the name, zero-padded)."""
+    return sorted((run_dir / SNAPSHOTS).glob("step-*.pt"))
+
+
+def save_ema_snapshot(state: TrainState, run_dir: Path) -> None:
+    """The power EMAs of `state` at its step, as ema_snapshots/step-NNNNNNNN.pt."""
+    payload = {
+        "step": state.step,
+        "sigma_rels": [power.sigma_rel for power in state.power_emas],
+        "power_emas": [
+            {
+                name: tensor.to(STORED_DTYPE) if tensor.is_floating_point() else tensor
+                for name, tensor in power.model.state_dict().items()
+            }
+            for power in state.power_emas
+        ],
+    }
+    save_checkpoint(payload, run_dir / SNAPSHOTS / f"step-{state.step:08d}.pt")
+
+
+def drop_snapshots_after(run_dir: Path, step: int) -> None:
+    """Resuming at `step` retrains what came after it: its snapshots would otherwise count twice."""
+    for path in snapshot_paths(run_dir):
+        if int(path.stem.split("-")[1]) > step:
+            path.unlink()
+
+
+def posthoc_payload(run_dir: Path, sigma_rel: float) -> dict[str, Any]:
+    """last.pt with its EMA weights replaced by the post-hoc EMA of `sigma_rel` at the last snapshot."""
+    gamma_of(sigma_rel)  # refuses an impossible length before anything is read
+    paths = snapshot_paths(run_dir)
+    if not paths:
+        raise KneegenError(
+            f"{run_dir} has no {SNAPSHOTS}/: train with --set train.ema_snapshots=true to use kneegen ema"
+        )
+    snapshots, state_dicts = [], []
+    for path in paths:
+        stored = load_checkpoint(path)
+        for snapshot_sigma, state_dict in zip(stored["sigma_rels"], stored["power_emas"]):
+            snapshots.append(Snapshot(stored["step"], snapshot_sigma))
+            state_dicts.append(state_dict)
+    step = snapshots[-1].step
+    base = load_checkpoint(run_dir / LAST)
+    if base["step"] != step:
+        raise KneegenError(
+            f"{run_dir / LAST} is at step {base['step']} but the last snapshot at {step}: "
+            "finish the epoch with kneegen train --resume first"
+        )
+    weights = reconstruction_weights(snapshots, step, sigma_rel)
+    averaged = combine(state_dicts, weights)
+    model_dtypes = {name: tensor.dtype for name, tensor in base["model"].items()}
+    ema = {name: tensor.to(model_dtypes[name]) for name, tensor in averaged.items()}
+    return {**base, "ema": ema, "posthoc_ema": {"sigma_rel": sigma_rel, "step": step, "snapshots": len(snapshots)}}
+
+
+def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, samples: int) -> list[PosthocResult]:
+    """Write ema-σ.pt for each σ_rel and score its samples by FID/KID against the val split."""
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task("post-hoc EMA", total=len(sigma_rels), status="")
+        fid: TrainingFid | None = None
+        for sigma_rel in sigma_rels:
+            progress.update(task, status=f"σ_rel {sigma_rel:g}")
+            payload = posthoc_payload(run_dir, sigma_rel)
+            path = run_dir / f"ema-{sigma_rel:.3f}.pt"
+            save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "format_version")}, path)
+            model = load_trained_model(path, compute)
+            fid = fid or TrainingFid(open_cache(Path(model.config.data)), compute, samples)
+            results.append(PosthocResult(sigma_rel, path, fid.score(model)))
+            progress.advance(task)
+    return results
