@@ -105,6 +105,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "lr2e3": {"train.lr": 2e-3},
     "snap": {"train.ema_snapshots": True},  # power-EMA snapshots for kneegen ema (post-hoc EMA)
     "beta99": {"train.adam_beta2": 0.99},
+    "len05": {"train.ema_length": 0.05},  # the EMA a power-function one of sigma_rel 0.05
     "cool": {"train.cooldown": 0.2},  # the LR falls linearly to 0 over the last 20 % of the planned run
     "cool4": {"train.cooldown": 0.4},
     "ema995": {"train.ema_decay": 0.995},
@@ -283,14 +284,16 @@ def prepare_phantom(work: Path, count: int, held_out: float) -> Path:
     return data
 
 
-def train_for(name: str, seed: int, data: Path, run_dir: Path, minutes: float) -> Trained:
-    """Train the recipe epoch by epoch while the last epoch's time still fits in the budget."""
+def train_for(name: str, seed: int, data: Path, run_dir: Path, minutes: float, epochs: int = 0) -> Trained:
+    """Train the recipe epoch by epoch while the last epoch's time still fits in the budget, or for
+    exactly `epochs` epochs: the fair budget when recipes differ only in what a step does with the
+    same compute (optimizer, LR schedule, EMA) on a machine whose speed drifts."""
     if run_dir.exists():
         sys.exit(f"{run_dir} exists: remove it or give another --work, so every recipe starts from scratch")
     if recipe_config(name, data, 1, seed).train.lr_schedule != "constant":
         sys.exit(f"{name}: train.lr_schedule must be constant here, since the run's length grows epoch by epoch")
-    cfg = recipe_config(name, data, MAX_EPOCHS, seed)
-    cfg.train.minutes = minutes
+    cfg = recipe_config(name, data, epochs or MAX_EPOCHS, seed)
+    cfg.train.minutes = 0.0 if epochs else minutes
     started = time.perf_counter()
     epochs = run_training(cfg, run_dir).epoch
     elapsed = time.perf_counter() - started
@@ -353,6 +356,7 @@ def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per recipe and seed")
+    parser.add_argument("--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes")
     parser.add_argument(
         "--recipes", nargs="+", default=["demo", "seed"], help="names from RECIPES or screening fragments"
     )
@@ -384,7 +388,7 @@ def main() -> None:
     grid = {"real": judge.held_out[np.linspace(0, len(judge.held_out) - 1, 8).round().astype(int)]}
     for name in args.recipes:
         for seed in args.seeds:
-            run = train_for(name, seed, judge.data, args.work / f"{name}-seed{seed}", args.minutes)
+            run = train_for(name, seed, judge.data, args.work / f"{name}-seed{seed}", args.minutes, args.epochs)
             scores, images, how = judge.samples(run.checkpoint)
             facts = network_facts(load_trained_model(run.checkpoint, resolve_compute("cpu", "fp32")))
             rows.append((run, scores, how, facts))
@@ -398,7 +402,8 @@ def main() -> None:
             )
     save_grid(args.work / "grid.png", grid)
 
-    print(f"\n{args.minutes:g} min of training per recipe on {cpu_kind()}")
+    budget = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
+    print(f"\n{budget} of training per recipe on {cpu_kind()}")
     print(
         f"floor (real vs real, N = {args.samples}): FID {floor.fid:.2f}, KID {floor.kid:.4f}, precision "
         f"{floor.precision:.3f}, recall {floor.recall:.3f}, fold-power ratio {floor.fold_ratio:.2f}"

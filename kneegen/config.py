@@ -105,6 +105,7 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.999  # 0 disables EMA: sampling then uses the raw weights
+    ema_length: float = 0.0  # > 0: the EMA is a power-function one averaging this σ_rel of the run (EDM2); 0: ema_decay
     ema_snapshots: bool = False  # keep power-EMA snapshots each epoch, for any EMA length after training (kneegen ema)
     seed: int = 0
     val_every: int = 1  # epochs between validations
@@ -184,6 +185,7 @@ RANGES: dict[str, Bounds] = {
     "train.lr": POSITIVE,
     "train.weight_decay": AT_LEAST_0,
     "train.adam_beta2": (0, 1, False, False),
+    "train.ema_length": (0, 0.2886, True, True),
     "train.cooldown": (0, 1, True, False),
     "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip": AT_LEAST_0,

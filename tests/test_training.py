@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from kneegen.config import TrainConfig
+from kneegen.config import TrainConfig, load_config
 from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.ema import EMA
 from kneegen.engine.pixels import to_model_range, to_uint8
+from kneegen.engine.posthoc_ema import PowerEMA
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
 from kneegen.engine.training import create_state, epoch_steps, learning_rate
@@ -126,14 +127,21 @@ def test_ema_follows_the_warmed_up_decay():
         model.weight.fill_(0.0)
     ema = EMA(model, decay=0.5)
     expected = 0.0
-    for step, value in enumerate([1.0, 2.0, 4.0, 8.0]):
+    for step, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):  # steps done
         with torch.no_grad():
             model.weight.fill_(value)
         ema.update(model, step)
-        decay = min(0.5, (1 + step) / (10 + step))
+        decay = min(0.5, step / (9 + step))
         expected = decay * expected + (1 - decay) * value
         assert ema.model.weight.item() == pytest.approx(expected, rel=1e-6)
     assert not ema.model.weight.requires_grad
+
+
+def test_ema_length_makes_the_training_ema_a_power_function_one():
+    cfg = load_config(None, {"model.unet.channels": 8, "train.ema_length": 0.05})
+    state = create_state(cfg, (16, 16), CPU)
+    assert isinstance(state.ema, PowerEMA) and state.ema.sigma_rel == 0.05
+    assert isinstance(create_state(load_config(None, {"model.unet.channels": 8}), (16, 16), CPU).ema, EMA)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

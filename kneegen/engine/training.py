@@ -46,7 +46,7 @@ class TrainState:
 
     network: nn.Module  # the weights, as checkpoints hold them
     train_network: nn.Module  # what a step calls: `network`, compiled and/or wrapped by DDP
-    ema: EMA | None  # on rank 0 only
+    ema: EMA | PowerEMA | None  # on rank 0 only
     power_emas: list[PowerEMA]  # with train.ema_snapshots, on rank 0: EDM2's pair, snapshotted for post-hoc EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 loss scaling; switched off otherwise
@@ -86,7 +86,7 @@ def create_state(
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
-    ema = EMA(network, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and dist.is_main else None
+    ema = make_ema(network, cfg.train) if dist.is_main else None
     keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
     power_emas = [PowerEMA(network, sigma_rel) for sigma_rel in STORED_SIGMA_RELS] if keeps_snapshots else []
     if dist.enabled:
@@ -106,6 +106,14 @@ def create_state(
             Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).log_sigmas(),
         ),
     )
+
+
+def make_ema(network: nn.Module, train: TrainConfig) -> EMA | PowerEMA | None:
+    """The average validation and sampling use: a power-function EMA of `ema_length` (σ_rel, a
+    fixed fraction of the run whatever its length), else `ema_decay` with its warm-up; None if off."""
+    if train.ema_length > 0:
+        return PowerEMA(network, train.ema_length)
+    return EMA(network, train.ema_decay) if train.ema_decay > 0 else None
 
 
 def make_optimizer(network: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -321,10 +329,8 @@ def epoch_steps(
         skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
         if not skipped:
             state.scaler.step(state.optimizer)
-            if state.ema is not None:
-                state.ema.update(state.network, state.step)
-            for power in state.power_emas:
-                power.update(state.network, state.step + 1)  # steps done, this one included
+            for average in ([state.ema] if state.ema is not None else []) + state.power_emas:
+                average.update(state.network, state.step + 1)  # steps done, this one included
             if state.timestep_sampler.importance:
                 batch_losses = torch.zeros(len(index), device=compute.device)  # (B,) zeros outside this share
                 batch_losses[rows] = torch.cat(row_losses)
