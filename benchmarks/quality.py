@@ -19,12 +19,17 @@ The CPU kind and the precision used are printed with the table; the recipes' cho
 both (see README: "Recipes by hardware").
 
 Training by time: `train.minutes` stops each run at the first epoch end after which another
-epoch would pass the budget; a recipe must keep a constant LR, since its length is not known in
-advance. `--seeds 0 1 2` trains every recipe once per seed and reports mean and spread.
+epoch would pass the budget (or, with `train.cooldown`, where the plan made after the second
+epoch ends); a recipe must keep a constant LR otherwise, since its length is not known in
+advance. `--epochs N` trains every recipe for exactly N epochs instead: the fair comparison for
+recipes whose steps cost the same (optimizer, LR schedule, EMA) on a machine whose speed drifts
+(this one ran the same recipe at 57 and at 95 img/s within the hour). `--seeds 0 1 2` trains
+every recipe once per seed and reports mean and spread.
 
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed         # vs the original
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes old-demo uniform-minsnr5-ode \\
         uniform-ode minsnr5-ode ode demo bs16 lr2e3 ema999 ema995                    # screening
+    .venv/bin/python benchmarks/quality.py --epochs 23 --recipes snap cool-snap beta99-snap  # same steps
     .venv/bin/python benchmarks/quality.py --minutes 0.3 --phantom 120 --held-out 0.5 \\
         --samples 24 --recipes demo                                                  # a smoke run
 """
@@ -105,7 +110,9 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "lr2e3": {"train.lr": 2e-3},
     "snap": {"train.ema_snapshots": True},  # power-EMA snapshots for kneegen ema (post-hoc EMA)
     "beta99": {"train.adam_beta2": 0.99},
-    "len05": {"train.ema_length": 0.05},  # the EMA a power-function one of sigma_rel 0.05
+    "len03": {"train.ema_length": 0.03},  # the EMA a power-function one of sigma_rel 0.03
+    "len05": {"train.ema_length": 0.05},
+    "len10": {"train.ema_length": 0.10},
     "cool": {"train.cooldown": 0.2},  # the LR falls linearly to 0 over the last 20 % of the planned run
     "cool4": {"train.cooldown": 0.4},
     "ema995": {"train.ema_decay": 0.995},

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -39,7 +40,7 @@ from kneegen.run import Run
 from kneegen.run_checkpoints import resume_point, save_training_checkpoint
 from kneegen.runs import CONFIG, LAST, STEP_CHECKPOINTS, home_run_of, latest_run_dir, new_run_dir, start_run_dir
 
-EPOCHS_BEFORE_PLANNING = 2  # the first epoch carries one-off costs (allocation, caches); the second shows the pace
+PACE_EPOCHS = 3  # the cooldown's plan follows the mean time of this process's last epochs, not its first
 
 
 def run_training(
@@ -158,6 +159,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
             status="",
         )
         started = time.perf_counter()
+        first_epoch, epoch_seconds = state.epoch, []  # times of this process's epochs after its first,
+        # which carries one-off costs (allocation, caches)
         while state.epoch < train.epochs:
             epoch_started = window_started = time.perf_counter()
             epoch_images = window_images = 0
@@ -222,19 +225,24 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 )
             dist.barrier()
 
-            # 4. A time budget (`train.minutes`): with a cooldown, plan the run's end once an epoch's time
-            #    is known; stop there, or where the next epoch would pass the budget, as rank 0 decides.
+            # 4. A time budget (`train.minutes`): with a cooldown, plan the run's end from the pace of
+            #    the last epochs, again after each (machines drift), never later once the LR falls;
+            #    stop there, or where the next epoch would pass the budget, as rank 0 decides.
             if train.minutes and state.epoch < train.epochs:
                 now = time.perf_counter()
-                if train.cooldown and not state.end_step and state.epoch >= EPOCHS_BEFORE_PLANNING:
-                    budget_left, pace = 60 * train.minutes - (now - started), now - epoch_started
-                    state.end_step = dist.broadcast(
-                        planned_end_step(state.epoch, train.epochs, budget_left, pace, per_epoch)
-                    )
-                    progress.console.print(
-                        f"train.cooldown: {state.end_step // per_epoch} epochs fit in train.minutes; the LR falls "
-                        f"to 0 from step {round(state.end_step * (1 - train.cooldown))} to step {state.end_step}"
-                    )
+                if state.epoch - first_epoch > 1:
+                    epoch_seconds.append(now - epoch_started)
+                if train.cooldown and epoch_seconds:
+                    budget_left, pace = 60 * train.minutes - (now - started), mean(epoch_seconds[-PACE_EPOCHS:])
+                    plan = planned_end_step(state.epoch, train.epochs, budget_left, pace, per_epoch)
+                    end_step = dist.broadcast(replanned_end_step(state.end_step, state.step, train.cooldown, plan))
+                    if end_step != state.end_step:
+                        progress.console.print(
+                            f"train.cooldown: {end_step // per_epoch} epochs fit in train.minutes; the LR falls "
+                            f"to 0 from step {round(end_step * (1 - train.cooldown))} to step {end_step}"
+                        )
+                    state.end_step = end_step
+                    progress.update(task, total=end_step)  # the bar's ETA: the planned end
                 if state.step >= state.end_step > 0:
                     progress.console.print(f"stopped after epoch {state.epoch}: the cooldown has brought the LR to 0")
                     return
@@ -250,6 +258,13 @@ def planned_end_step(done: int, max_epochs: int, budget_left: float, epoch_secon
     """The step at which the epochs that still fit in `budget_left` seconds end, at the last epoch's pace."""
     epochs = min(max_epochs, done + max(1, int(budget_left // epoch_seconds)))
     return epochs * per_epoch
+
+
+def replanned_end_step(end_step: int, step: int, cooldown: float, plan: int) -> int:
+    """The cooldown's end after a new plan: the plan itself until the LR has begun to fall
+    (`end_step` 0 = none yet); after that only an earlier end, so that the LR never rises again."""
+    falling = end_step > 0 and step >= end_step * (1 - cooldown)
+    return min(end_step, plan) if falling else plan
 
 
 def every(count: int, interval: int) -> bool:

@@ -33,7 +33,7 @@ from kneegen.engine.training import (
 )
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import epoch_records, read_metrics
-from kneegen.training_run import planned_end_step, run_training
+from kneegen.training_run import planned_end_step, replanned_end_step, run_training
 
 from helpers import tiny_config
 
@@ -121,6 +121,14 @@ def test_the_time_budget_plans_the_cooldowns_end_from_the_pace_of_an_epoch():
     assert planned_end_step(2, 100, budget_left=50.0, epoch_seconds=10.0, per_epoch=7) == (2 + 5) * 7
     assert planned_end_step(2, 4, budget_left=50.0, epoch_seconds=10.0, per_epoch=7) == 4 * 7  # train.epochs caps
     assert planned_end_step(2, 100, budget_left=3.0, epoch_seconds=10.0, per_epoch=7) == 3 * 7  # at least one more
+
+
+def test_a_new_plan_moves_the_cooldowns_end_either_way_until_the_lr_falls_then_only_earlier():
+    assert replanned_end_step(0, step=20, cooldown=0.2, plan=70) == 70  # the first plan
+    assert replanned_end_step(70, step=30, cooldown=0.2, plan=84) == 84  # faster machine: LR still constant
+    assert replanned_end_step(70, step=30, cooldown=0.2, plan=63) == 63
+    assert replanned_end_step(70, step=56, cooldown=0.2, plan=84) == 70  # falling since step 56: never later
+    assert replanned_end_step(70, step=56, cooldown=0.2, plan=63) == 63  # a slower machine still ends in time
 
 
 @pytest.mark.slow
