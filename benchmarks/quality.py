@@ -26,7 +26,7 @@ recipes whose steps cost the same (optimizer, LR schedule, EMA) on a machine who
 (this one ran the same recipe at 57 and at 95 img/s within the hour). `--seeds 0 1 2` trains
 every recipe once per seed and reports mean and spread.
 
-    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed         # vs the original
+    .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed --samplers dpm++2m:25  # vs the original
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes old-demo uniform-minsnr5-ode \\
         uniform-ode minsnr5-ode ode demo bs16 lr2e3 ema999 ema995                    # screening
     .venv/bin/python benchmarks/quality.py --epochs 23 --recipes snap cool-snap beta99-snap  # same steps
@@ -114,10 +114,11 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "len05": {"train.ema_length": 0.05},
     "len10": {"train.ema_length": 0.10},
     "cool": {"train.cooldown": 0.2},  # the LR falls linearly to 0 over the last 20 % of the planned run
+    "const": {"train.cooldown": 0.0},  # a constant LR after the warm-up (the recipes until round 3)
     "cool4": {"train.cooldown": 0.4},
-    "ema995": {"train.ema_decay": 0.995},
-    "ema998": {"train.ema_decay": 0.998},
-    "ema999": {"train.ema_decay": 0.999},
+    "ema995": {"train.ema_decay": 0.995, "train.ema_length": 0.0},
+    "ema998": {"train.ema_decay": 0.998, "train.ema_length": 0.0},
+    "ema999": {"train.ema_decay": 0.999, "train.ema_length": 0.0},
     "attn1": {"model.unet.attention_levels": [1, 2]},
     "attn0": {"model.unet.attention_levels": []},
     "m124": {"model.unet.channel_mults": [1, 2, 4]},
@@ -340,6 +341,12 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
     save_png(image_grid(tiles, columns=count), path)
 
 
+def sampler_choice(text: str) -> SamplerChoice:
+    """NAME:STEPS[:ETA], as --samplers takes it."""
+    name, steps, *eta = text.split(":")
+    return SamplerChoice(name, int(steps), float(eta[0]) if eta else 0.0)
+
+
 def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
     """One trained checkpoint, several samplers: FID and the rest for each."""
     print(
@@ -347,11 +354,7 @@ def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list
         f"{'copies':>11} {'s/img':>6}"
     )
     for text in samplers or [None]:
-        choice = None
-        if text:
-            name, steps, *eta = text.split(":")
-            choice = SamplerChoice(name, int(steps), float(eta[0]) if eta else 0.0)
-        s, _, how = judge.samples(checkpoint, choice)
+        s, _, how = judge.samples(checkpoint, sampler_choice(text) if text else None)
         print(
             f"{text or how:<16} {s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.kid:>7.4f} {s.precision:>5.3f} "
             f"{s.recall:>6.3f} {s.fold_ratio:>5.2f} {s.copies:>5.3f}/{s.copies_chance:<5.3f} "
@@ -374,8 +377,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"), help="cache and run dirs go here")
     parser.add_argument("--feature-weights", type=Path, default=None)
     parser.add_argument("--score", type=Path, nargs="+", help="only score these trained checkpoints (of --work's data)")
-    parser.add_argument("--samplers", nargs="+", default=[], help="with --score: NAME:STEPS[:ETA], e.g. ddim:50:1")
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=[],
+        help="NAME:STEPS[:ETA], e.g. ddim:50:1: with --score, each; after training, one for every recipe "
+        "instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",
+    )
     args = parser.parse_args()
+    if len(args.samplers) > 1 and not args.score:
+        sys.exit("--samplers: one sampler after training (several only with --score)")
+    forced = sampler_choice(args.samplers[0]) if args.samplers and not args.score else None
     for name in args.recipes:
         recipe_config(name, Path("data"), 1, 0)  # a misspelt recipe stops here, not after hours of training
 
@@ -396,7 +408,7 @@ def main() -> None:
     for name in args.recipes:
         for seed in args.seeds:
             run = train_for(name, seed, judge.data, args.work / f"{name}-seed{seed}", args.minutes, args.epochs)
-            scores, images, how = judge.samples(run.checkpoint)
+            scores, images, how = judge.samples(run.checkpoint, forced)
             facts = network_facts(load_trained_model(run.checkpoint, resolve_compute("cpu", "fp32")))
             rows.append((run, scores, how, facts))
             grid[f"{name}-seed{seed}"] = images
