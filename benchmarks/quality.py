@@ -19,17 +19,19 @@ The CPU kind and the precision used are printed with the table; the recipes' cho
 both (see README: "Recipes by hardware").
 
 Training by time: `train.minutes` stops each run at the first epoch end after which another
-epoch would pass the budget (or, with `train.cooldown`, where the plan made after the second
-epoch ends); a recipe must keep a constant LR otherwise, since its length is not known in
-advance. `--epochs N` trains every recipe for exactly N epochs instead: the fair comparison for
-recipes whose steps cost the same (optimizer, LR schedule, EMA) on a machine whose speed drifts
-(this one ran the same recipe at 57 and at 95 img/s within the hour). `--seeds 0 1 2` trains
-every recipe once per seed and reports mean and spread.
+epoch would pass the budget (or, with `train.cooldown`, where its plan ends: made from the
+pace of the last epochs, again after each). `--epochs N` trains every recipe for exactly N
+epochs instead: the fair comparison for recipes whose steps cost the same (optimizer, LR
+schedule, EMA) on a machine whose speed drifts (this one ran the same recipe at 57 and at 95
+img/s within the hour). `--seeds 0 1 2` trains every recipe once per seed and reports mean and
+spread. Fragments apply to today's `cpu-bf16`; `ema998-const-` in front gives the recipe that
+screening rounds 1 and 2 ran on.
 
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes demo seed --samplers dpm++2m:25  # vs the original
     .venv/bin/python benchmarks/quality.py --minutes 8 --recipes old-demo uniform-minsnr5-ode \\
         uniform-ode minsnr5-ode ode demo bs16 lr2e3 ema999 ema995                    # screening
-    .venv/bin/python benchmarks/quality.py --epochs 23 --recipes snap cool-snap beta99-snap  # same steps
+    .venv/bin/python benchmarks/quality.py --epochs 23 --recipes ema998-const-snap ema998-snap \\
+        ema998-const-beta99-snap ema998-lr2e3-snap                                   # same steps (round 3)
     .venv/bin/python benchmarks/quality.py --minutes 0.3 --phantom 120 --held-out 0.5 \\
         --samples 24 --recipes demo                                                  # a smoke run
 """

@@ -159,8 +159,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
             status="",
         )
         started = time.perf_counter()
-        first_epoch, epoch_seconds = state.epoch, []  # times of this process's epochs after its first,
-        # which carries one-off costs (allocation, caches)
+        # The pace: times of this process's epochs after its first, which carries one-off costs.
+        first_epoch, epoch_seconds = state.epoch, []
         while state.epoch < train.epochs:
             epoch_started = window_started = time.perf_counter()
             epoch_images = window_images = 0
