@@ -57,7 +57,13 @@ BASE_INTENSITY = {
 CORTEX_THICKNESS = 0.018
 PLATEAU_X = -0.06  # centre of the tibial plateau, slightly behind the condyle's
 JOINT_GAP = 0.004  # between opposing cartilage surfaces
-POSTERIOR_SLOPE = -0.12  # radians; the tibial plateau falls off towards the back
+# The two compartments differ as in real knees, so a slice shows which side of the notch it is on:
+# the medial femoral condyle is longer front to back, the lateral one rounder; the lateral tibial
+# plateau slopes further back and is convex, with the fibular head below it; the medial
+# meniscus's posterior horn is much larger than its anterior one, the lateral's horns are alike.
+POSTERIOR_SLOPE = {"medial": -0.06, "lateral": -0.2}  # radians; the tibial plateau falls off towards the back
+CONDYLE_LENGTH = {"medial": 0.5, "lateral": 0.36}  # half-length front to back, before the patient's factor
+MENISCUS_HORNS = {"medial": ((0.24, 0.15), (0.08, 0.08)), "lateral": ((0.13, 0.11), (0.13, 0.11))}  # (back, front)
 MIN_SECTION = 0.25
 MIN_CARTILAGE_SECTION = 0.45  # the outermost condyle sections are non-articular
 TEXTURE_SCALES = (0.1, 0.03, 0.01)  # grid units, see Texture
@@ -306,6 +312,12 @@ class _Bones:
     Yt: np.ndarray
     tuberosity: tuple[float, float]  # where the patellar tendon inserts (femoral frame)
     patella_poles: tuple[tuple[float, float], tuple[float, float]]
+    z: float  # where the slice cuts, -1 medial … +1 lateral
+
+
+def compartment(z: float) -> str:
+    """The half of the knee a slice at z cuts: medial (z < 0) or lateral."""
+    return "medial" if z < 0 else "lateral"
 
 
 def _bones(X, Y, z: float, p: Patient) -> _Bones:
@@ -313,7 +325,7 @@ def _bones(X, Y, z: float, p: Patient) -> _Bones:
     cx, cy, ry = -0.1, -0.22, 0.35 * p.condyle
     medial, lateral = _section(z, -0.56, 0.38), _section(z, 0.56, 0.36)
     cond = max(medial, lateral)
-    rx = (0.44 if medial > lateral else 0.4) * p.condyle
+    rx = CONDYLE_LENGTH[compartment(z)] * p.condyle
     shaft_top = -1.5 + (z / 0.85) ** 2  # the metaphysis narrows upwards, so edge slices end lower
     has_shaft = shaft_top < -0.55 and (cond > 0 or abs(z) < 0.3)
     # the shaft's bottom is cut at a slope: the notch roof (Blumensaat's line)
@@ -330,10 +342,10 @@ def _bones(X, Y, z: float, p: Patient) -> _Bones:
     tibia = _tibia(Xt, Yt, z, p, plateau_y, plateau_half)
     fibula = (
         _union(
-            _ellipse(Xt, Yt, -0.36, plateau_y + 0.45, 0.12, 0.13),
+            _ellipse(Xt, Yt, -0.36, plateau_y + 0.42, 0.15, 0.15),
             _column(Xt, Yt, -0.4, plateau_y + 0.5, 2.0, 0.06, 0.05),
         )
-        if _section(z, 0.72, 0.2)
+        if _section(z, 0.7, 0.3)
         else FAR
     )
     tx, ty = 0.32, plateau_y + 0.42
@@ -346,12 +358,15 @@ def _bones(X, Y, z: float, p: Patient) -> _Bones:
         (px + half_height * math.sin(tilt), py - half_height * math.cos(tilt)),
         (px - half_height * math.sin(tilt), py + half_height * math.cos(tilt)),
     )
-    return _Bones(femur, tibia, patella, fibula, condyle, plateau_y, plateau_half, Xt, Yt, tuberosity, poles)
+    return _Bones(femur, tibia, patella, fibula, condyle, plateau_y, plateau_half, Xt, Yt, tuberosity, poles, z)
 
 
 def _tibia(Xt, Yt, z: float, p: Patient, plateau_y: float, half: float):
     """Flat plateau with posterior slope over a tapering shaft and the anterior tuberosity."""
-    plateau = _box(Xt, Yt, PLATEAU_X, plateau_y + 0.2, half, 0.2, POSTERIOR_SLOPE) if half else FAR
+    side = compartment(z)
+    plateau = _box(Xt, Yt, PLATEAU_X, plateau_y + 0.2, half, 0.2, POSTERIOR_SLOPE[side]) if half else FAR
+    if half and side == "lateral":  # a convex lateral plateau: a low dome on top
+        plateau = _union(plateau, _ellipse(Xt, Yt, PLATEAU_X, plateau_y + 0.03, 0.8 * half, 0.05), 0.03)
     bottom = plateau_y + 1.6 - 1.2 * (z / 0.9) ** 2
     shaft = _column(Xt, Yt, -0.08, plateau_y + 0.1, bottom, 0.42 * p.plateau, 0.18)
     tuberosity = _ellipse(Xt, Yt, 0.22, plateau_y + 0.42, 0.13 * _section(z, 0.05, 0.35), 0.17)
@@ -442,7 +457,11 @@ def _paint_menisci(img, p: Patient, b: _Bones) -> None:
     reach = 0.25 * (1 - b.condyle.section) + 0.08
     outside_cartilage = (b.femur > cart) & (b.tibia > cart)
     back, front = PLATEAU_X - b.plateau_half + 0.02, PLATEAU_X + b.plateau_half - 0.06
-    for edge, direction, length, height in ((back, 1, 0.16, 0.13), (front, -1, 0.11, 0.1)):
+    (back_length, back_height), (front_length, front_height) = MENISCUS_HORNS[compartment(b.z)]
+    for edge, direction, length, height in (
+        (back, 1, back_length, back_height),
+        (front, -1, front_length, front_height),
+    ):
         depth = (b.Xt - edge) * direction
         wedge = (
             (depth > 0)
