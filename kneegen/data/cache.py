@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from kneegen.data.conditions import condition_table, select_conditions
 from kneegen.errors import KneegenError
 
 IMAGES_FILE = "images.npy"
@@ -40,6 +41,14 @@ class PreparedData:
         """The images of one split as a view of the memory map (empty if the cache has none)."""
         start, stop = self.manifest["split_ranges"].get(name, (0, 0))
         return self.images[start:stop]
+
+    def split_conditions(self, name: str, conditions: list[str]) -> np.ndarray | None:
+        """(N, K) float32 conditions of a split's images (NaN where unknown, see
+        kneegen/data/conditions.py), columns in the order of `conditions`; None if none asked."""
+        if not conditions:
+            return None
+        start, stop = self.manifest["split_ranges"].get(name, (0, 0))
+        return select_conditions(condition_table(self.manifest), conditions)[start:stop]
 
     def split_8bit(self, name: str) -> np.ndarray:
         """A split as PNGs, Inception and the pixel metrics see it (see `eight_bit`)."""

@@ -24,11 +24,13 @@ unsupported device): the module then prints one warning line on stderr and runs 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 from torch import Tensor, nn
 
+from kneegen.engine.conditioning import call_network
 from kneegen.engine.device import Compute
 
 CUDA_GRAPH_MODE = "reduce-overhead"  # Inductor kernels replayed as a CUDA graph
@@ -57,9 +59,9 @@ class CompiledNetwork(nn.Module):
         self.batch: int | None = None  # the batch size the graph is compiled for, set on first call
         self.failed = False
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
         if self.failed:
-            return self.network(x, t)
+            return call_network(self.network, x, t, c)
         real = x.shape[0]
         self.batch = max(self.batch or real, real)  # a larger batch compiles a graph of its size
         # Fresh inputs of the graph's batch size, padded with zeros (any valid t; those rows are dropped).
@@ -68,8 +70,10 @@ class CompiledNetwork(nn.Module):
         padding = self.batch - real
         x = torch.cat([x, x.new_zeros((padding, *x.shape[1:]))]).contiguous(memory_format=self.memory_format)
         t = torch.cat([t, t.new_zeros(padding)])  # (batch,)
+        if c is not None:
+            c = torch.cat([c, c.new_full((padding, c.shape[1]), math.nan)])  # (batch, K), padding: none given
         try:
-            output = self.compiled(x, t)
+            output = call_network(self.compiled, x, t, c)
         except Exception as error:  # noqa: BLE001 - any compiler failure; eager re-raises real bugs
             self.failed = True
             reason = (str(error).strip().splitlines() or [""])[0][:160]
@@ -79,5 +83,5 @@ class CompiledNetwork(nn.Module):
                 file=sys.stderr,
                 flush=True,
             )
-            return self.network(x[:real], t[:real])
+            return call_network(self.network, x[:real], t[:real], None if c is None else c[:real])
         return output[:real].clone()  # a copy: CUDA graphs overwrite their outputs on the next replay

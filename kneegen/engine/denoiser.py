@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from kneegen.config import Prediction
+from kneegen.engine.conditioning import call_network, null_conditions
 from kneegen.engine.device import Compute
 from kneegen.engine.samplers import Denoiser
 from kneegen.engine.schedule import Schedule
 
 
-def make_denoiser(network: nn.Module, schedule: Schedule, prediction: Prediction, compute: Compute) -> Denoiser:
+def make_denoiser(
+    network: nn.Module,
+    schedule: Schedule,
+    prediction: Prediction,
+    compute: Compute,
+    conditions: Tensor | None = None,
+    guidance: float = 1.0,
+) -> Denoiser:
     """Runs the network in eval/inference mode with the device's settings; x̂_0 is clipped to the
-    data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on the data."""
+    data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on the data.
+
+    A conditional network is asked for `conditions` ((B, K), NaN where not given) with
+    classifier-free guidance w = `guidance` (Ho & Salimans 2022): out = out_∅ + w (out_c − out_∅),
+    the conditional and unconditional halves in one batched call. ε, v and x̂_0 are linear in the
+    output at a fixed x_t, so guiding the output is guiding ε̂. w = 1 is the plain conditional
+    model (one call), w = 0 the unconditional one."""
     network.eval()
+
+    def predict(x_t: Tensor, t: Tensor) -> Tensor:
+        x_t = x_t.to(memory_format=compute.memory_format)
+        if conditions is None or guidance == 1.0:
+            return call_network(network, x_t, t, conditions)
+        if guidance == 0.0:
+            return call_network(network, x_t, t, null_conditions(*conditions.shape, conditions.device))
+        both = network(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([conditions, torch.full_like(conditions, math.nan)])
+        )
+        conditional, unconditional = both.float().chunk(2)  # (B, C, H, W) each
+        return unconditional + guidance * (conditional - unconditional)
 
     def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         with torch.inference_mode(), compute.autocast():
-            output = network(x_t.to(memory_format=compute.memory_format), t)
+            output = predict(x_t, t)
         x0, _ = schedule.to_x0_eps(output.float(), x_t, t, prediction)
         x0 = x0.clamp(-1.0, 1.0)
         return x0, schedule.eps_from_x0(x0, x_t, t)

@@ -6,7 +6,9 @@ image_channels)` with `forward(x (B, C, H, W), t (B,)) → (B, C, H, W)`, and it
 dataclass, whose keys a run config holds under `model.<name>` and which provides `check()` (the
 bounds its types cannot express, raising KneegenError) and `size_multiple()` (what H and W must
 be multiples of). Adding an architecture is one module with these two classes and one entry
-point whose object is the `Network`.
+point whose object is the `Network`. A network that can be conditioned (`model.conditions`,
+engine/conditioning.py) says so with `conditional=True`: it is then built with
+`conditions=[names]` and called as `forward(x, t, c (B, K))`, c = None meaning none given.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ class Network:
 
     module: type[nn.Module]
     settings: type
+    conditional: bool = False  # built as module(settings, channels, conditions), forward(x, t, c)
 
 
 NETWORKS: dict[str, Network] = {
-    "unet": Network(UNet, UNetConfig),
+    "unet": Network(UNet, UNetConfig, conditional=True),
     "seed": Network(SeedUNet, SeedUNetConfig),
 }
 
@@ -81,7 +84,15 @@ def build_network(model: ModelConfig, image_shape: tuple[int, int], image_channe
     """The network for `model`, after checking that H and W survive every downsampling."""
     network, settings = network_settings(model)
     check_image_size(model, image_shape)
-    return network.module(settings, image_channels)
+    if not model.conditions:
+        return network.module(settings, image_channels)
+    if not network.conditional:
+        conditional = ", ".join(name for name, known in registered_networks().items() if known.conditional)
+        raise KneegenError(
+            f"model.arch = {model.arch} takes no conditions, but model.conditions = {model.conditions}: "
+            f"use a network that does ({conditional}), or drop model.conditions"
+        )
+    return network.module(settings, image_channels, conditions=model.conditions)
 
 
 def size_multiple(model: ModelConfig) -> int:

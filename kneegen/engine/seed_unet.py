@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kneegen.engine.unet import timestep_embedding
+from kneegen.engine.sinusoidal import sinusoidal_embedding
 
 TIME_DIM = 32
 WIDTHS = (64, 128, 256, 512)
@@ -61,7 +61,7 @@ class SeedUNet(nn.Module):
         self.out = nn.Conv2d(WIDTHS[0], image_channels, 1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_mlp(timestep_embedding(t, TIME_DIM))  # (B, 32)
+        emb = self.time_mlp(sinusoidal_embedding(t, TIME_DIM))  # (B, 32)
         skips = []
         for block in self.down:
             x = block(x, emb)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kneegen.config import RunConfig, TrainConfig
 from kneegen.engine.augment import augment
+from kneegen.engine.conditioning import call_network, drop_conditions
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
@@ -274,10 +275,12 @@ def epoch_steps(
     cfg: RunConfig,
     compute: Compute,
     dist: Distributed = SINGLE,
+    conditions: np.ndarray | None = None,
 ) -> Iterator[StepResult]:
     """Train the rest of the current epoch of `images` ((N, H, W) unsigned ints), one optimizer
     step per item; `state.epoch` counts up after the last. Between items the state may be
-    checkpointed: a run resumed from it continues with the next batch."""
+    checkpointed: a run resumed from it continues with the next batch. A conditional network is
+    given each image's `conditions` ((N, K), NaN where unknown), some dropped at random."""
     train, diffusion = cfg.train, cfg.diffusion
     batches = epoch_batches(len(images), train, state.epoch, dist.world_size)
     total_steps = state.end_step or train.epochs * len(batches)
@@ -296,6 +299,11 @@ def epoch_steps(
         augmented = (
             augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
         )
+        c_all = (
+            drop_conditions(torch.from_numpy(conditions[index]), train.condition_dropout, state.generator)
+            if conditions is not None
+            else None
+        )  # (B, K), NaN = not given
 
         # 2. Forward and backward per micro-batch. Gradients add up; DDP averages them over the
         #    processes on the last one. The scale makes the sum the gradient of the mean loss.
@@ -307,11 +315,12 @@ def epoch_steps(
             x0 = to_device(x0, compute.device)  # (b, 1, H, W)
             x0 = x0.to(memory_format=compute.memory_format)
             t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
+            c = to_device(c_all[part], compute.device) if c_all is not None else None
             x_t = schedule.add_noise(x0, noise, t)
             target = schedule.target(x0, noise, t, diffusion.prediction)
             with dist.no_sync(state.train_network, sync=k == len(micro_batches) - 1):
                 with compute.autocast():
-                    prediction = state.train_network(x_t, t)
+                    prediction = call_network(state.train_network, x_t, t, c)
                 per_image = per_image_loss(prediction, target, diffusion.loss)  # (b,)
                 loss = (weight * per_image).sum() * (dist.world_size / len(index))
                 state.scaler.scale(loss).backward()

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kneegen.engine.conditioning import ConditionEmbedding
+from kneegen.engine.sinusoidal import sinusoidal_embedding
 from kneegen.errors import KneegenError
 
 GROUPS = 32  # GroupNorm groups, reduced for narrow layers by `norm`
@@ -63,14 +65,6 @@ class UNetConfig:
 
 def norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
-
-
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al.), (B,) → (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None, :]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -127,9 +121,9 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x (B, C, H, W) in [-1, 1], t (B,) integer) → (B, C, H, W) prediction."""
+    """forward(x (B, C, H, W) in [-1, 1], t (B,) integer, c (B, K) conditions) → (B, C, H, W) prediction."""
 
-    def __init__(self, cfg: UNetConfig, image_channels: int = 1) -> None:
+    def __init__(self, cfg: UNetConfig, image_channels: int = 1, conditions: list[str] | None = None) -> None:
         super().__init__()
         base, patch = cfg.channels, cfg.patch_size
         widths = [base * m for m in cfg.channel_mults]
@@ -175,9 +169,16 @@ class UNet(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        # Built last, so the other weights start as an unconditional model's of the same seed.
+        self.conditioning = ConditionEmbedding(conditions, time_dim, base) if conditions else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.base))  # (B, time_dim)
+    def forward(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
+        """c: (B, K) conditions, NaN where not given (engine/conditioning.py); None = none given."""
+        emb = self.time_mlp(sinusoidal_embedding(t, self.base))  # (B, time_dim)
+        if self.conditioning is not None:
+            emb = emb + self.conditioning(c, len(x), x.device)
+        elif c is not None:
+            raise ValueError("this network was built without conditions")
         h = self.stem(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         skips = [h]
         for level, down in zip(self.down_levels, self.downsamples):

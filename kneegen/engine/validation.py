@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kneegen.config import DiffusionConfig
+from kneegen.engine.conditioning import call_network
 from kneegen.engine.device import Compute, evaluating
 from kneegen.engine.loss import per_image_loss
 from kneegen.engine.pixels import to_model_range
@@ -45,20 +46,23 @@ def validation_loss(
     buckets: int,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    conditions: np.ndarray | None = None,
 ) -> ValidationResult:
-    """Mean loss of `network` on `images` ((N, H, W)) over a fixed t grid and fixed noise."""
+    """Mean loss of `network` on `images` ((N, H, W)) over a fixed t grid and fixed noise; a
+    conditional network is given each image's `conditions` ((N, K), NaN where unknown)."""
     grid = bucket_timesteps(schedule.timesteps, buckets)
     totals = torch.zeros(len(grid), dtype=torch.float64)
     with evaluating(network), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x0 = to_model_range(images[start : start + batch_size], compute.device)
+            c = None if conditions is None else torch.from_numpy(conditions[start : start + batch_size]).to(x0.device)
             noises = fixed_noise(range(start, start + len(x0)), len(grid), x0.shape[1:])  # (K, B, C, H, W)
             for k, t_value in enumerate(grid):
                 t = torch.full((len(x0),), t_value, device=compute.device)
                 noise = noises[k].to(compute.device)
                 x_t = schedule.add_noise(x0, noise, t)
                 with compute.autocast():
-                    prediction = network(x_t.to(memory_format=compute.memory_format), t)
+                    prediction = call_network(network, x_t.to(memory_format=compute.memory_format), t, c)
                 target = schedule.target(x0, noise, t, diffusion.prediction)
                 totals[k] += per_image_loss(prediction, target, diffusion.loss).double().sum().cpu()
             if on_batch is not None:

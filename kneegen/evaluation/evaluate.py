@@ -25,11 +25,14 @@ import numpy as np
 from rich.progress import Progress, TaskID
 
 from kneegen.data.cache import PreparedData, open_cache
+from kneegen.data.conditions import CONDITIONS
 from kneegen.engine.device import Compute
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.engine.validation import validation_loss
 from kneegen.errors import KneegenError
 from kneegen.evaluation import frechet, kid
+from kneegen.evaluation.condition_checks import ConditionJudge, condition_report, held_out_conditions_for
+from kneegen.evaluation.condition_classifier import TRAIN_STEPS as CLASSIFIER_STEPS
 from kneegen.evaluation.diversity import mean_pairwise_ms_ssim, ms_ssim_available, ms_ssim_setting
 from kneegen.evaluation.features import (
     FEATURE_DIM,
@@ -64,6 +67,7 @@ class ValidateRequest:
     steps: int | None
     seed: int
     feature_weights: Path | None
+    guidance: float | None = None  # of conditional checkpoints; None: each one's sample.guidance
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Reference:
     root: Path
     split: str  # the held-out split: test, else val
     held_out: np.ndarray  # (H, h, w) uint8
+    held_out_conditions: np.ndarray  # (H, 2) [side, position] (kneegen/data/conditions.py), NaN where unknown
     train: np.ndarray  # (T, h, w) uint8
     extractor: InceptionFeatures | None
     held_out_features: np.ndarray | None  # (H, 2048)
@@ -106,8 +111,22 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
     with progress_bar() as progress:
         extractor = load_feature_extractor(weights, compute.device) if weights is not None else None
         reference = load_reference(cache, split, held_out, extractor, compute, progress)
-        reports = [evaluate_model(model, cache, reference, request, compute, progress) for model in models]
-    return Evaluation(reports, evaluation_notes(reference, request.samples))
+        judge, skipped = condition_judge(models, cache, reference, progress)
+        reports = [evaluate_model(model, cache, reference, request, compute, progress, judge) for model in models]
+    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped)
+
+
+def condition_judge(
+    models: list[TrainedModel], cache: PreparedData, reference: Reference, progress: Progress
+) -> tuple[ConditionJudge | None, list[str]]:
+    """The condition classifier when a checkpoint is conditional (and a note when it cannot be had)."""
+    if not any(model.config.model.conditions for model in models):
+        return None, []
+    advance = counter(progress, "condition classifier", CLASSIFIER_STEPS)
+    try:
+        return ConditionJudge.of(cache, reference.held_out, reference.held_out_conditions, advance), []
+    except KneegenError as error:
+        return None, [f"skipped the condition checks: {error}"]
 
 
 def check_image_size(model: TrainedModel, cache: PreparedData) -> None:
@@ -135,7 +154,10 @@ def load_reference(
             advance = counter(progress, f"features: {name}", len(images))
             features[name] = reference_features(cache, name, extractor, FEATURE_BATCH, compute.device, advance)
     diversity = mean_pairwise_ms_ssim(held_out) if ms_ssim_available() and len(held_out) >= 2 else None
-    return Reference(cache.root, split, held_out, train, extractor, features[split], features["train"], diversity)
+    conditions = cache.split_conditions(split, list(CONDITIONS))
+    return Reference(
+        cache.root, split, held_out, conditions, train, extractor, features[split], features["train"], diversity
+    )
 
 
 def evaluate_model(
@@ -145,10 +167,13 @@ def evaluate_model(
     request: ValidateRequest,
     compute: Compute,
     progress: Progress,
+    judge: ConditionJudge | None = None,
 ) -> dict[str, Any]:
-    """Loss, samples, scores and report files of one checkpoint."""
-    # 1. The deterministic validation loss.
+    """Loss, samples, scores and report files of one checkpoint; a conditional one is asked for
+    the held-out slices' conditions and checked by `judge` (condition_checks.py)."""
+    # 1. The deterministic validation loss (a conditional model given each image's conditions).
     val_images = cache.split("val")
+    conditions = model.config.model.conditions
     loss = validation_loss(
         model.network,
         val_images,
@@ -158,14 +183,20 @@ def evaluate_model(
         model.config.train.val_timesteps,
         model.config.train.batch_size,
         counter(progress, f"loss: {model.source.name}", len(val_images)),
+        conditions=cache.split_conditions("val", conditions),
     )
 
     # 2. Samples, one seed per image.
     choice = choose_sampler(model, request.sampler, request.steps, None)
     seeds = list(range(request.seed, request.seed + request.samples))
+    asked = (
+        held_out_conditions_for(model, reference.held_out_conditions, len(seeds), request.guidance)
+        if conditions
+        else None
+    )
     advance = counter(progress, f"sampling: {choice.describe()}", len(seeds))
     batches = []
-    for _, images in sample_batches(model, compute, choice, seeds, model.config.sample.batch_size):
+    for _, images in sample_batches(model, compute, choice, seeds, model.config.sample.batch_size, conditions=asked):
         batches.append(images)
         advance(len(images))
     samples = np.concatenate(batches)  # (N, H, W) uint8
@@ -188,6 +219,12 @@ def evaluate_model(
         "held_out_images": len(reference.held_out),
         **scores.summary(reference),
     }
+    if asked is not None:
+        report["conditions"] = (
+            condition_report(judge, samples, asked, scores.sample_features, reference.held_out_features)
+            if judge is not None
+            else {"guidance": asked.guidance, "asked": "the held-out slices' own conditions, cycling"}
+        )
     return write_report(report_dir(model.source), report, samples, reference.train, scores.pixels, scores.features)
 
 
@@ -209,6 +246,7 @@ class Scores:
     ms_ssim: float | None  # mean pairwise MS-SSIM of the samples
     pixels: SpaceReport  # memorisation in pixel space
     features: SpaceReport | None  # and in Inception feature space
+    sample_features: np.ndarray | None  # (N, 2048) Inception features of the samples
 
     def summary(self, reference: Reference) -> dict[str, Any]:
         spaces = [space for space in (self.pixels, self.features) if space is not None]
@@ -233,7 +271,7 @@ def score_samples(
     samples: np.ndarray, reference: Reference, compute: Compute, progress: Progress | None = None
 ) -> Scores:
     """FID, KID, MS-SSIM and memorisation of (N, H, W) uint8 samples; None where unavailable."""
-    fid = kernel = feature_space = None
+    fid = kernel = feature_space = features = None
     if reference.extractor is not None and reference.held_out_features is not None:
         advance = counter(progress, "features: samples", len(samples))
         features = extract_features(reference.extractor, samples, FEATURE_BATCH, compute.device, advance)
@@ -244,7 +282,7 @@ def score_samples(
             feature_space = compare_with_training(features, reference.held_out_features, reference.train_features)
     diversity = mean_pairwise_ms_ssim(samples) if reference.held_out_ms_ssim is not None else None
     pixels = compare_with_training(samples, reference.held_out, reference.train, pixel_vectors)
-    return Scores(fid, kernel, diversity, pixels, feature_space)
+    return Scores(fid, kernel, diversity, pixels, feature_space, features)
 
 
 def counter(progress: Progress | None, description: str, total: int) -> Callable[[int], None]:

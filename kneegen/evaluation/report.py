@@ -97,7 +97,7 @@ def save_report_figure(path: Path, report: dict[str, Any], grid: np.ndarray, pai
     axes[1, 0].set_ylabel("validation loss")
     axes[1, 0].set_title(f"validation loss {report['val_loss']:.5f}")
     axes[1, 1].axis("off")
-    lines = [f"{label}: {value}" for label, value in metric_rows(report)]
+    lines = [f"{label}: {value}" for label, value in metric_rows(report, "conditions" in report)]
     axes[1, 1].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)
     figure.suptitle(f"{report['checkpoint']} (epoch {report['epoch']})", fontsize=10)
     figure.tight_layout()
@@ -106,10 +106,11 @@ def save_report_figure(path: Path, report: dict[str, Any], grid: np.ndarray, pai
     return path
 
 
-def metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, text) of the headline numbers, as the table and report.png show them."""
+def metric_rows(report: dict[str, Any], conditional: bool = False) -> list[tuple[str, str]]:
+    """(label, text) of the headline numbers, as the table and report.png show them; with
+    `conditional`, the condition checks too ("-" for a checkpoint without conditions)."""
     held_out = f"{report['held_out_images']} {report['held_out_split']}"
-    return [
+    rows = [
         ("FID ↓", f"{report['fid']:.2f}" if report["fid"] is not None else SKIPPED),
         ("KID ↓", f"{report['kid_mean']:.4f} ± {report['kid_std']:.4f}" if report["kid_mean"] is not None else SKIPPED),
         ("MS-SSIM samples", f"{report['ms_ssim_samples']:.3f}" if report["ms_ssim_samples"] is not None else SKIPPED),
@@ -121,6 +122,26 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             "likely copies",
             f"{report['copy_fraction']:.1%} of {report['samples']} (chance ≤ {report['copy_chance']:.1%})",
         ),
+    ]
+    return rows + condition_rows(report.get("conditions")) if conditional else rows
+
+
+def condition_rows(checks: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Guidance, side accuracy and position error (samples / real held-out), FID per side."""
+
+    def pair(key: str, form: str) -> str:
+        if checks is None or checks.get(key) is None:
+            return "-"
+        return f"{checks[key]:{form}} / {checks[f'real_{key}']:{form}}"
+
+    def number(key: str, form: str) -> str:
+        return "-" if checks is None or checks.get(key) is None else f"{checks[key]:{form}}"
+
+    return [
+        ("guidance w", number("guidance", "g")),
+        ("side accuracy (samples / real)", pair("side_accuracy", ".3f")),
+        ("position error (samples / real)", pair("position_mae", ".3f")),
+        ("FID left / right", f"{number('fid_left', '.2f')} / {number('fid_right', '.2f')}"),
     ]
 
 
@@ -142,8 +163,9 @@ def metrics_table(reports: list[dict[str, Any]]) -> Table:
     timesteps = sorted({int(t) for r in reports for t in r["loss_by_t"]})
     for t in timesteps:
         table.add_row(f"  loss t={t}", *(f"{r['loss_by_t'][t]:.5f}" if t in r["loss_by_t"] else "-" for r in reports))
-    for k, (label, _) in enumerate(metric_rows(first)):
-        table.add_row(label, *(metric_rows(r)[k][1] for r in reports))
+    conditional = any("conditions" in r for r in reports)
+    for k, (label, _) in enumerate(metric_rows(first, conditional)):
+        table.add_row(label, *(metric_rows(r, conditional)[k][1] for r in reports))
     return table
 
 

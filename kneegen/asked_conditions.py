@@ -1,0 +1,102 @@
+"""What a user asks a conditional model for: `--side`, `--position` and `--guidance` turned into
+one row of conditions per image, checked against what the checkpoint was trained on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kneegen.data.conditions import SIDE_CODES
+from kneegen.engine.trained import TrainedModel
+from kneegen.errors import KneegenError
+
+SIDE_NAMES = {code: name for name, code in SIDE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class AskedConditions:
+    """Per image, the conditions in the model's order (NaN = not asked), and the guidance w."""
+
+    names: list[str]  # model.conditions
+    values: np.ndarray  # (N, K) float32
+    guidance: float
+
+    def describe(self, row: int) -> dict[str, str]:
+        """Image `row`'s conditions and guidance, as its PNG text and JSON record them."""
+        info = {}
+        for name, value in zip(self.names, self.values[row].tolist()):
+            if math.isnan(value):
+                continue
+            info[name] = SIDE_NAMES[value] if name == "side" else f"{value:.4f}"
+        return {**info, "guidance": f"{self.guidance:g}"}
+
+
+def ask_conditions(
+    model: TrainedModel,
+    count: int,
+    side: str | None = None,
+    position: str | None = None,
+    guidance: float | None = None,
+    positions: np.ndarray | None = None,
+) -> AskedConditions | None:
+    """The conditions of `count` images: `side` for all, `position` one value or a range `a-b`
+    spread evenly over them (or `positions` given per image). None when nothing is asked, which
+    samples a conditional model unconditionally; refused in one line when the checkpoint was not
+    trained on what is asked."""
+    names = model.config.model.conditions
+    asked = {"--side": side is not None, "--position": position is not None or positions is not None}
+    if not any(asked.values()):
+        if guidance is not None:
+            raise KneegenError("--guidance steers towards a condition: give --side and/or --position with it")
+        return None
+    for flag, name in (("--side", "side"), ("--position", "position")):
+        if asked[flag] and name not in names:
+            trained = f"conditions {names}" if names else "no conditions"
+            raise KneegenError(
+                f"{model.source} was trained with {trained}, so it cannot be asked for a {name}: drop {flag}, "
+                f"or use a checkpoint trained with model.conditions: [side, position]"
+            )
+    w = model.config.sample.guidance if guidance is None else check_guidance(guidance)
+    values = np.full((count, len(names)), math.nan, dtype=np.float32)
+    if side is not None:
+        values[:, names.index("side")] = parse_side(side)
+    if positions is None and position is not None:
+        positions = parse_positions(position, count)
+    if positions is not None:
+        values[:, names.index("position")] = positions
+    return AskedConditions(list(names), values, w)
+
+
+MAX_GUIDANCE = 100.0  # beyond this w the samples are saturated noise; a larger value is a typo
+
+
+def check_guidance(w: float) -> float:
+    if not 0 <= w <= MAX_GUIDANCE:  # NaN fails both
+        raise KneegenError(
+            f"--guidance {w}: give a weight from 0 (unconditional) to {MAX_GUIDANCE:g}; 1 is plain conditional"
+        )
+    return w
+
+
+def parse_side(text: str) -> float:
+    code = SIDE_CODES.get(text.strip().lower())
+    if code is None:
+        raise KneegenError(f"--side {text}: choose left or right")
+    return code
+
+
+def parse_positions(text: str, count: int) -> np.ndarray:
+    """ "0.5" → 0.5 for every image; "0.3-0.7" → `count` positions from 0.3 to 0.7, evenly spread."""
+    first, sep, last = text.strip().partition("-")
+    try:
+        low = float(first)
+        high = float(last) if sep else low
+    except ValueError:
+        raise KneegenError(f"--position {text}: give a number from 0 to 1, or a range such as 0.3-0.7") from None
+    if not (0 <= low <= 1 and 0 <= high <= 1):
+        raise KneegenError(
+            f"--position {text}: positions run from 0 (first slice of the stack) to 1 (last); give values in 0…1"
+        )
+    return np.linspace(low, high, count, dtype=np.float32)
