@@ -25,7 +25,7 @@ from kneegen.run_checkpoints import resume_point
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
 
-from helpers import tiny_config, tiny_run_dict
+from helpers import TINY_MODEL, tiny_config, tiny_run_dict
 
 # Batch 4 on the 50 training images: 13 steps an epoch, so a kill after a few steps is mid-epoch.
 LONG_RUN = {"batch_size": 4, "epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 3, "log_every_steps": 5}
@@ -233,14 +233,17 @@ def train_with_torchrun(run: dict, config: Path, run_dir: Path) -> subprocess.Co
 
 
 @pytest.mark.slow
-def test_two_processes_make_the_updates_of_one(prepared, tmp_path):
+@pytest.mark.parametrize("conditions", [[], ["side", "position"]], ids=["unconditional", "conditional"])
+def test_two_processes_make_the_updates_of_one(prepared, tmp_path, conditions):
     """torchrun, 2 CPU processes (gloo), each with half of every batch of 16, against one process
-    with the same batches in 2 micro-batches (the same halves): bit-identical weights and losses."""
-    two_epochs = {"epochs": 2}
+    with the same batches in 2 micro-batches (the same halves): bit-identical weights and losses,
+    with the conditions and their dropout too."""
+    two_epochs, model = {"epochs": 2}, {**TINY_MODEL, "conditions": conditions}
     ddp_dir = tmp_path / "ddp"
-    launched = train_with_torchrun(tiny_run_dict(prepared, train=two_epochs), tmp_path / "tiny.yaml", ddp_dir)
+    run = tiny_run_dict(prepared, train=two_epochs, model=model)
+    launched = train_with_torchrun(run, tmp_path / "tiny.yaml", ddp_dir)
     one_dir = tmp_path / "one"
-    run_training(tiny_config(prepared, tmp_path, train={**two_epochs, "grad_accumulation": 2}), one_dir)
+    run_training(tiny_config(prepared, tmp_path, train={**two_epochs, "grad_accumulation": 2}, model=model), one_dir)
 
     ddp, one = load_checkpoint(ddp_dir / "last.pt"), load_checkpoint(one_dir / "last.pt")
     assert len(ddp["rng"]) == 2 and ddp["step"] == one["step"] == 8
