@@ -46,17 +46,19 @@ def ask_conditions(
     samples a conditional model unconditionally; refused in one line when the checkpoint was not
     trained on what is asked."""
     names = model.config.model.conditions
-    asked = {"--side": side is not None, "--position": position is not None or positions is not None}
+    position_flag = "--position" if positions is None else "stack"
+    asked = {"--side": side is not None, position_flag: position is not None or positions is not None}
     if not any(asked.values()):
         if guidance is not None:
             raise KneegenError("--guidance steers towards a condition: give --side and/or --position with it")
         return None
-    for flag, name in (("--side", "side"), ("--position", "position")):
+    for flag, name in (("--side", "side"), (position_flag, "position")):
         if asked[flag] and name not in names:
             trained = f"conditions {names}" if names else "no conditions"
+            instead = "sample stack walks positions 0 → 1;" if flag == "stack" else f"drop {flag}, or"
             raise KneegenError(
-                f"{model.source} was trained with {trained}, so it cannot be asked for a {name}: drop {flag}, "
-                f"or use a checkpoint trained with model.conditions: [side, position]"
+                f"{model.source} was trained with {trained}, so it cannot be asked for a {name}: {instead} "
+                f"use a checkpoint trained with model.conditions: [side, position]"
             )
     w = model.config.sample.guidance if guidance is None else check_guidance(guidance)
     values = np.full((count, len(names)), math.nan, dtype=np.float32)

@@ -244,6 +244,12 @@ def test_conditional_flags_on_an_unconditional_checkpoint_are_one_line(trained_r
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_stack_of_a_model_without_position_is_one_line(trained_run, tmp_path):
+    result = invoke("sample", "stack", "--checkpoint", trained_run / "best.pt", "--slices", "3", "--out", tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot be asked for a position: sample stack walks positions 0 → 1; use a checkpoint" in result.output
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
