@@ -4,10 +4,12 @@ one row of conditions per image, checked against what the checkpoint was trained
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from kneegen.config import MAX_GUIDANCE
 from kneegen.data.conditions import SIDE_CODES
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
@@ -29,7 +31,10 @@ class AskedConditions:
         for name, value in zip(self.names, self.values[row].tolist()):
             if math.isnan(value):
                 continue
-            info[name] = SIDE_NAMES[value] if name == "side" else f"{value:.4f}"
+            # the shortest text that gives back the same float32, so --position redraws the image exactly
+            info[name] = (
+                SIDE_NAMES[value] if name == "side" else np.format_float_positional(np.float32(value), trim="-")
+            )
         return {**info, "guidance": f"{self.guidance:g}"}
 
 
@@ -71,9 +76,6 @@ def ask_conditions(
     return AskedConditions(list(names), values, w)
 
 
-MAX_GUIDANCE = 100.0  # beyond this w the samples are saturated noise; a larger value is a typo
-
-
 def check_guidance(w: float) -> float:
     if not 0 <= w <= MAX_GUIDANCE:  # NaN fails both
         raise KneegenError(
@@ -89,16 +91,21 @@ def parse_side(text: str) -> float:
     return code
 
 
+NUMBER = r"\s*(\d*\.?\d+(?:[eE][+-]?\d+)?)\s*"
+POSITIONS = re.compile(f"^{NUMBER}(?:-{NUMBER})?$")  # "0.5", "1e-3", "0.3-0.7"
+
+
 def parse_positions(text: str, count: int) -> np.ndarray:
     """ "0.5" → 0.5 for every image; "0.3-0.7" → `count` positions from 0.3 to 0.7, evenly spread."""
-    first, sep, last = text.strip().partition("-")
-    try:
-        low = float(first)
-        high = float(last) if sep else low
-    except ValueError:
-        raise KneegenError(f"--position {text}: give a number from 0 to 1, or a range such as 0.3-0.7") from None
+    match = POSITIONS.match(text)
+    if match is None:
+        raise KneegenError(f"--position {text}: give a number from 0 to 1, or a range such as 0.3-0.7")
+    low = float(match[1])
+    high = float(match[2]) if match[2] is not None else low
     if not (0 <= low <= 1 and 0 <= high <= 1):
         raise KneegenError(
             f"--position {text}: positions run from 0 (first slice of the stack) to 1 (last); give values in 0…1"
         )
+    if count == 1 and high != low:
+        raise KneegenError(f"--position {text}: a range is spread over several images; one image takes one position")
     return np.linspace(low, high, count, dtype=np.float32)

@@ -186,6 +186,8 @@ def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, A
     return config
 
 
+MAX_GUIDANCE = 100.0  # beyond this guidance w the samples are saturated noise: a larger value is a typo
+
 # (low, high, low inclusive, high inclusive); None = unbounded on that side.
 Bounds = tuple[float | None, float | None, bool, bool]
 AT_LEAST_0: Bounds = (0, None, True, False)
@@ -223,7 +225,7 @@ RANGES: dict[str, Bounds] = {
     "sample.steps": AT_LEAST_1,
     "sample.eta": UNIT,
     "sample.batch_size": AT_LEAST_1,
-    "sample.guidance": AT_LEAST_0,
+    "sample.guidance": (0, MAX_GUIDANCE, True, True),
 }
 
 
@@ -236,10 +238,10 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
             f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "
             "e.g. --set train.fid_every=5"
         )
-    if "side" in config.model.conditions and "flip" in config.train.augment:
+    if config.model.conditions and "flip" in config.train.augment:
         raise KneegenError(
-            f"{source}: train.augment flip mirrors knees, which turns a left knee into a right one and "
-            "would teach the side condition wrong labels: drop flip, or side from model.conditions"
+            f"{source}: train.augment flip mirrors knees, which turns a left knee into a right one whose stack "
+            "runs the other way, and would teach model.conditions wrong labels: drop flip, or the conditions"
         )
     if config.train.cooldown and config.train.lr_schedule != "constant":
         raise KneegenError(

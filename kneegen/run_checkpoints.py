@@ -94,8 +94,8 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     changed = [
         f"{section}.{key}"
         for section in ARCHITECTURE_SECTIONS
-        for key in current[section]
-        if current[section][key] != saved[section].get(key)
+        for key in sorted(current[section].keys() | saved[section].keys())  # one side may leave a key out
+        if current[section].get(key) != saved[section].get(key)
     ]
     if payload["batch_in_epoch"] > 0:
         changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]

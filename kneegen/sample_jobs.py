@@ -28,6 +28,7 @@ from kneegen.viz import image_grid, save_gif, save_png
 STRIP_FRAMES = 8
 GIF_FRAMES = 40
 GRID_TILES = 64  # images shown in grid.png
+OUTPUT_SUFFIXES = (".png", ".json", ".gif", ".nii.gz")  # what sampling writes: a folder with any is taken
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def open_job(
     positions = None if wish.positions is None else np.asarray(wish.positions, dtype=np.float32)
     conditions = ask_conditions(model, count, wish.side, wish.position, wish.guidance, positions)
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
-    if folder.is_dir() and any(folder.glob("*.png")) and not overwrite:
+    if folder.is_dir() and any(path.name.endswith(OUTPUT_SUFFIXES) for path in folder.iterdir()) and not overwrite:
         raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
     folder.mkdir(parents=True, exist_ok=True)
     asked = f", guidance {conditions.guidance:g}" if conditions is not None else ""
@@ -182,7 +183,7 @@ def write_illustration(
 
 def stack_positions(slices: int) -> tuple[float, ...]:
     """Evenly spaced positions from the first slice of a stack (0) to the last (1)."""
-    return tuple(np.linspace(0.0, 1.0, slices).tolist()) if slices > 1 else (0.5,)
+    return tuple(np.linspace(0.0, 1.0, slices).tolist())
 
 
 def sample_stack(job: SampleJob, seed: int, batch_size: int | None) -> tuple[Path, Path | None]:
@@ -190,7 +191,9 @@ def sample_stack(job: SampleJob, seed: int, batch_size: int | None) -> tuple[Pat
     `slice_{k:03d}.png` with their JSON, a grid, and `stack.nii.gz` when nibabel is installed.
     The network draws 2-D slices, so the stack is one knee only as far as a shared noise seed
     makes neighbouring positions agree; the grid shows how far that is."""
-    count = len(job.conditions.values) if job.conditions is not None else 1
+    count = len(job.conditions.values)  # type: ignore[union-attr]  # a stack always asks positions
+    for old in job.folder.glob("slice_*.*"):  # with --overwrite: a longer earlier stack leaves no slices behind
+        old.unlink()
     slices: list[np.ndarray] = []
     with progress_bar() as progress:
         task = progress.add_task("sampling a stack", total=count, status=job.choice.describe())
@@ -212,11 +215,13 @@ def sample_stack(job: SampleJob, seed: int, batch_size: int | None) -> tuple[Pat
 
 
 def write_nifti(slices: np.ndarray, path: Path) -> Path | None:
-    """(S, H, W) uint8 slices as a NIfTI volume (H, W, S) with unit voxels; None without nibabel."""
+    """(S, H, W) uint8 sagittal slices as a NIfTI volume in RAS with 1 mm voxels, so viewers show
+    them as sagittal: slices along x (position 0 → 1 left to right), image columns along y (the
+    phantom's and AKOA's anterior is to the right), rows along z bottom-up. None without nibabel."""
     try:
         import nibabel
     except ImportError:
         return None
-    volume = np.ascontiguousarray(np.transpose(slices, (1, 2, 0)))  # (H, W, S)
+    volume = np.ascontiguousarray(np.transpose(slices, (0, 2, 1))[:, :, ::-1])  # (S, W, H): x, y, z
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
     return path

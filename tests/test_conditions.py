@@ -76,6 +76,8 @@ def test_config_reads_conditions_and_refuses_bad_ones(tmp_path):
             load_config(None, {"model.conditions": bad})
     with pytest.raises(KneegenError, match="flip mirrors knees"):
         load_config(None, {"model.conditions": ["side"], "train.augment": ["flip"]})
+    with pytest.raises(KneegenError, match="flip mirrors knees"):  # a flipped stack runs the other way
+        load_config(None, {"model.conditions": ["position"], "train.augment": ["flip"]})
     with pytest.raises(KneegenError, match="train.condition_dropout = 1"):
         load_config(None, {"train.condition_dropout": 1.0})
 
@@ -194,9 +196,9 @@ def test_generate_asks_for_side_and_a_spread_of_positions(conditional_run, tmp_p
     assert result.exit_code == 0, result.output
     records = [json.loads((out / f"{seed:06d}.json").read_text()) for seed in range(3)]
     assert [(r["side"], r["position"], r["guidance"]) for r in records] == [
-        ("left", "0.2000", "2"),
-        ("left", "0.4000", "2"),
-        ("left", "0.6000", "2"),
+        ("left", "0.2", "2"),
+        ("left", "0.4", "2"),
+        ("left", "0.6", "2"),
     ]
 
 
@@ -223,12 +225,20 @@ def test_stack_writes_one_slice_per_position_and_a_nifti_volume(conditional_run,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     positions = [json.loads((out / f"slice_{k:03d}.json").read_text())["position"] for k in range(4)]
-    assert positions == ["0.0000", "0.3333", "0.6667", "1.0000"]
+    assert positions == ["0", "0.33333334", "0.6666667", "1"]  # float32, exactly
     volume = np.asarray(nibabel.load(out / "stack.nii.gz").dataobj)
-    assert volume.shape == (32, 32, 4)
+    assert volume.shape == (4, 32, 32)  # sagittal: slices along x
     from PIL import Image
 
-    assert np.array_equal(volume[:, :, 2], np.asarray(Image.open(out / "slice_002.png")))
+    image = np.asarray(Image.open(out / "slice_002.png"))
+    assert np.array_equal(volume[2], image.T[:, ::-1])  # columns along y, rows bottom-up along z
+    again = invoke("sample", "stack", "--checkpoint", conditional_run / "best.pt", "--slices", "2", "--out", out)
+    assert again.exit_code == 1 and "already holds images" in again.output  # nothing overwritten
+    shorter = invoke(
+        "sample", "stack", "--checkpoint", conditional_run / "best.pt", "--slices", "2", "--out", out, "--overwrite"
+    )
+    assert shorter.exit_code == 0, shorter.output
+    assert sorted(p.name for p in out.glob("slice_*.png")) == ["slice_000.png", "slice_001.png"]
 
 
 @pytest.mark.parametrize(

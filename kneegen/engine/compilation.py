@@ -43,13 +43,14 @@ def compile_mode(device: torch.device) -> str:
 
 
 def compile_for_inference(network: nn.Module, compute: Compute) -> nn.Module:
-    """`network` compiled for repeated inference calls `forward(x, t)` at one batch size;
+    """`network` compiled for repeated inference calls `forward(x, t[, c])` at one batch size;
     eager again, with a warning, if compilation fails."""
     return CompiledNetwork(network, compute)
 
 
 class CompiledNetwork(nn.Module):
-    """forward(x (B, C, H, W), t (B,)) like the network, through a graph of fixed batch size."""
+    """forward(x (B, C, H, W), t (B,), c (B, K) or None) like the network, through a graph of fixed
+    batch size."""
 
     def __init__(self, network: nn.Module, compute: Compute) -> None:
         super().__init__()

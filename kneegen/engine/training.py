@@ -282,6 +282,8 @@ def epoch_steps(
     checkpointed: a run resumed from it continues with the next batch. A conditional network is
     given each image's `conditions` ((N, K), NaN where unknown), some dropped at random."""
     train, diffusion = cfg.train, cfg.diffusion
+    if bool(cfg.model.conditions) != (conditions is not None):
+        raise ValueError(f"model.conditions {cfg.model.conditions} needs the images' conditions, and only then")
     batches = epoch_batches(len(images), train, state.epoch, dist.world_size)
     total_steps = state.end_step or train.epochs * len(batches)
     if state.batch_in_epoch == 0:

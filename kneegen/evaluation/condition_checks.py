@@ -17,7 +17,7 @@ import numpy as np
 
 from kneegen.asked_conditions import AskedConditions
 from kneegen.data.cache import PreparedData
-from kneegen.data.conditions import CONDITIONS, SIDE_CODES
+from kneegen.data.conditions import CONDITIONS, SIDE_CODES, select_conditions
 from kneegen.engine.trained import TrainedModel
 from kneegen.evaluation import frechet
 from kneegen.evaluation.condition_classifier import (
@@ -56,8 +56,9 @@ def held_out_conditions_for(
     """`count` rows of the held-out slices' conditions, cycling, in the model's column order."""
     names = model.config.model.conditions
     rows = held_out_conditions[np.arange(count) % len(held_out_conditions)]  # (N, 2)
-    values = rows[:, [CONDITIONS.index(name) for name in names]]
-    return AskedConditions(names, values, model.config.sample.guidance if guidance is None else guidance)
+    return AskedConditions(
+        names, select_conditions(rows, names), model.config.sample.guidance if guidance is None else guidance
+    )
 
 
 def condition_report(

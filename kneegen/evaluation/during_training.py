@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kneegen.data.cache import PreparedData
+from kneegen.data.conditions import CONDITIONS
 from kneegen.engine.device import Compute, evaluating
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
 from kneegen.evaluation import frechet, kid
+from kneegen.evaluation.condition_checks import held_out_conditions_for
 from kneegen.evaluation.features import (
     INSTALL_HINT,
     InceptionFeatures,
@@ -55,12 +57,22 @@ class TrainingFid:
         self.seeds = list(range(n_samples))
         self.extractor: InceptionFeatures = load_feature_extractor(weights, compute.device)
         self.reference = reference_features(cache, SPLIT, self.extractor, FEATURE_BATCH, compute.device)
+        self.conditions = cache.split_conditions(SPLIT, list(CONDITIONS))  # (V, 2), NaN where unknown
 
     def score(self, model: TrainedModel) -> SampleQuality:
-        """FID and KID of the fixed-seed samples of `model.network` (the weights sampling would use)."""
+        """FID and KID of the fixed-seed samples of `model.network` (the weights sampling would use); a
+        conditional model is asked for the val slices' own conditions with its `sample.guidance`, as
+        it will be sampled, so best.pt and `kneegen ema` choose by that."""
         choice = choose_sampler(model, None, None, None)
+        asked = (
+            held_out_conditions_for(model, self.conditions, len(self.seeds), None)
+            if model.config.model.conditions
+            else None
+        )
         with evaluating(model.network):
-            batches = sample_batches(model, self.compute, choice, self.seeds, model.config.sample.batch_size)
+            batches = sample_batches(
+                model, self.compute, choice, self.seeds, model.config.sample.batch_size, conditions=asked
+            )
             samples = np.concatenate([np.asarray(images) for _, images in batches])  # (N, H, W) uint8
         features = extract_features(self.extractor, samples, FEATURE_BATCH, self.compute.device)
         return SampleQuality(

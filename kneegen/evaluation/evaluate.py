@@ -54,6 +54,7 @@ from kneegen.evaluation.report import write_report
 from kneegen.progress import progress_bar
 from kneegen.sampling import choose_sampler, sample_batches
 
+GUIDANCE_UNUSED = "--guidance was not used: no checkpoint here is conditional (model.conditions)"
 MIN_SAMPLES = max(frechet.MIN_IMAGES, kid.MIN_IMAGES)
 FEATURE_BATCH = 32  # images per Inception call
 
@@ -113,7 +114,8 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
         reference = load_reference(cache, split, held_out, extractor, compute, progress)
         judge, skipped = condition_judge(models, cache, reference, progress)
         reports = [evaluate_model(model, cache, reference, request, compute, progress, judge) for model in models]
-    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped)
+    unused = [] if request.guidance is None or judge is not None or skipped else [GUIDANCE_UNUSED]
+    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped + unused)
 
 
 def condition_judge(
