@@ -147,8 +147,8 @@ def main() -> None:
         print(
             f"{w:>4g} {s.fid:>7.2f} {s.fid / floor.fid:>6.2f} {s.fid / reference.fid:>7.3f} {s.kid:>7.4f} "
             f"{s.precision:>5.3f} {s.recall:>6.3f} {fid_text(left):>7} {fid_text(right):>7} "
-            f"{read['side_accuracy']:>8.3f} {read['position_mae']:>7.4f} {read['position_mae'] / real['position_mae']:>6.2f} "
-            f"{s.seconds_per_image:>6.3f}"
+            f"{read['side_accuracy']:>8.3f} {read['position_mae']:>7.4f} "
+            f"{read['position_mae'] / real['position_mae']:>6.2f} {s.seconds_per_image:>6.3f}"
         )
     best = choose_weight(rows, real)
     print(f"chosen default: w = {best:g} (the lowest FID among the weights that reach the condition targets)")
