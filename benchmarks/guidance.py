@@ -167,17 +167,12 @@ def fid_text(fid: float | None) -> str:
     return "-" if fid is None else f"{fid:.2f}"  # None: too few images of that side
 
 
-def choose_weight(rows: list[tuple[float, Scores, dict, tuple[float, float]]], real: dict) -> float:
+def choose_weight(rows: list[tuple[float, Scores, dict, list]], real: dict) -> float:
     """The lowest-FID w whose side accuracy is ≥ 0.95 and position error ≤ 1.5× the real one;
-    the most accurate w when none reaches both."""
-    good = [
-        (s.fid, w)
-        for w, s, read, _ in rows
-        if read["side_accuracy"] >= 0.95 and read["position_mae"] <= 1.5 * real["position_mae"]
-    ]
-    if good:
-        return min(good)[1]
-    return min(rows, key=lambda row: row[2]["position_mae"] - row[2]["side_accuracy"])[0]
+    when no w reaches both, the lowest-FID w that reaches the side target (else the lowest FID)."""
+    both = [row for row in rows if row[2]["side_accuracy"] >= 0.95]
+    good = [row for row in both if row[2]["position_mae"] <= 1.5 * real["position_mae"]]
+    return min(good or both or rows, key=lambda row: row[1].fid)[0]
 
 
 def save_picture(path: Path, judge: Judge, held_out_conditions: np.ndarray, model, compute, choice, w: float) -> None:
