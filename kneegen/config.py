@@ -43,6 +43,7 @@ class ModelConfig:
     arch: str = "unet"
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     conditions: list[ConditionName] = field(default_factory=list)  # e.g. [side, position]; [] = unconditional
+    autoencoder: str = ""  # a `model.arch: vae` checkpoint: diffuse in its latent space (latent diffusion); "" = pixels
 
 
 # The U-Net's keys as configs and checkpoints wrote them before networks had sections (until
@@ -59,6 +60,12 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
     if not isinstance(arch, str):
         raise KneegenError(f"{source}: model.arch must be the name of a network, e.g. unet; got {arch!r}")
     conditions = model_conditions(raw.pop("conditions", []), source)
+    autoencoder = raw.pop("autoencoder", "") or ""
+    if not isinstance(autoencoder, str):
+        raise KneegenError(
+            f"{source}: model.autoencoder must be the path of an autoencoder checkpoint "
+            f"(e.g. runs/autoencoder/best.pt); got {autoencoder!r}"
+        )
     sections: dict[str, dict[str, Any]] = {}
     flat = {key: raw.pop(key) for key in FLAT_UNET_KEYS if key in raw}
     for name, section in raw.items():
@@ -70,7 +77,7 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
         sections[str(name)] = dict(section)
     if flat:
         sections["unet"] = {**sections.get("unet", {}), **flat}
-    return ModelConfig(arch, sections, conditions)
+    return ModelConfig(arch, sections, conditions, autoencoder)
 
 
 def model_conditions(raw: Any, source: str) -> list[ConditionName]:
@@ -84,9 +91,11 @@ def model_conditions(raw: Any, source: str) -> list[ConditionName]:
 
 
 def model_to_mapping(model: ModelConfig) -> dict[str, Any]:
-    """The `model:` mapping; an unconditional model writes no `conditions`, as before they existed."""
+    """The `model:` mapping; an unconditional pixel model writes no `conditions` and no `autoencoder`,
+    as before they existed."""
     conditions = {"conditions": list(model.conditions)} if model.conditions else {}
-    return {"arch": model.arch, **conditions, **copy.deepcopy(model.sections)}
+    autoencoder = {"autoencoder": model.autoencoder} if model.autoencoder else {}
+    return {"arch": model.arch, **conditions, **autoencoder, **copy.deepcopy(model.sections)}
 
 
 @dataclass
@@ -242,6 +251,26 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
         raise KneegenError(
             f"{source}: train.augment flip mirrors knees, which turns a left knee into a right one whose stack "
             "runs the other way, and would teach model.conditions wrong labels: drop flip, or the conditions"
+        )
+    if config.model.autoencoder and config.model.arch == "vae":
+        raise KneegenError(
+            f"{source}: model.autoencoder names the autoencoder a latent diffusion model works in; "
+            "an autoencoder (model.arch: vae) trains on pixels: drop model.autoencoder"
+        )
+    if config.model.autoencoder and config.train.augment:
+        raise KneegenError(
+            f"{source}: train.augment works on pixels, and a latent model (model.autoencoder) trains on cached "
+            "latents: drop train.augment"
+        )
+    if config.model.arch == "vae" and (config.train.augment or config.train.ema_snapshots):
+        raise KneegenError(
+            f"{source}: train.augment and train.ema_snapshots are for diffusion runs; an autoencoder "
+            "(model.arch: vae) trains on random crops and keeps one EMA: drop them"
+        )
+    if config.model.arch == "vae" and config.train.fid_every:
+        raise KneegenError(
+            f"{source}: train.fid_every measures samples, and an autoencoder (model.arch: vae) draws none; "
+            "its validation reports PSNR and SSIM: set train.fid_every to 0"
         )
     if config.train.cooldown and config.train.lr_schedule != "constant":
         raise KneegenError(

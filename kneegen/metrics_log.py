@@ -29,7 +29,18 @@ class MetricsLog:
     """metrics.jsonl, one JSON record per line, and TensorBoard scalars when asked for and
     installed; written by rank 0 only."""
 
-    SCALARS = ("train_loss", "val_loss", "fid", "kid", "lr", "grad_norm", "images_per_s", "skipped_steps")
+    SCALARS = (
+        "train_loss",
+        "val_loss",
+        "val_psnr",
+        "val_ssim",
+        "fid",
+        "kid",
+        "lr",
+        "grad_norm",
+        "images_per_s",
+        "skipped_steps",
+    )
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.path = run_dir / METRICS_FILE if enabled else None
@@ -101,6 +112,8 @@ def epoch_record(
         "skipped_steps": len(state.epoch_skipped),
         "val_loss": validation.loss if validation else None,
         "val_buckets": dict(zip(validation.bucket_timesteps, validation.bucket_losses)) if validation else None,
+        "val_psnr": validation.psnr if validation else None,
+        "val_ssim": validation.ssim if validation else None,
         "fid": quality.fid if quality else None,
         "kid": quality.kid if quality else None,
         "lr": state.optimizer.param_groups[0]["lr"],

@@ -11,6 +11,7 @@ import numpy as np
 from kneegen.config import RunConfig
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import Distributed
+from kneegen.engine.latent import LatentSpace
 from kneegen.engine.schedule import Schedule
 from kneegen.evaluation.during_training import TrainingFid
 
@@ -19,12 +20,13 @@ from kneegen.evaluation.during_training import TrainingFid
 class Run:
     cfg: RunConfig  # resolved: network defaults filled in, batch fitted to memory
     run_dir: Path
-    image_shape: tuple[int, int]  # (H, W)
-    train_images: np.ndarray  # (N, H, W) of the cache's train split
-    val_images: np.ndarray  # (V, H, W), the first `train.val_images` of the val split
+    image_shape: tuple[int, int]  # (H, W) of the cache's images
+    train_images: np.ndarray  # (N, H, W) of the cache's train split; a latent model's: (N, C, h, w) latents
+    val_images: np.ndarray  # (V, H, W), the first `train.val_images` of the val split; or their latents
     train_conditions: np.ndarray | None  # (N, K) with model.conditions (NaN where unknown), else None
     val_conditions: np.ndarray | None  # (V, K) likewise
     schedule: Schedule
     compute: Compute
     dist: Distributed
     fid: TrainingFid | None  # FID during training (`train.fid_every`), on rank 0 only
+    latent: LatentSpace | None = None  # a latent model's autoencoder (model.autoencoder)

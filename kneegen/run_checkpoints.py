@@ -12,6 +12,7 @@ from typing import Any
 
 from kneegen.config import RunConfig, from_dict, to_dict
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
+from kneegen.engine.latent import LatentSpace
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.training import TrainState, rng_states, state_payload
 from kneegen.engine.validation import ValidationResult
@@ -22,6 +23,7 @@ from kneegen.run import Run
 from kneegen.runs import BEST, LAST, resume_candidates, step_checkpoint, step_checkpoints
 
 ARCHITECTURE_SECTIONS = ("model", "diffusion")  # a resumed run may not change these
+MAY_MOVE = ("model.autoencoder",)  # paths whose file may move: the autoencoder's weights are checked by content hash
 POSITION_KEYS = ("batch_size", "seed")  # train keys that place a mid-epoch position in the data
 
 
@@ -42,6 +44,8 @@ def save_training_checkpoint(
         state.best_fid = quality.fid  # type: ignore[union-attr]
     improved = fid_improved if run.cfg.train.best_by == "fid" else loss_improved
     payload = {**state_payload(state, rng), "config": to_dict(run.cfg), "image_shape": list(run.image_shape)}
+    if run.latent is not None:
+        payload["latent"] = latent_record(run.latent, run.image_shape)
     keep = run.cfg.train.keep_checkpoints
     paths = [run.run_dir / LAST]  # first: last.pt is never older than a step checkpoint
     if keep > 0:
@@ -95,7 +99,7 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
         f"{section}.{key}"
         for section in ARCHITECTURE_SECTIONS
         for key in sorted(current[section].keys() | saved[section].keys())  # one side may leave a key out
-        if current[section].get(key) != saved[section].get(key)
+        if current[section].get(key) != saved[section].get(key) and not moved(section, key, current, saved)
     ]
     if payload["batch_in_epoch"] > 0:
         changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
@@ -107,3 +111,14 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
         if value != saved["train"][key]
     ]
     return f", with {', '.join(allowed)}" if allowed else ""
+
+
+def latent_record(space: LatentSpace, image_shape: tuple[int, int]) -> dict[str, Any]:
+    """What a latent checkpoint records of its autoencoder: which one (by content hash), the
+    scale its latents were trained at, and their (C, h, w)."""
+    return {"digest": space.digest, "scale": space.scale, "shape": list(space.shape_of(image_shape))}
+
+
+def moved(section: str, key: str, current: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """A path in MAY_MOVE given anew (not added or dropped: a pixel run stays a pixel run)."""
+    return f"{section}.{key}" in MAY_MOVE and bool(current[section].get(key)) and bool(saved[section].get(key))

@@ -8,7 +8,7 @@ the `Compute`; whether the network is `torch.compile`d comes with the `SamplerCh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
 
@@ -21,8 +21,9 @@ from kneegen.config import Spacing
 from kneegen.engine.compilation import compile_for_inference
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
+from kneegen.engine.latent import LatentSpace
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import generate, get_sampler, timesteps_for
+from kneegen.engine.samplers import StepCallback, generate, get_sampler, timesteps_for
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
@@ -85,25 +86,40 @@ def sample_batches(
     choice: SamplerChoice,
     seeds: list[int],
     batch_size: int,
-    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
+    on_step: StepCallback | None = None,
     conditions: AskedConditions | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, (B, H, W) uint8 images) for each batch of `seeds`, image k asked for row k of
     `conditions` (None: unconditional); with `choice.compile` the network is compiled once, here,
-    for the first batch's size (the last batch is padded to it)."""
+    for the first batch's size (the last batch is padded to it). A latent model's samples are
+    decoded by its autoencoder, once per batch."""
     sampler = get_sampler(choice.name, eta=choice.eta)
     timesteps = choice.timesteps(model.schedule)
     network = compile_for_inference(model.network, compute) if choice.compile else model.network
-    shape = (1, *model.image_shape)
+    latent = model.latent
+    if latent is not None and on_step is not None:
+        on_step = decoded_steps(on_step, latent, compute)
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]
         c, guidance = None, 1.0
         if conditions is not None:
             c = torch.from_numpy(conditions.values[start : start + len(batch)]).to(compute.device)  # (B, K)
             guidance = conditions.guidance
-        denoise = make_denoiser(network, model.schedule, model.config.diffusion.prediction, compute, c, guidance)
-        images = generate(denoise, sampler, timesteps, model.schedule, batch, shape, compute.device, on_step)
-        yield batch, to_uint8(images)
+        denoise = make_denoiser(
+            network, model.schedule, model.config.diffusion.prediction, compute, c, guidance, clip=latent is None
+        )
+        x0 = generate(denoise, sampler, timesteps, model.schedule, batch, model.sample_shape, compute.device, on_step)
+        yield batch, to_uint8(latent.decode(x0, compute) if latent else x0)
+
+
+def decoded_steps(on_step: StepCallback, latent: LatentSpace, compute: Compute) -> StepCallback:
+    """A latent sampler's per-step callback that sees decoded images (x_t and x̂_0), as a pixel
+    sampler's would."""
+
+    def decoded(i: int, x_t: Tensor, x0: Tensor) -> None:
+        on_step(i, latent.decode(x_t, compute), latent.decode(x0, compute))
+
+    return decoded
 
 
 def pick_frames(n_steps: int, n_frames: int) -> list[int]:

@@ -11,6 +11,7 @@ rank 0 alone validates and writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,17 +21,28 @@ import numpy as np
 import torch
 
 from kneegen.config import RunConfig, check_ranges, save_config
-from kneegen.data.cache import open_cache
+from kneegen.data.cache import PreparedData, open_cache
+from kneegen.data.latent_cache import open_latents
 from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snapshot
+from kneegen.engine.autoencoder import Autoencoder
 from kneegen.engine.checkpoint import remove_partial_writes
-from kneegen.engine.device import resolve_compute
+from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
+from kneegen.engine.latent import LatentSpace, check_latent_size, check_same_autoencoder, load_latent_space
 from kneegen.engine.memory import fit_batch_in_memory, plan_memory, processes_on_this_machine
+from kneegen.engine.pixels import stored_shape
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
-from kneegen.engine.training import TrainState, create_state, epoch_steps, restore_state, steps_per_epoch
-from kneegen.engine.validation import validation_loss
+from kneegen.engine.training import (
+    TrainState,
+    create_state,
+    epoch_steps,
+    restore_state,
+    steps_per_epoch,
+    training_input_shape,
+)
+from kneegen.engine.validation import ValidationResult, reconstruction_validation, validation_loss
 from kneegen.errors import KneegenError
 from kneegen.evaluation.during_training import TrainingFid
 from kneegen.interruption import Interrupted, StopRequest
@@ -71,14 +83,21 @@ def run_training(
     torch.backends.cudnn.benchmark = compute.device.type == "cuda"  # fixed shapes: cuDNN may pick the fastest
 
     with process_group(dist, compute) as (dist, compute):
-        # 2. The network, and a batch that fits in memory.
-        state = create_state(cfg, data.image_shape, compute, dist)
-        plan = plan_memory(state.network, data.image_shape, compute, processes_on_this_machine())
+        # 2. The network (a latent model's on its autoencoder's latents), and a batch that fits in memory.
+        latent, input_shape = None, (1, *data.image_shape)
+        if cfg.model.autoencoder:
+            latent, cfg = open_latent_space(cfg, data.image_shape, compute)
+            input_shape = latent.shape_of(data.image_shape)
+        state = create_state(cfg, input_shape[1:], compute, dist, input_shape[0])
+        shape = training_input_shape(state.network, input_shape)
+        plan = plan_memory(state.network, shape, compute, processes_on_this_machine())
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 
         # 3. A new run dir, or the state of the interrupted run; then the epochs.
-        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint)
+        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, latent)
+        if latent is not None:
+            train_images, val_images = latent_splits(cfg, data, latent, compute, dist)
         run = Run(
             cfg,
             run_dir,
@@ -91,6 +110,7 @@ def run_training(
             compute,
             dist,
             fid,
+            latent,
         )
         if dist.is_main:
             save_config(cfg, run_dir / CONFIG)
@@ -99,9 +119,12 @@ def run_training(
             for line in (origin, memory_note):
                 if line:
                     console.print(line, highlight=False)
+            where = (
+                f" in the {'x'.join(map(str, stored_shape(train_images)))} latents of {latent.path}" if latent else ""
+            )
             console.print(
-                f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]} "
-                f"({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
+                f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]}"
+                f"{where} ({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
             )
             try:
                 train_epochs(state, run)
@@ -112,6 +135,46 @@ def run_training(
                     f"then kneegen train --resume"
                 ) from None
     return state
+
+
+def open_latent_space(cfg: RunConfig, image_shape: tuple[int, int], compute: Compute) -> tuple[LatentSpace, RunConfig]:
+    """The autoencoder of `model.autoencoder`, refused when the images do not fit it and the
+    denoiser; and the config with its absolute path, so the checkpoints find it from anywhere."""
+    path = Path(cfg.model.autoencoder)
+    space = load_latent_space(path, compute, "model.autoencoder")
+    check_latent_size(space, cfg.model, image_shape, cfg.data)
+    model = dataclasses.replace(cfg.model, autoencoder=str(path.resolve()))
+    return space, dataclasses.replace(cfg, model=model)
+
+
+def latent_splits(
+    cfg: RunConfig, data: PreparedData, space: LatentSpace, compute: Compute, dist: Distributed
+) -> tuple[np.ndarray, np.ndarray]:
+    """The latents of the train split and of the first `train.val_images` val slices; rank 0
+    encodes them first if this autoencoder has no cache of these images yet."""
+    if dist.is_main:
+        open_latents(data, space, compute)
+    dist.barrier()
+    splits = open_latents(data, space, compute)
+    return splits["train"], splits["val"][: cfg.train.val_images]
+
+
+def validate_epoch(state: TrainState, run: Run) -> ValidationResult:
+    """The validation of the EMA weights: the diffusion loss on a fixed t grid, or an
+    autoencoder's reconstruction loss, PSNR and SSIM."""
+    network, train = state.eval_network, run.cfg.train
+    if isinstance(network, Autoencoder):
+        return reconstruction_validation(network, run.val_images, run.compute, train.batch_size)
+    return validation_loss(
+        network,
+        run.val_images,
+        run.schedule,
+        run.cfg.diffusion,
+        run.compute,
+        train.val_timesteps,
+        train.batch_size,
+        conditions=run.val_conditions,
+    )
 
 
 def known_conditions(conditions: np.ndarray | None, cfg: RunConfig) -> np.ndarray | None:
@@ -129,11 +192,18 @@ def known_conditions(conditions: np.ndarray | None, cfg: RunConfig) -> np.ndarra
 
 
 def open_run_dir(
-    state: TrainState, cfg: RunConfig, dist: Distributed, run_dir: Path | None, resume: bool, checkpoint: Path | None
+    state: TrainState,
+    cfg: RunConfig,
+    dist: Distributed,
+    run_dir: Path | None,
+    resume: bool,
+    checkpoint: Path | None,
+    latent: LatentSpace | None = None,
 ) -> Path:
     """The run dir to write: a new one (chosen by rank 0), or with `resume` the interrupted run's,
     with `state` restored from its checkpoint (read by every process) and its metrics cut back
-    to that checkpoint. A resumed run without any checkpoint yet starts from the beginning."""
+    to that checkpoint. A resumed run without any checkpoint yet starts from the beginning; a
+    latent one must have `latent`, the autoencoder its checkpoint was trained with."""
     if not resume:
         return Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
     if run_dir is None:
@@ -150,6 +220,8 @@ def open_run_dir(
             drop_snapshots_after(run_dir, state.step)
         return run_dir
     path, payload, changes = resumed
+    if latent is not None:
+        check_same_autoencoder(latent, payload["latent"]["digest"], str(path))
     restore_state(state, payload, dist)
     if state.epoch >= cfg.train.epochs:
         raise KneegenError(f"{path} already has {state.epoch} epochs: raise --epochs to train further")
@@ -209,21 +281,14 @@ def train_epochs(state: TrainState, run: Run) -> None:
             epoch = state.epoch
             validation = None
             if dist.is_main and (epoch % train.val_every == 0 or epoch == train.epochs):
-                validation = validation_loss(
-                    state.eval_network,
-                    run.val_images,
-                    run.schedule,
-                    run.cfg.diffusion,
-                    run.compute,
-                    train.val_timesteps,
-                    train.batch_size,
-                    conditions=run.val_conditions,
-                )
+                validation = validate_epoch(state, run)
             quality = None
             if run.fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):
                 progress.update(task, status=f"epoch {epoch}: FID of {train.fid_samples} samples")
                 quality = run.fid.score(
-                    TrainedModel(state.eval_network, run.schedule, run.cfg, run.image_shape, epoch, run.run_dir)
+                    TrainedModel(
+                        state.eval_network, run.schedule, run.cfg, run.image_shape, epoch, run.run_dir, run.latent
+                    )
                 )
             record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
@@ -238,6 +303,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 if every(epoch, train.preview_every):
                     save_preview(state, run)
                 val_text = f", val {validation.loss:.4f}" if validation else ""
+                if validation and validation.psnr is not None:
+                    val_text += f" (PSNR {validation.psnr:.2f} dB, SSIM {validation.ssim:.4f})"
                 val_text += f", FID {quality.fid:.1f}, KID {quality.kid:.4f}" if quality else ""
                 train_text = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
                 skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""

@@ -7,6 +7,7 @@ uint8, or uint16 when a source had 16 bits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,16 @@ def eight_bit(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     return (pixels >> 8).astype(np.uint8)
+
+
+def content_key(cache: PreparedData) -> str:
+    """16 hex digits that change whenever the cache is prepared again: the image array's size and
+    modification time, and the manifest. What is derived from a cache (FID features, latents)
+    records it, so it is never paired with other images."""
+    images = (cache.root / IMAGES_FILE).stat()
+    digest = hashlib.sha1(f"{images.st_size}\n{images.st_mtime_ns}\n".encode())
+    digest.update((cache.root / MANIFEST_FILE).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def is_cache(root: Path) -> bool:

@@ -21,9 +21,11 @@ def make_denoiser(
     compute: Compute,
     conditions: Tensor | None = None,
     guidance: float = 1.0,
+    clip: bool = True,
 ) -> Denoiser:
-    """Runs the network in eval/inference mode with the device's settings; x̂_0 is clipped to the
-    data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on the data.
+    """Runs the network in eval/inference mode with the device's settings; with `clip`, x̂_0 is
+    clipped to the data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on
+    the data (latents, unit-variance but unbounded, are not clipped).
 
     A conditional network is asked for `conditions` ((B, K), NaN where not given) with
     classifier-free guidance w = `guidance` (Ho & Salimans 2022): out = out_∅ + w (out_c − out_∅),
@@ -47,7 +49,9 @@ def make_denoiser(
     def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         with torch.inference_mode(), compute.autocast():
             output = predict(x_t, t)
-        x0, _ = schedule.to_x0_eps(output.float(), x_t, t, prediction)
+        x0, eps = schedule.to_x0_eps(output.float(), x_t, t, prediction)
+        if not clip:
+            return x0, eps
         x0 = x0.clamp(-1.0, 1.0)
         return x0, schedule.eps_from_x0(x0, x_t, t)
 

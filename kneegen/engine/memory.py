@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kneegen.config import RunConfig
+from kneegen.engine.autoencoder import Autoencoder, latent_shape
 from kneegen.engine.device import Compute
 from kneegen.errors import KneegenError
 
@@ -44,8 +45,9 @@ class MemoryPlan:
         return self.step_bytes(micro_batch) <= USABLE * self.available
 
 
-def saved_bytes_per_image(network: nn.Module, image_shape: tuple[int, int], compute: Compute) -> int:
-    """Bytes of the tensors one image's forward pass keeps for backward (weights excluded)."""
+def saved_bytes_per_image(network: nn.Module, input_shape: tuple[int, ...], compute: Compute) -> int:
+    """Bytes of the tensors one image's forward pass keeps for backward (weights excluded), for
+    inputs of `input_shape`: (H, W) of one channel, or (C, H, W)."""
     weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
     saved: dict[int, int] = {}
 
@@ -55,13 +57,17 @@ def saved_bytes_per_image(network: nn.Module, image_shape: tuple[int, int], comp
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    x = torch.zeros(1, 1, *image_shape, device=compute.device).to(memory_format=compute.memory_format)
-    t = torch.zeros(1, dtype=torch.long, device=compute.device)
+    shape = (1, *input_shape) if len(input_shape) == 3 else (1, 1, *input_shape)
+    x = torch.zeros(shape, device=compute.device).to(memory_format=compute.memory_format)
+    if isinstance(network, Autoencoder):  # its training pass takes the posterior's noise instead of t
+        second = torch.zeros((1, *latent_shape(network.cfg, shape[-2:])), device=compute.device)
+    else:
+        second = torch.zeros(1, dtype=torch.long, device=compute.device)
     was_training = network.training
     network.eval()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute.autocast():
-            network(x, t)
+            network(x, second)
     finally:
         network.train(was_training)
     return sum(saved.values())
@@ -81,13 +87,13 @@ def free_memory(device: torch.device, processes_here: int) -> int | None:
 
 
 def plan_memory(
-    network: nn.Module, image_shape: tuple[int, int], compute: Compute, processes_here: int
+    network: nn.Module, input_shape: tuple[int, ...], compute: Compute, processes_here: int
 ) -> MemoryPlan | None:
     available = free_memory(compute.device, processes_here)
     if available is None:
         return None
     fixed = BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
-    return MemoryPlan(saved_bytes_per_image(network, image_shape, compute), fixed, available)
+    return MemoryPlan(saved_bytes_per_image(network, input_shape, compute), fixed, available)
 
 
 def fit_batch_in_memory(cfg: RunConfig, plan: MemoryPlan, world_size: int = 1) -> tuple[RunConfig, str]:

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from kneegen.config import ModelConfig, RunConfig, from_dict
+from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig
 from kneegen.engine.seed_unet import SeedUNet, SeedUNetConfig
 from kneegen.engine.unet import UNet, UNetConfig
 from kneegen.errors import KneegenError
@@ -40,6 +41,7 @@ class Network:
 NETWORKS: dict[str, Network] = {
     "unet": Network(UNet, UNetConfig, conditional=True),
     "seed": Network(SeedUNet, SeedUNetConfig),
+    "vae": Network(Autoencoder, AutoencoderConfig),  # not a denoiser: the image ↔ latent map of latent diffusion
 }
 
 

@@ -1,4 +1,5 @@
-"""The one mapping between stored pixels and the network's [-1, 1] range."""
+"""The one mapping between what a cache stores and what the network takes: pixels (unsigned
+integers, (N, H, W)) in the [-1, 1] range, or latents (float, (N, C, h, w)) as they are."""
 
 from __future__ import annotations
 
@@ -19,3 +20,16 @@ def to_uint8(images: Tensor) -> np.ndarray:
     """(B, 1, H, W) in [-1, 1] → (B, H, W) uint8, clamped: what image files hold."""
     scaled = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
     return scaled.squeeze(1).to(torch.uint8).cpu().numpy()
+
+
+def to_network_input(stored: np.ndarray, device: torch.device) -> Tensor:
+    """A batch of a pixel cache (B, H, W) → (B, 1, H, W) in [-1, 1]; of a latent cache (B, C, h, w),
+    already scaled to unit variance when it was written, → float32 as it is."""
+    if np.issubdtype(stored.dtype, np.integer):
+        return to_model_range(stored, device)
+    return torch.from_numpy(np.asarray(stored, dtype=np.float32)).to(device)
+
+
+def stored_shape(stored: np.ndarray) -> tuple[int, int, int]:
+    """(C, H, W) of one item of a pixel cache (N, H, W) or a latent cache (N, C, h, w)."""
+    return (1, *stored.shape[1:]) if stored.ndim == 3 else tuple(stored.shape[1:])  # type: ignore[return-value]

@@ -1,18 +1,22 @@
-"""A trained model as sampling and validation need it: network, schedule and config."""
+"""A trained model as sampling and validation need it: network, schedule and config (and a latent
+model's autoencoder)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from kneegen.config import RunConfig, config_from_mapping
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import Compute
+from kneegen.engine.latent import LatentSpace, check_same_autoencoder, load_latent_space
 from kneegen.engine.network import build_network
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.schedule import Schedule
+from kneegen.errors import KneegenError
 
 
 @dataclass
@@ -23,6 +27,12 @@ class TrainedModel:
     image_shape: tuple[int, int]
     epoch: int
     source: Path
+    latent: LatentSpace | None = None  # a latent model's autoencoder: samples are its decoded latents
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the sampler draws: one-channel images, or a latent model's latents."""
+        return self.latent.shape_of(self.image_shape) if self.latent else (1, *self.image_shape)
 
 
 def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
@@ -30,9 +40,25 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     (the raw weights when the run had no EMA)."""
     payload = load_checkpoint(path)
     config = resolve_plugins(config_from_mapping(payload["config"], str(path)), str(path))  # every check a YAML gets
-    image_shape = tuple(payload["image_shape"])
-    network = build_network(config.model, image_shape)
+    if config.model.arch == "vae":
+        raise KneegenError(
+            f"{path} is an autoencoder, which draws no samples: train a latent diffusion model on it "
+            f"(model.autoencoder: {path}, see examples/latent-256.yaml) and sample from that"
+        )
+    image_shape: tuple[int, int] = tuple(payload["image_shape"])  # type: ignore[assignment]
+    latent = latent_space_of(payload, config, compute, path) if config.model.autoencoder else None
+    channels, *input_shape = latent.shape_of(image_shape) if latent else (1, *image_shape)
+    network = build_network(config.model, tuple(input_shape), channels)  # type: ignore[arg-type]
     network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
     network = network.to(compute.device, memory_format=compute.memory_format).eval()
     schedule = Schedule(config.diffusion.schedule, config.diffusion.timesteps)
-    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path)  # type: ignore[arg-type]
+    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent)
+
+
+def latent_space_of(payload: dict[str, Any], config: RunConfig, compute: Compute, path: Path) -> LatentSpace:
+    """A latent checkpoint's autoencoder, from `model.autoencoder`, refused unless it holds the
+    weights the model was trained with; with the latents' scale as trained."""
+    space = load_latent_space(Path(config.model.autoencoder), compute, f"{path} (model.autoencoder)")
+    check_same_autoencoder(space, payload["latent"]["digest"], str(path))
+    space.scale = float(payload["latent"]["scale"])
+    return space

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +24,14 @@ from torch import Tensor, nn
 
 from kneegen.config import RunConfig, TrainConfig
 from kneegen.engine.augment import augment
+from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
 from kneegen.engine.conditioning import call_network, drop_conditions
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
 from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
-from kneegen.engine.pixels import to_model_range
+from kneegen.engine.pixels import stored_shape, to_network_input
 from kneegen.engine.posthoc_ema import STORED_SIGMA_RELS, PowerEMA
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.timesteps import TimestepSampler
@@ -79,11 +80,12 @@ class StepResult:
 
 
 def create_state(
-    cfg: RunConfig, image_shape: tuple[int, int], compute: Compute, dist: Distributed = SINGLE
+    cfg: RunConfig, image_shape: tuple[int, int], compute: Compute, dist: Distributed = SINGLE, channels: int = 1
 ) -> TrainState:
-    """A fresh network, EMA and optimizer, all seeded from `train.seed`, ready for `dist`."""
+    """A fresh network, EMA and optimizer, all seeded from `train.seed`, ready for `dist`; the
+    network takes `channels` × `image_shape` inputs (a latent model: the latent's)."""
     torch.manual_seed(cfg.train.seed)
-    network = build_network(cfg.model, image_shape)
+    network = build_network(cfg.model, image_shape, channels)
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
@@ -281,7 +283,7 @@ def epoch_steps(
     step per item; `state.epoch` counts up after the last. Between items the state may be
     checkpointed: a run resumed from it continues with the next batch. A conditional network is
     given each image's `conditions` ((N, K), NaN where unknown), some dropped at random."""
-    train, diffusion = cfg.train, cfg.diffusion
+    train = cfg.train
     if bool(cfg.model.conditions) != (conditions is not None):
         raise ValueError(f"model.conditions {cfg.model.conditions} needs the images' conditions, and only then")
     batches = epoch_batches(len(images), train, state.epoch, dist.world_size)
@@ -290,22 +292,14 @@ def epoch_steps(
         state.epoch_losses, state.epoch_skipped = [], []
     state.train_network.train()
     for index in batches[state.batch_in_epoch :]:
-        # 1. t, ε, loss weights (and augmentation, if any) of the whole global batch, from the
+        # 1. The draws of the whole global batch (t, ε, loss weights, augmentation, crops), from the
         #    generator every process holds in the same state; this process trains on its rows.
-        t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
-        noise_all = draw_noise(state.generator, (len(index), 1, *images.shape[1:]), diffusion.offset_noise)
-        min_snr_all = min_snr_weight(schedule.snr(t_all), diffusion.min_snr_gamma, diffusion.prediction)
-        weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
+        if isinstance(state.network, Autoencoder):
+            loss_of, t_all = autoencoder_batch(state, images, index, compute), None
+        else:
+            loss_of, t_all = diffusion_batch(state, images, index, schedule, cfg, compute, conditions)
         rows = dist.share(len(index))
         micro_batches = np.array_split(rows, min(train.grad_accumulation, len(rows)))
-        augmented = (
-            augment(to_model_range(images[index], CPU), train.augment, state.generator) if train.augment else None
-        )
-        c_all = (
-            drop_conditions(torch.from_numpy(conditions[index]), train.condition_dropout, state.generator)
-            if conditions is not None
-            else None
-        )  # (B, K), NaN = not given
 
         # 2. Forward and backward per micro-batch. Gradients add up; DDP averages them over the
         #    processes on the last one. The scale makes the sum the gradient of the mean loss.
@@ -313,17 +307,8 @@ def epoch_steps(
         loss_sum = torch.zeros((), device=compute.device)
         row_losses = []  # (b,) per micro-batch: this process's rows, in order
         for k, part in enumerate(micro_batches):
-            x0 = augmented[part] if augmented is not None else to_model_range(images[index[part]], CPU)
-            x0 = to_device(x0, compute.device)  # (b, 1, H, W)
-            x0 = x0.to(memory_format=compute.memory_format)
-            t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
-            c = to_device(c_all[part], compute.device) if c_all is not None else None
-            x_t = schedule.add_noise(x0, noise, t)
-            target = schedule.target(x0, noise, t, diffusion.prediction)
             with dist.no_sync(state.train_network, sync=k == len(micro_batches) - 1):
-                with compute.autocast():
-                    prediction = call_network(state.train_network, x_t, t, c)
-                per_image = per_image_loss(prediction, target, diffusion.loss)  # (b,)
+                per_image, weight = loss_of(part)  # (b,) each
                 loss = (weight * per_image).sum() * (dist.world_size / len(index))
                 state.scaler.scale(loss).backward()
             loss_sum += per_image.detach().sum()
@@ -342,7 +327,7 @@ def epoch_steps(
             state.scaler.step(state.optimizer)
             for average in ([state.ema] if state.ema is not None else []) + state.power_emas:
                 average.update(state.network, state.step + 1)  # steps done, this one included
-            if state.timestep_sampler.importance:
+            if state.timestep_sampler.importance and t_all is not None:
                 batch_losses = torch.zeros(len(index), device=compute.device)  # (B,) zeros outside this share
                 batch_losses[rows] = torch.cat(row_losses)
                 state.timestep_sampler.update(t_all, dist.sum_tensor(batch_losses))
@@ -364,3 +349,77 @@ def epoch_steps(
         yield StepResult(mean_loss, grad_norm, lr, len(index), skipped)
     state.epoch += 1
     state.batch_in_epoch = 0
+
+
+LossOf = Callable[[np.ndarray], tuple[Tensor, Tensor]]  # rows of the global batch → (per-image loss, weight), (b,)
+
+
+def diffusion_batch(
+    state: TrainState,
+    images: np.ndarray,
+    index: np.ndarray,
+    schedule: Schedule,
+    cfg: RunConfig,
+    compute: Compute,
+    conditions: np.ndarray | None,
+) -> tuple[LossOf, Tensor]:
+    """Draw t, ε, the loss weights, augmentation and dropped conditions of the global batch
+    `index`; return the loss of any of its rows, and the drawn t (B,)."""
+    train, diffusion = cfg.train, cfg.diffusion
+    t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
+    noise_all = draw_noise(state.generator, (len(index), *stored_shape(images)), diffusion.offset_noise)
+    min_snr_all = min_snr_weight(schedule.snr(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+    weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
+    augmented = augment(to_network_input(images[index], CPU), train.augment, state.generator) if train.augment else None
+    c_all = (
+        drop_conditions(torch.from_numpy(conditions[index]), train.condition_dropout, state.generator)
+        if conditions is not None
+        else None
+    )  # (B, K), NaN = not given
+
+    def loss_of(part: np.ndarray) -> tuple[Tensor, Tensor]:
+        x0 = augmented[part] if augmented is not None else to_network_input(images[index[part]], CPU)
+        x0 = to_device(x0, compute.device).to(memory_format=compute.memory_format)  # (b, C, H, W)
+        t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
+        c = to_device(c_all[part], compute.device) if c_all is not None else None
+        x_t = schedule.add_noise(x0, noise, t)
+        target = schedule.target(x0, noise, t, diffusion.prediction)
+        with compute.autocast():
+            prediction = call_network(state.train_network, x_t, t, c)
+        return per_image_loss(prediction, target, diffusion.loss), weight
+
+    return loss_of, t_all
+
+
+def autoencoder_batch(state: TrainState, images: np.ndarray, index: np.ndarray, compute: Compute) -> LossOf:
+    """Draw a random crop of each image of the global batch `index` and the posterior's noise;
+    return the autoencoder loss of any of its rows (weight 1)."""
+    settings: AutoencoderConfig = state.network.cfg  # type: ignore[assignment]
+    height, width = images.shape[1:]
+    side_y, side_x = (crop_side(settings, side) for side in (height, width))
+    tops = torch.randint(0, height - side_y + 1, (len(index),), generator=state.generator).tolist()
+    lefts = torch.randint(0, width - side_x + 1, (len(index),), generator=state.generator).tolist()
+    noise_all = torch.randn((len(index), *latent_shape(settings, (side_y, side_x))), generator=state.generator)
+
+    def loss_of(part: np.ndarray) -> tuple[Tensor, Tensor]:
+        crops = np.stack([images[index[i], tops[i] : tops[i] + side_y, lefts[i] : lefts[i] + side_x] for i in part])
+        x0 = to_device(to_network_input(crops, CPU), compute.device).to(memory_format=compute.memory_format)
+        with compute.autocast():
+            reconstruction, mean, logvar = state.train_network(x0, to_device(noise_all[part], compute.device))
+        per_image = autoencoder_loss(reconstruction, x0, mean, logvar, settings)
+        return per_image, torch.ones_like(per_image)
+
+    return loss_of
+
+
+def training_input_shape(network: nn.Module, item_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of one training input: an autoencoder's crop of a (C, H, W) item, else the item."""
+    channels, height, width = item_shape
+    if isinstance(network, Autoencoder):
+        return channels, crop_side(network.cfg, height), crop_side(network.cfg, width)
+    return channels, height, width
+
+
+def crop_side(settings: AutoencoderConfig, side: int) -> int:
+    """The training crop along an image side: `crop`, or the whole side when it is shorter (or crop 0)."""
+    return min(settings.crop, side) if settings.crop else side

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from kneegen.config import DiffusionConfig
+from kneegen.engine.autoencoder import Autoencoder, autoencoder_loss
 from kneegen.engine.conditioning import call_network
 from kneegen.engine.device import Compute, evaluating
 from kneegen.engine.loss import per_image_loss
-from kneegen.engine.pixels import to_model_range
+from kneegen.engine.pixels import to_model_range, to_network_input
 from kneegen.engine.schedule import Schedule
+from kneegen.engine.ssim import psnr, ssim
 
 VALIDATION_SEED = 20_240_101  # noise of held-out image i comes from VALIDATION_SEED + i
 
@@ -30,6 +32,8 @@ class ValidationResult:
     loss: float  # mean over images and buckets
     bucket_timesteps: list[int]  # the t of each bucket
     bucket_losses: list[float]  # mean loss at that t
+    psnr: float | None = None  # an autoencoder's: mean PSNR (dB) and SSIM of its reconstructions
+    ssim: float | None = None
 
 
 def bucket_timesteps(total: int, buckets: int) -> list[int]:
@@ -54,7 +58,7 @@ def validation_loss(
     totals = torch.zeros(len(grid), dtype=torch.float64)
     with evaluating(network), torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x0 = to_model_range(images[start : start + batch_size], compute.device)
+            x0 = to_network_input(images[start : start + batch_size], compute.device)
             c = None if conditions is None else torch.from_numpy(conditions[start : start + batch_size]).to(x0.device)
             noises = fixed_noise(range(start, start + len(x0)), len(grid), x0.shape[1:])  # (K, B, C, H, W)
             for k, t_value in enumerate(grid):
@@ -78,3 +82,22 @@ def fixed_noise(image_indices: range, count: int, image_shape: torch.Size) -> to
         for i in image_indices
     ]
     return torch.stack(per_image, dim=1)
+
+
+def reconstruction_validation(
+    network: Autoencoder, images: np.ndarray, compute: Compute, batch_size: int
+) -> ValidationResult:
+    """An autoencoder's loss on whole held-out `images` ((N, H, W)), decoding the posterior mean
+    (no draw, so the same weights give the same number), with the mean PSNR and SSIM."""
+    totals = torch.zeros(3, dtype=torch.float64)  # loss, PSNR, SSIM summed over images
+    with evaluating(network), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x0 = to_model_range(images[start : start + batch_size], compute.device)
+            with compute.autocast():
+                mean, logvar = network.posterior(x0.to(memory_format=compute.memory_format))
+                reconstruction = network.decode(mean)
+            reconstruction = reconstruction.float().clamp(-1.0, 1.0)
+            loss = autoencoder_loss(reconstruction, x0, mean, logvar, network.cfg)
+            totals += torch.stack([loss.sum(), psnr(reconstruction, x0).sum(), ssim(reconstruction, x0).sum()]).cpu()
+    loss, mean_psnr, mean_ssim = (totals / len(images)).tolist()
+    return ValidationResult(loss, [], [], mean_psnr, mean_ssim)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kneegen.engine.ssim import MS_SSIM_WEIGHTS
 from kneegen.errors import KneegenError
 
-STANDARD_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+STANDARD_BETAS = MS_SSIM_WEIGHTS
 MAX_PAIRS = 2000  # more pairs than this are a fixed random subset of them
 PAIR_SEED = 0
 PAIR_BATCH = 256

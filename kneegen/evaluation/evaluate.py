@@ -26,6 +26,7 @@ from rich.progress import Progress, TaskID
 
 from kneegen.data.cache import PreparedData, open_cache
 from kneegen.data.conditions import CONDITIONS
+from kneegen.data.latent_cache import encode_images
 from kneegen.engine.device import Compute
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.engine.validation import validation_loss
@@ -178,7 +179,7 @@ def evaluate_model(
     conditions = model.config.model.conditions
     loss = validation_loss(
         model.network,
-        val_images,
+        encode_images(val_images, model.latent, compute) if model.latent else val_images,
         model.schedule,
         model.config.diffusion,
         compute,

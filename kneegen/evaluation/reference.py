@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kneegen.data.cache import IMAGES_FILE, MANIFEST_FILE, PreparedData
+from kneegen.data.cache import PreparedData, content_key
 from kneegen.errors import KneegenError
 from kneegen.evaluation.features import InceptionFeatures, extract_features
 
@@ -68,9 +68,7 @@ def reference_features(
 
 def reference_key(cache: PreparedData, split: str, weights_identity: str) -> str:
     """12 hex digits naming the cache content, the split and the weights."""
-    images = (cache.root / IMAGES_FILE).stat()
     digest = hashlib.sha1()
-    for part in (FEATURES_VERSION, split, images.st_size, images.st_mtime_ns, weights_identity):
+    for part in (FEATURES_VERSION, split, content_key(cache), weights_identity):
         digest.update(f"{part}\n".encode())
-    digest.update((cache.root / MANIFEST_FILE).read_bytes())
     return digest.hexdigest()[:12]

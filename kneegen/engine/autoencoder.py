@@ -1,0 +1,167 @@
+"""A KL-regularised convolutional autoencoder (Rombach et al. 2022, sec. 3): the image ↔ latent map
+of latent diffusion.
+
+The encoder halves the resolution log2(f) times and gives a diagonal Gaussian per latent pixel
+(mean, log-variance); the decoder mirrors it. There is no attention, so the network is fully
+convolutional: it trains on random crops and encodes whole slices of any size that is a multiple
+of f. The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weight, all per
+image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kneegen.engine.ssim import ms_ssim
+from kneegen.errors import KneegenError
+
+GROUPS = 32  # GroupNorm groups (fewer when a layer has fewer channels)
+LOGVAR_RANGE = (-30.0, 20.0)  # as in the paper's code: keeps exp(logvar) finite in bf16/fp32
+
+
+@dataclass
+class AutoencoderConfig:
+    """`model.vae` settings (`model.arch: vae`): the shape, and the loss it trains with."""
+
+    factor: int = 4  # f: each side of the latent is the image's / f (4 or 8: 16× or 64× fewer pixels)
+    latent_channels: int = 4
+    channels: int = 64  # width at full resolution; doubles at each halving, up to 4×
+    blocks_per_level: int = 1  # residual blocks at each resolution, in the encoder and the decoder
+    crop: int = 128  # train on random crops of this side (0 = whole images); validation uses whole images
+    ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
+    kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
+
+    def check(self) -> None:
+        if self.factor not in (2, 4, 8, 16):
+            raise KneegenError(f"model.vae.factor = {self.factor} must be 2, 4, 8 or 16")
+        for key in ("latent_channels", "channels", "blocks_per_level"):
+            if getattr(self, key) < 1:
+                raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 1")
+        if self.crop and (self.crop < 16 or self.crop % self.factor):
+            raise KneegenError(
+                f"model.vae.crop = {self.crop} must be 0 (whole images) or a multiple of "
+                f"factor {self.factor} of at least 16"
+            )
+        for key in ("ssim_weight", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 0")
+
+    def size_multiple(self) -> int:
+        return self.factor
+
+    def widths(self) -> list[int]:
+        """Channels at each resolution, full resolution first: one more than the halvings."""
+        levels = self.factor.bit_length()  # log2(f) + 1
+        return [self.channels * min(2**level, 4) for level in range(levels)]
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(GROUPS, channels), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) → (B, 2·latent_channels, H/f, W/f): the posterior's mean and log-variance."""
+
+    def __init__(self, cfg: AutoencoderConfig, image_channels: int) -> None:
+        super().__init__()
+        widths = cfg.widths()
+        self.stem = nn.Conv2d(image_channels, widths[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for level, width in enumerate(widths):
+            previous = widths[max(level - 1, 0)]
+            layers += [ResBlock(previous if block == 0 else width, width) for block in range(cfg.blocks_per_level)]
+            if level < len(widths) - 1:
+                layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
+        self.levels = nn.Sequential(*layers)
+        self.middle = ResBlock(widths[-1], widths[-1])
+        self.head = nn.Sequential(
+            norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.middle(self.levels(self.stem(x))))
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, h, w) → (B, C, h·f, w·f)."""
+
+    def __init__(self, cfg: AutoencoderConfig, image_channels: int) -> None:
+        super().__init__()
+        widths = cfg.widths()[::-1]  # coarsest first
+        self.stem = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.middle = ResBlock(widths[0], widths[0])
+        layers: list[nn.Module] = []
+        for level, width in enumerate(widths):
+            previous = widths[max(level - 1, 0)]
+            layers += [ResBlock(previous if block == 0 else width, width) for block in range(cfg.blocks_per_level)]
+            if level < len(widths) - 1:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+        self.levels = nn.Sequential(*layers)
+        self.head = nn.Sequential(norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], image_channels, 3, padding=1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.head(self.levels(self.middle(self.stem(z))))
+
+
+class Autoencoder(nn.Module):
+    """Encoder and decoder; `forward` is the training pass, `encode`/`decode` the maps latent diffusion uses."""
+
+    def __init__(self, cfg: AutoencoderConfig, image_channels: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, image_channels)
+        self.decoder = Decoder(cfg, image_channels)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-variance) of q(z | x), each (B, latent_channels, H/f, W/f)."""
+        mean, logvar = self.encoder(x).float().chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior mean: the deterministic latent of each image, what the latent cache holds."""
+        return self.posterior(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(reconstruction, mean, log-variance) with z = mean + σ·`noise` (the reparameterisation;
+        the noise comes from the caller, drawn from the training generator)."""
+        mean, logvar = self.posterior(x)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        return self.decode(z), mean, logvar
+
+
+def latent_shape(cfg: AutoencoderConfig, image_shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(C, h, w) of the latent of an (H, W) image."""
+    return cfg.latent_channels, image_shape[0] // cfg.factor, image_shape[1] // cfg.factor
+
+
+def autoencoder_loss(
+    reconstruction: Tensor, target: Tensor, mean: Tensor, logvar: Tensor, cfg: AutoencoderConfig
+) -> Tensor:
+    """Per image (B,): mean |x̂ − x| + ssim_weight·(1 − MS-SSIM) + kl_weight·KL(q(z|x) ‖ N(0, I))
+    summed over the latent and divided by the image's pixels (so kl_weight means what it means
+    in the paper, whose reconstruction term is a per-pixel sum)."""
+    reconstruction = reconstruction.float()
+    l1 = (reconstruction - target).abs().mean(dim=(1, 2, 3))
+    structural = 1.0 - ms_ssim(reconstruction, target) if cfg.ssim_weight else torch.zeros_like(l1)
+    kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
+    return l1 + cfg.ssim_weight * structural + cfg.kl_weight * kl / target[0].numel()

@@ -1,0 +1,115 @@
+"""The autoencoder of latent diffusion: SSIM/PSNR against torchmetrics, the loss in closed form,
+the shapes at f = 4 and 8 on non-square slices, and that training it lowers its loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from kneegen.config import load_config
+from kneegen.data.cache import open_cache
+from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
+from kneegen.engine.device import resolve_compute
+from kneegen.engine.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
+from kneegen.engine.training import create_state, epoch_steps, training_input_shape
+from kneegen.engine.validation import reconstruction_validation
+from kneegen.errors import KneegenError
+
+CPU = resolve_compute("cpu", "fp32").device
+HALF_WINDOW = 5  # the 11-pixel window reaches 5 pixels past its centre
+
+
+def noisy_pairs(shape: tuple[int, ...], noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=generator) * 2 - 1
+    return x, (x + noise * torch.randn(shape, generator=generator)).clamp(-1, 1)
+
+
+def test_ssim_equals_torchmetrics_over_the_positions_the_window_fits():
+    x, y = noisy_pairs((3, 1, 40, 52))
+    _, full = structural_similarity_index_measure(x, y, data_range=2.0, reduction="none", return_full_image=True)
+    inside = full[..., HALF_WINDOW:-HALF_WINDOW, HALF_WINDOW:-HALF_WINDOW].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ssim(x, y), inside, rtol=1e-5, atol=1e-6)
+
+
+def test_psnr_equals_torchmetrics_per_image():
+    x, y = noisy_pairs((3, 1, 24, 24))
+    expected = peak_signal_noise_ratio(x, y, data_range=2.0, reduction="none", dim=(1, 2, 3))
+    torch.testing.assert_close(psnr(x, y), expected)
+
+
+def test_ms_ssim_is_one_for_equal_images_lower_for_noisier_and_ssim_on_one_scale():
+    x, slightly = noisy_pairs((2, 1, 64, 64), noise=0.05)
+    _, very = noisy_pairs((2, 1, 64, 64), noise=0.5)
+    torch.testing.assert_close(ms_ssim(x, x), torch.ones(2))
+    assert (ms_ssim(x, slightly) > ms_ssim(x, very)).all()
+    assert [ms_ssim_scales(side, side) for side in (11, 21, 22, 44, 88, 176, 512)] == [1, 1, 2, 3, 4, 5, 5]
+    small, small_noisy = noisy_pairs((2, 1, 16, 20))
+    torch.testing.assert_close(ms_ssim(small, small_noisy), ssim(small, small_noisy))
+
+
+def test_loss_is_zero_for_a_perfect_reconstruction_and_the_kl_has_its_closed_form():
+    cfg = AutoencoderConfig(ssim_weight=0.5, kl_weight=0.25)
+    x, _ = noisy_pairs((2, 1, 32, 32))
+    zeros = torch.zeros(2, 4, 8, 8)
+    torch.testing.assert_close(autoencoder_loss(x, x, zeros, zeros, cfg), torch.zeros(2), atol=1e-6, rtol=0)
+    # KL(N(1, e²) ‖ N(0, 1)) = ½(1 + e² − 1 − 2) per latent element: 256 of them, over 1,024 pixels.
+    mean, logvar = torch.ones(2, 4, 8, 8), torch.full((2, 4, 8, 8), 2.0)
+    kl_per_element = 0.5 * (1 + torch.e**2 - 1 - 2)
+    expected = torch.full((2,), 0.25 * kl_per_element * 256 / 1024)
+    torch.testing.assert_close(autoencoder_loss(x, x, mean, logvar, cfg), expected)
+
+
+@pytest.mark.parametrize("factor", [4, 8])
+def test_latents_are_the_image_over_f_per_side_and_decode_back_on_non_square_slices(factor):
+    cfg = AutoencoderConfig(factor=factor, latent_channels=3, channels=8)
+    network = Autoencoder(cfg).eval()
+    images = torch.zeros(2, 1, 56, 64)
+    latents = network.encode(images)
+    assert latents.shape == (2, *latent_shape(cfg, (56, 64))) == (2, 3, 56 // factor, 64 // factor)
+    assert network.decode(latents).shape == images.shape
+    reconstruction, mean, logvar = network(images, torch.zeros_like(latents))
+    assert reconstruction.shape == images.shape and mean.shape == logvar.shape == latents.shape
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("factor", 3), ("latent_channels", 0), ("crop", 30), ("crop", 8), ("kl_weight", -1.0)]
+)
+def test_impossible_settings_are_refused_by_key(key, value):
+    with pytest.raises(KneegenError, match=f"model.vae.{key}"):
+        AutoencoderConfig(**{key: value}).check()
+
+
+def vae_config(data, tmp_path, **train):
+    return load_config(
+        None,
+        {
+            "data": str(data),
+            "device": "cpu",
+            "precision": "fp32",
+            "model.arch": "vae",
+            "model.vae": {"factor": 4, "latent_channels": 4, "channels": 8, "crop": 16},
+            "train.batch_size": 10,
+            "train.lr": 2e-3,
+            "train.warmup_steps": 0,
+            "train.ema_decay": 0.0,
+            **{f"train.{key}": value for key, value in train.items()},
+        },
+    )
+
+
+def test_training_on_random_crops_lowers_the_reconstruction_loss_of_whole_held_out_slices(prepared, tmp_path):
+    cfg = vae_config(prepared, tmp_path, epochs=6)
+    data = open_cache(prepared)
+    compute = resolve_compute("cpu", "fp32")
+    state = create_state(cfg, data.image_shape, compute)
+    assert training_input_shape(state.network, (1, *data.image_shape)) == (1, 16, 16)  # crops of the 32² slices
+    val = data.split("val")
+    before = reconstruction_validation(state.network, val, compute, 10)
+    for _ in range(cfg.train.epochs):
+        for _step in epoch_steps(state, data.split("train"), None, cfg, compute):  # type: ignore[arg-type]
+            pass
+    after = reconstruction_validation(state.network, val, compute, 10)
+    assert after.loss < 0.7 * before.loss
+    assert after.psnr > before.psnr + 2 and after.ssim > before.ssim
