@@ -263,13 +263,13 @@ def features_of(extractor: torch.jit.ScriptModule, images: np.ndarray) -> np.nda
     return extract_features(extractor, images, FEATURE_BATCH, CPU)
 
 
-def prepare_phantom(work: Path, count: int, held_out: float) -> Path:
-    """The phantom cache at 64², made once through the CLI: train / val / test by patient, the
+def prepare_phantom(work: Path, count: int, held_out: float, size: int = IMAGE_SIZE) -> Path:
+    """The phantom cache at `size`², made once through the CLI: train / val / test by patient, the
     test split `held_out` of the patients."""
     data = work / "data"
     if (data / "manifest.json").is_file():
         manifest = json.loads((data / "manifest.json").read_text())
-        if len(manifest["slices"]) != count or manifest["image_shape"] != [IMAGE_SIZE, IMAGE_SIZE]:
+        if len(manifest["slices"]) != count or manifest["image_shape"] != [size, size]:
             sys.exit(f"{data} holds another phantom: remove it or give another --work")
         return data
     val = 0.1
@@ -281,7 +281,7 @@ def prepare_phantom(work: Path, count: int, held_out: float) -> Path:
         "--phantom",
         str(count),
         "--size",
-        str(IMAGE_SIZE),
+        str(size),
         "--out",
         str(data),
         "--phantom-dir",
@@ -316,7 +316,7 @@ def network_facts(model: TrainedModel) -> tuple[float, float]:
     """(million parameters, forward GFLOP per image)."""
     network = model.network
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        network(torch.zeros(1, 1, *model.image_shape), torch.zeros(1, dtype=torch.long))
+        network(torch.zeros(1, *model.sample_shape), torch.zeros(1, dtype=torch.long))
     return sum(p.numel() for p in network.parameters()) / 1e6, counter.get_total_flops() / 1e9
 
 
