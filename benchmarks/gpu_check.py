@@ -283,7 +283,7 @@ def sample(phase: str, checkpoint: Path, plan: Plan, sampler: str | None) -> Row
         if seconds:
             outcome.row.images_per_s = images / seconds
         else:
-            outcome.row.note += ": under the 0.1 s its timing resolves, ask for more --images"
+            outcome.row.note += ": under the 1 ms its timing resolves, ask for more --images"
 
     measured(outcome.row, timing)
     return outcome.row

@@ -108,7 +108,7 @@ def generate(
     grid = sample_many(job, seeds, batch_size)
     seconds = time.perf_counter() - started
     console.print(
-        f"{len(seeds)} images in {job.folder} ({seconds:.1f} s, {seconds / len(seeds):.2f} s/image); grid: {grid}"
+        f"{len(seeds)} images in {job.folder} ({seconds:.3f} s, {seconds / len(seeds):.3f} s/image); grid: {grid}"
     )
 
 
