@@ -26,12 +26,13 @@ ScheduleKind = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
 LossKind = Literal["l1", "l2", "huber"]
 OptimizerKind = Literal["adamw", "adam"]
-Spacing = Literal["auto", "uniform", "logsnr", "karras"]
+Spacing = Literal["auto", "uniform", "trailing", "logsnr", "karras"]
 Precision = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
 ConditionName = Literal["side", "position"]  # kneegen/data/conditions.py
+DistillMethod = Literal["progressive"]  # kneegen/engine/distillation.py
 
 
 @dataclass
@@ -166,6 +167,17 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """A distillation run (`kneegen distill`): a student learns to sample in `steps` network calls
+    what the `teacher` checkpoint samples in many; off while `teacher` is empty."""
+
+    teacher: str = ""  # the teacher checkpoint (stored absolute); "" = an ordinary training run
+    method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps
+    steps: int = 4  # the student's network calls per image
+    teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; saved as `config.yaml` next to its outputs."""
 
@@ -176,6 +188,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -214,7 +227,7 @@ RANGES: dict[str, Bounds] = {
     "train.weight_decay": AT_LEAST_0,
     "train.adam_beta2": (0, 1, False, False),
     "train.ema_length": (0, 0.2886, True, True),
-    "train.cooldown": (0, 1, True, False),
+    "train.cooldown": (0, 1, True, True),  # 1: linear from the warm-up's end (a distillation round's own LR)
     "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip": AT_LEAST_0,
     "train.ema_decay": (0, 1, True, False),
@@ -235,6 +248,7 @@ RANGES: dict[str, Bounds] = {
     "sample.eta": UNIT,
     "sample.batch_size": AT_LEAST_1,
     "sample.guidance": (0, MAX_GUIDANCE, True, True),
+    "distill.steps": AT_LEAST_1,
 }
 
 
@@ -272,10 +286,37 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
             f"{source}: train.fid_every measures samples, and an autoencoder (model.arch: vae) draws none; "
             "its validation reports PSNR and SSIM: set train.fid_every to 0"
         )
+    if config.distill.teacher:
+        check_distillation(config, source)
     if config.train.cooldown and config.train.lr_schedule != "constant":
         raise KneegenError(
             f"{source}: train.cooldown ends a constant LR; train.lr_schedule = {config.train.lr_schedule} "
             "decays on its own: set one of them"
+        )
+
+
+def check_distillation(config: RunConfig, source: str) -> None:
+    """What a distillation run cannot do: its rounds hand the student's own weights on, and it
+    trains no autoencoder."""
+    train = config.train
+    if config.model.arch == "vae":
+        raise KneegenError(f"{source}: distill.teacher names a diffusion model; an autoencoder draws no samples")
+    if train.ema_length or train.ema_decay or train.ema_snapshots:
+        raise KneegenError(
+            f"{source}: a distillation round hands its student's own weights to the next round (its LR cooldown "
+            "averages them), so it keeps no EMA: set train.ema_length, train.ema_decay to 0 and "
+            "train.ema_snapshots to false"
+        )
+    steps, teacher_steps = config.distill.steps, config.distill.teacher_steps
+    if teacher_steps <= steps or teacher_steps % steps or (teacher_steps // steps) & (teacher_steps // steps - 1):
+        raise KneegenError(
+            f"{source}: distill.teacher_steps {teacher_steps} must be distill.steps {steps} times a power of two "
+            f"(each round halves the steps), e.g. {steps * 4}"
+        )
+    if config.sample.sampler == "distilled" and config.sample.steps != config.distill.steps:
+        raise KneegenError(
+            f"{source}: sample.steps {config.sample.steps} differs from distill.steps {config.distill.steps}, "
+            "the steps the student learns: make them equal"
         )
 
 
@@ -347,8 +388,11 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    """Plain nested dict (YAML and checkpoint friendly)."""
-    return {**dataclasses.asdict(config), "model": model_to_mapping(config.model)}
+    """Plain nested dict (YAML and checkpoint friendly); the distill section only in distillation runs."""
+    mapping = {**dataclasses.asdict(config), "model": model_to_mapping(config.model)}
+    if not config.distill.teacher:
+        del mapping["distill"]
+    return mapping
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -77,6 +77,16 @@ def sample_timesteps(total: int, steps: int, schedule: Schedule | None = None, s
     return list(dict.fromkeys(nearest))
 
 
+def trailing_timesteps(total: int, steps: int) -> list[int]:
+    """t_i = T(N − i)/N − 1, i = 0 … N−1: even in t and "trailing" (Lin et al. 2024, table 2), so no
+    step is spent at t = 0, one step from clean, as the uniform grid does. Progressive
+    distillation's grid (Salimans & Ho 2022): the grid of N steps is every second point of the
+    grid of 2N, so each round's student steps where its teacher did."""
+    if not 1 <= steps <= total:
+        raise KneegenError(f"--steps {steps}: must be between 1 and the model's {total} timesteps")
+    return [math.floor(total * (steps - i) / steps + 0.5) - 1 for i in range(steps)]
+
+
 def ddpm(
     denoise: Denoiser,
     x: Tensor,
@@ -127,6 +137,23 @@ def ddim(
         if eta > 0:
             x = x + broadcast(sigma, x) * noise.randn(x.shape[1:])
     return x
+
+
+def distilled(
+    denoise: Denoiser,
+    x: Tensor,
+    timesteps: Sequence[int],
+    schedule: Schedule,
+    noise: ImageNoise,
+    on_step: StepCallback | None = None,
+    *,
+    eta: float = 0.0,
+) -> Tensor:
+    """The sampler a progressively distilled student was trained for: DDIM steps on its own grid
+    (`trailing_timesteps`, which `timesteps_for` gives it whatever the spacing asked). η = 0 is
+    the deterministic step it learnt; η = 1 takes ancestral steps from the same x̂_0, which
+    `benchmarks/distill.py` measured better at 4 steps (FID 82.3 vs 90.5) and equal at 2."""
+    return ddim(denoise, x, timesteps, schedule, noise, on_step, eta=eta)
 
 
 def dpm_solver_pp(
@@ -306,19 +333,25 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm++3m": functools.partial(dpm_solver_pp, order=3),
     "dpm++2m-sde": dpm_solver_pp_sde,
     "unipc": functools.partial(unipc, order=2),
+    "distilled": distilled,
 }
 
 
+DISTILLED = "distilled"  # a distilled checkpoint's own sampler, on its own grid whatever the spacing
 LOG_SNR_SPACED = {"dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc"}  # multistep solvers want even steps in λ
 
 
 def timesteps_for(name: str, schedule: Schedule, steps: int, spacing: str = "auto") -> list[int]:
     """Timesteps in the given spacing; `auto` is what sampler `name` runs best on: log-SNR for
     the multistep solvers, even in t for DDPM and DDIM (measured: DDIM loses accuracy in λ)."""
+    if name == DISTILLED:
+        spacing = "trailing"  # the grid the student learnt, whatever was asked
     if spacing == "auto":
         spacing = "logsnr" if name in LOG_SNR_SPACED else "uniform"
     if spacing == "uniform":
         return sample_timesteps(schedule.timesteps, steps)
+    if spacing == "trailing":
+        return trailing_timesteps(schedule.timesteps, steps)
     return sample_timesteps(schedule.timesteps, steps, schedule, spacing)
 
 
