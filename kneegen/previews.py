@@ -9,7 +9,6 @@ import torch
 from kneegen.engine.autoencoder import Autoencoder
 from kneegen.engine.device import evaluating
 from kneegen.engine.pixels import to_model_range, to_uint8
-from kneegen.engine.trained import TrainedModel
 from kneegen.engine.training import TrainState
 from kneegen.metrics_log import METRICS_FILE, epoch_records, read_metrics
 from kneegen.run import Run
@@ -33,7 +32,7 @@ def save_preview(state: TrainState, run: Run) -> Path:
     path = run.run_dir / PREVIEWS / f"epoch-{state.epoch:04d}.png"
     if isinstance(state.eval_network, Autoencoder):
         return save_reconstructions(state.eval_network, run, path, state.epoch)
-    model = TrainedModel(state.eval_network, run.schedule, run.cfg, run.image_shape, state.epoch, path, run.latent)
+    model = run.trained_model(state, path)
     choice = choose_sampler(model, None, None, None)
     with evaluating(model.network):
         batches = sample_batches(model, run.compute, choice, PREVIEW_SEEDS, run.cfg.sample.batch_size)

@@ -13,6 +13,8 @@ from kneegen.engine.device import Compute
 from kneegen.engine.distributed import Distributed
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.schedule import Schedule
+from kneegen.engine.trained import TrainedModel
+from kneegen.engine.training import TrainState
 from kneegen.evaluation.during_training import TrainingFid
 
 
@@ -30,3 +32,10 @@ class Run:
     dist: Distributed
     fid: TrainingFid | None  # FID during training (`train.fid_every`), on rank 0 only
     latent: LatentSpace | None = None  # a latent model's autoencoder (model.autoencoder)
+
+    def trained_model(self, state: TrainState, source: Path) -> TrainedModel:
+        """The weights being trained as sampling sees them (the EMA; a student with its steps)."""
+        steps = state.distillation.student_steps if state.distillation is not None else None
+        return TrainedModel(
+            state.eval_network, self.schedule, self.cfg, self.image_shape, state.epoch, source, self.latent, steps
+        )

@@ -22,8 +22,8 @@ from kneegen.progress import console
 from kneegen.run import Run
 from kneegen.runs import BEST, LAST, resume_candidates, step_checkpoint, step_checkpoints
 
-ARCHITECTURE_SECTIONS = ("model", "diffusion")  # a resumed run may not change these
-MAY_MOVE = ("model.autoencoder",)  # paths whose file may move: the autoencoder's weights are checked by content hash
+ARCHITECTURE_SECTIONS = ("model", "diffusion", "distill")  # a resumed run may not change these
+MAY_MOVE = ("model.autoencoder", "distill.teacher")  # files that may move: checked by content hash, or saved inside
 POSITION_KEYS = ("batch_size", "seed")  # train keys that place a mid-epoch position in the data
 
 
@@ -98,8 +98,9 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     changed = [
         f"{section}.{key}"
         for section in ARCHITECTURE_SECTIONS
-        for key in sorted(current[section].keys() | saved[section].keys())  # one side may leave a key out
-        if current[section].get(key) != saved[section].get(key) and not moved(section, key, current, saved)
+        for key in sorted(current.get(section, {}).keys() | saved.get(section, {}).keys())  # one side may omit it
+        if current.get(section, {}).get(key) != saved.get(section, {}).get(key)
+        and not moved(section, key, current, saved)
     ]
     if payload["batch_in_epoch"] > 0:
         changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
@@ -121,4 +122,5 @@ def latent_record(space: LatentSpace, image_shape: tuple[int, int]) -> dict[str,
 
 def moved(section: str, key: str, current: dict[str, Any], saved: dict[str, Any]) -> bool:
     """A path in MAY_MOVE given anew (not added or dropped: a pixel run stays a pixel run)."""
-    return f"{section}.{key}" in MAY_MOVE and bool(current[section].get(key)) and bool(saved[section].get(key))
+    now, before = current.get(section, {}).get(key), saved.get(section, {}).get(key)
+    return f"{section}.{key}" in MAY_MOVE and bool(now) and bool(before)

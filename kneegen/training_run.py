@@ -27,13 +27,13 @@ from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snap
 from kneegen.engine.autoencoder import Autoencoder
 from kneegen.engine.checkpoint import remove_partial_writes
 from kneegen.engine.device import Compute, resolve_compute
+from kneegen.engine.distillation import start_distillation
 from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
 from kneegen.engine.latent import LatentSpace, check_latent_size, check_same_autoencoder, load_latent_space
 from kneegen.engine.memory import fit_batch_in_memory, plan_memory, processes_on_this_machine
 from kneegen.engine.pixels import stored_shape
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.trained import TrainedModel
 from kneegen.engine.training import (
     TrainState,
     create_state,
@@ -42,7 +42,12 @@ from kneegen.engine.training import (
     steps_per_epoch,
     training_input_shape,
 )
-from kneegen.engine.validation import ValidationResult, reconstruction_validation, validation_loss
+from kneegen.engine.validation import (
+    ValidationResult,
+    distillation_validation,
+    reconstruction_validation,
+    validation_loss,
+)
 from kneegen.errors import KneegenError
 from kneegen.evaluation.during_training import TrainingFid
 from kneegen.interruption import Interrupted, StopRequest
@@ -89,6 +94,11 @@ def run_training(
             latent, cfg = open_latent_space(cfg, data.image_shape, compute)
             input_shape = latent.shape_of(data.image_shape)
         state = create_state(cfg, input_shape[1:], compute, dist, input_shape[0])
+        if cfg.distill.teacher:
+            state.distillation, teacher = start_distillation(state.network, cfg, compute)
+            if latent is not None:
+                digest = (teacher.get("latent") or {}).get("digest", "none (a pixel model)")
+                check_same_autoencoder(latent, digest, cfg.distill.teacher)
         shape = training_input_shape(state.network, input_shape)
         plan = plan_memory(state.network, shape, compute, processes_on_this_machine())
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
@@ -165,6 +175,10 @@ def validate_epoch(state: TrainState, run: Run) -> ValidationResult:
     network, train = state.eval_network, run.cfg.train
     if isinstance(network, Autoencoder):
         return reconstruction_validation(network, run.val_images, run.compute, train.batch_size)
+    if state.distillation is not None:
+        return distillation_validation(
+            network, state.distillation, run.val_images, run.compute, train.batch_size, run.val_conditions
+        )
     return validation_loss(
         network,
         run.val_images,
@@ -263,6 +277,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
             ):
                 epoch_images, window_images = epoch_images + result.images, window_images + result.images
                 status = f"epoch {state.epoch + 1}/{train.epochs} loss {result.loss:.4f}"
+                if state.distillation is not None:
+                    status += f", {state.distillation.describe_round()}"
                 progress.update(task, advance=1, status=status)
                 if every(state.step, train.log_every_steps):
                     log.write(window_record(state, result, train.log_every_steps, window_images, window_started))
@@ -285,11 +301,7 @@ def train_epochs(state: TrainState, run: Run) -> None:
             quality = None
             if run.fid is not None and (every(epoch, train.fid_every) or epoch == train.epochs):
                 progress.update(task, status=f"epoch {epoch}: FID of {train.fid_samples} samples")
-                quality = run.fid.score(
-                    TrainedModel(
-                        state.eval_network, run.schedule, run.cfg, run.image_shape, epoch, run.run_dir, run.latent
-                    )
-                )
+                quality = run.fid.score(run.trained_model(state, run.run_dir))
             record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
 

@@ -28,6 +28,7 @@ class TrainedModel:
     epoch: int
     source: Path
     latent: LatentSpace | None = None  # a latent model's autoencoder: samples are its decoded latents
+    distilled_steps: int | None = None  # a distilled student's: the steps of the `distilled` sampler it learnt
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -52,7 +53,9 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
     network = network.to(compute.device, memory_format=compute.memory_format).eval()
     schedule = Schedule(config.diffusion.schedule, config.diffusion.timesteps)
-    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent)
+    distilled = payload.get("distillation")
+    steps = int(distilled["steps"]) if distilled else None
+    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent, steps)
 
 
 def latent_space_of(payload: dict[str, Any], config: RunConfig, compute: Compute, path: Path) -> LatentSpace:

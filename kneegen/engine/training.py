@@ -27,6 +27,7 @@ from kneegen.engine.augment import augment
 from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
 from kneegen.engine.conditioning import call_network, drop_conditions
 from kneegen.engine.device import Compute
+from kneegen.engine.distillation import Distillation
 from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
 from kneegen.engine.loss import min_snr_weight, per_image_loss
@@ -63,6 +64,7 @@ class TrainState:
     best_val_loss: float = math.inf
     best_fid: float = math.inf  # only tracked with train.fid_every
     end_step: int = 0  # where the LR schedule ends, once a time budget has fixed it (train.cooldown); 0 = train.epochs
+    distillation: Distillation | None = None  # a `kneegen distill` run's teacher and rounds
 
     @property
     def eval_network(self) -> nn.Module:
@@ -153,6 +155,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "best_val_loss": state.best_val_loss,
         "best_fid": state.best_fid,
         "end_step": state.end_step,
+        "distillation": state.distillation.state_dict() if state.distillation is not None else None,
     }
 
 
@@ -182,6 +185,8 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     state.best_val_loss = payload["best_val_loss"]
     state.best_fid = payload.get("best_fid", math.inf)  # absent from checkpoints before train.fid_every
     state.end_step = payload.get("end_step", 0)  # absent before train.cooldown
+    if state.distillation is not None:
+        state.distillation.load_state_dict(payload["distillation"])
 
 
 def rng_states() -> dict[str, Any]:
@@ -292,6 +297,13 @@ def epoch_steps(
         state.epoch_losses, state.epoch_skipped = [], []
     state.train_network.train()
     for index in batches[state.batch_in_epoch :]:
+        # 0. A distillation run whose round is over hands the student on as the next round's teacher.
+        distillation = state.distillation
+        if distillation is not None and distillation.round_over(state.step, total_steps):
+            distillation.begin_next_round(state.network, state.step)
+            state.optimizer.state.clear()  # a new round is a new optimisation, as in the paper
+            state.best_val_loss = math.inf  # best.pt: the best student of the newest round
+
         # 1. The draws of the whole global batch (t, ε, loss weights, augmentation, crops), from the
         #    generator every process holds in the same state; this process trains on its rows.
         if isinstance(state.network, Autoencoder):
@@ -316,7 +328,8 @@ def epoch_steps(
 
         # 3. Update: unscale, clip, step, EMA and the loss history of importance-sampled t (with
         #    the losses of the whole global batch), unless the loss or a gradient is not finite.
-        lr = learning_rate(train, state.step, total_steps)
+        start, length = (0, total_steps) if distillation is None else distillation.span(total_steps)
+        lr = learning_rate(train, state.step - start, length)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         state.scaler.unscale_(state.optimizer)
@@ -362,14 +375,18 @@ def diffusion_batch(
     cfg: RunConfig,
     compute: Compute,
     conditions: np.ndarray | None,
-) -> tuple[LossOf, Tensor]:
+) -> tuple[LossOf, Tensor | None]:
     """Draw t, ε, the loss weights, augmentation and dropped conditions of the global batch
     `index`; return the loss of any of its rows, and the drawn t (B,)."""
-    train, diffusion = cfg.train, cfg.diffusion
-    t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
+    train, diffusion, distillation = cfg.train, cfg.diffusion, state.distillation
+    if distillation is not None:
+        t_all, weight_all = distillation.draw(len(index), state.generator)  # the student's grid, max(SNR, 1)
+    else:
+        t_all, importance_all = state.timestep_sampler.draw(len(index), state.generator)
     noise_all = draw_noise(state.generator, (len(index), *stored_shape(images)), diffusion.offset_noise)
-    min_snr_all = min_snr_weight(schedule.snr(t_all), diffusion.min_snr_gamma, diffusion.prediction)
-    weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
+    if distillation is None:
+        min_snr_all = min_snr_weight(schedule.snr(t_all), diffusion.min_snr_gamma, diffusion.prediction)
+        weight_all = min_snr_all * importance_all  # (B,); importance weights are 1 for uniform t
     augmented = augment(to_network_input(images[index], CPU), train.augment, state.generator) if train.augment else None
     c_all = (
         drop_conditions(torch.from_numpy(conditions[index]), train.condition_dropout, state.generator)
@@ -383,12 +400,14 @@ def diffusion_batch(
         t, noise, weight = (to_device(a[part], compute.device) for a in (t_all, noise_all, weight_all))
         c = to_device(c_all[part], compute.device) if c_all is not None else None
         x_t = schedule.add_noise(x0, noise, t)
-        target = schedule.target(x0, noise, t, diffusion.prediction)
         with compute.autocast():
             prediction = call_network(state.train_network, x_t, t, c)
+        if distillation is not None:
+            return distillation.loss(prediction, x_t, t, c), weight
+        target = schedule.target(x0, noise, t, diffusion.prediction)
         return per_image_loss(prediction, target, diffusion.loss), weight
 
-    return loss_of, t_all
+    return loss_of, t_all if distillation is None else None
 
 
 def autoencoder_batch(state: TrainState, images: np.ndarray, index: np.ndarray, compute: Compute) -> LossOf:

@@ -19,8 +19,10 @@ from kneegen.config import DiffusionConfig
 from kneegen.engine.autoencoder import Autoencoder, autoencoder_loss
 from kneegen.engine.conditioning import call_network
 from kneegen.engine.device import Compute, evaluating
+from kneegen.engine.distillation import Distillation
 from kneegen.engine.loss import per_image_loss
 from kneegen.engine.pixels import to_model_range, to_network_input
+from kneegen.engine.samplers import trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.ssim import psnr, ssim
 
@@ -73,6 +75,38 @@ def validation_loss(
                 on_batch(len(x0))
     per_bucket = (totals / len(images)).tolist()
     return ValidationResult(sum(per_bucket) / len(per_bucket), grid, per_bucket)
+
+
+def distillation_validation(
+    network: nn.Module,
+    distillation: Distillation,
+    images: np.ndarray,
+    compute: Compute,
+    batch_size: int,
+    conditions: np.ndarray | None = None,
+) -> ValidationResult:
+    """How far a student's one step lands from its teacher's two, on held-out `images`: image k
+    noised with its own fixed noise at the student's grid point k mod N (one teacher pair per
+    image keeps this cheap), the squared x̂_0 error weighted as training weights it (so the two
+    compare), its mean and its mean per grid point. Rounds have different teachers, so compare
+    values within a round."""
+    grid = trailing_timesteps(distillation.schedule.timesteps, distillation.student_steps)
+    totals, counts = torch.zeros(len(grid), dtype=torch.float64), torch.zeros(len(grid), dtype=torch.float64)
+    with evaluating(network), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x0 = to_network_input(images[start : start + batch_size], compute.device)
+            c = None if conditions is None else torch.from_numpy(conditions[start : start + batch_size]).to(x0.device)
+            position = torch.arange(start, start + len(x0)) % len(grid)  # (B,) grid index of each image
+            t = torch.tensor(grid)[position].to(compute.device)
+            noise = fixed_noise(range(start, start + len(x0)), 1, x0.shape[1:])[0].to(compute.device)
+            x_t = distillation.schedule.add_noise(x0, noise, t)
+            with compute.autocast():
+                output = call_network(network, x_t.to(memory_format=compute.memory_format), t, c)
+            losses = (distillation.loss(output, x_t, t, c) * distillation.weight(t)).double().cpu()  # (B,)
+            totals.index_add_(0, position, losses)
+            counts.index_add_(0, position, torch.ones_like(losses))
+    per_point = (totals / counts.clamp(min=1)).tolist()
+    return ValidationResult(float(totals.sum() / counts.sum()), grid, per_point)
 
 
 def fixed_noise(image_indices: range, count: int, image_shape: torch.Size) -> torch.Tensor:

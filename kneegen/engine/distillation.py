@@ -1,0 +1,181 @@
+"""Progressive distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of
+Diffusion Models", Alg. 2): a student learns to take in one DDIM step what its teacher takes in two.
+
+Round k's teacher samples with 2N deterministic DDIM steps on the grid t_i = T(2N − i)/(2N) − 1;
+its student, started from the teacher's weights, is trained so that one DDIM step t → s on the
+grid of N steps lands where the teacher's two steps t → t′ → s land. The student then teaches the
+next round, so each round halves the steps: 16 → 8 → 4 → 2 → 1. The grids are nested (the N-step
+grid is every second point of the 2N-step one), and the last step of every grid lands on the
+clean image (s = −1, ᾱ = 1), where the DDIM step returns x̂_0 itself.
+
+With the v-parameterisation a one-step student stays well defined at t = T − 1, where x_t is all
+noise (sec. 4 of the paper); the loss is on x̂_0 with weight max(SNR_t, 1), the paper's
+"truncated SNR" weighting.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kneegen.config import Prediction, RunConfig
+from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.denoiser import make_denoiser
+from kneegen.engine.device import Compute
+from kneegen.engine.loss import per_image_loss
+from kneegen.engine.samplers import Denoiser, trailing_timesteps
+from kneegen.engine.schedule import Schedule
+from kneegen.errors import KneegenError
+
+CLEAN = -1  # the timestep after a grid's last one: ᾱ_{−1} = 1, the data itself
+
+
+def distillation_rounds(teacher_steps: int, steps: int) -> int:
+    """How many halvings take `teacher_steps` (round 0's teacher) to `steps` (the config checks
+    that it is a power of two)."""
+    return (teacher_steps // steps).bit_length() - 1
+
+
+@dataclass
+class Distillation:
+    """The teacher of the current round and where the rounds stand; kept in the training state
+    (and in checkpoints: after round 0 the teacher is an earlier student, found nowhere else)."""
+
+    teacher: nn.Module  # frozen, in eval mode
+    schedule: Schedule
+    prediction: Prediction
+    compute: Compute
+    clip: bool  # clip the teacher's x̂_0 to the data range, as its sampler does (pixels, not latents)
+    teacher_steps: int  # DDIM steps of round 0's teacher
+    rounds: int
+    trained_epochs: int  # the epochs of the diffusion model at the root of the lineage (a student's teacher's …)
+    round: int = 0
+    round_start: int = 0  # the optimizer step at which the current round began
+
+    @property
+    def student_steps(self) -> int:
+        """N of the current round: the steps its student learns to sample in."""
+        return self.teacher_steps >> (self.round + 1)
+
+    def describe_round(self) -> str:
+        return f"round {self.round + 1}/{self.rounds}: {self.student_steps} steps"
+
+    def round_end(self, total_steps: int) -> int:
+        """The step at which the current round ends: rounds share the run's `total_steps` evenly."""
+        return round(total_steps * (self.round + 1) / self.rounds)
+
+    def round_over(self, step: int, total_steps: int) -> bool:
+        """Whether the current round, not the last, has reached its end at `step`."""
+        return self.round < self.rounds - 1 and step >= self.round_end(total_steps)
+
+    def span(self, total_steps: int) -> tuple[int, int]:
+        """(first step, steps) of the current round, over which its LR warms up and cools down;
+        the last round runs to the end of the run."""
+        end = self.round_end(total_steps) if self.round < self.rounds - 1 else total_steps
+        return self.round_start, max(1, end - self.round_start)
+
+    def draw(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(B,) student timesteps, uniform over its grid, and (B,) fp32 loss weights max(SNR_t, 1)."""
+        grid = torch.tensor(trailing_timesteps(self.schedule.timesteps, self.student_steps))
+        t = grid[torch.randint(0, len(grid), (batch,), generator=generator)]
+        return t, self.weight(t)
+
+    def weight(self, t: Tensor) -> Tensor:
+        """(B,) fp32 loss weights max(SNR_t, 1): the x̂_0 error counts as an ε error would at low
+        noise, and no less than itself at high noise (the paper's truncated-SNR weighting)."""
+        return self.schedule.snr(t).clamp(min=1.0).float()
+
+    def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
+        """(B,) squared error between the student's x̂_0 (from its network `output` at (x_t, t)) and
+        the teacher's two-step target x̃."""
+        teacher = make_denoiser(self.teacher, self.schedule, self.prediction, self.compute, conditions, clip=self.clip)
+        target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule)
+        x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
+        return per_image_loss(x0, target.clone(), "l2")  # clone: out of inference mode, autograd may keep it
+
+    def teacher_grid_after(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """For each student timestep t: the teacher's midpoint t′ and the student's next step s."""
+        student = trailing_timesteps(self.schedule.timesteps, self.student_steps) + [CLEAN]
+        teacher = trailing_timesteps(self.schedule.timesteps, 2 * self.student_steps)
+        position = {value: i for i, value in enumerate(student[:-1])}
+        index = [position[value] for value in t.tolist()]
+        middle = torch.tensor([teacher[2 * i + 1] for i in index], device=t.device)
+        following = torch.tensor([student[i + 1] for i in index], device=t.device)
+        return middle, following
+
+    def begin_next_round(self, network: nn.Module, step: int) -> None:
+        """The student's weights become the next round's teacher (and its student's start)."""
+        self.teacher.load_state_dict(network.state_dict())
+        self.round += 1
+        self.round_start = step
+
+    def state_dict(self) -> dict[str, object]:
+        """With the student's steps, which sampling from the checkpoint needs."""
+        return {
+            "teacher": self.teacher.state_dict(),
+            "round": self.round,
+            "round_start": self.round_start,
+            "steps": self.student_steps,
+            "trained_epochs": self.trained_epochs,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.teacher.load_state_dict(state["teacher"])  # type: ignore[arg-type]
+        self.round, self.round_start = int(state["round"]), int(state["round_start"])  # type: ignore[call-overload]
+
+
+def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> tuple[Distillation, dict]:
+    """Load the teacher checkpoint of `distill.teacher` (its EMA weights, as it samples) into the
+    student `network` and into a frozen copy, round 0's teacher; also return the teacher's payload."""
+    path = Path(cfg.distill.teacher)
+    payload = load_checkpoint(path)
+    try:
+        network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
+    except RuntimeError:
+        raise KneegenError(
+            f"{path}: the teacher's weights do not fit the config's model.* settings: distil with the teacher's own "
+            "config (kneegen distill takes it from the checkpoint) and leave model.* as they are"
+        ) from None
+    teacher = copy.deepcopy(network).eval().requires_grad_(False)
+    distill = cfg.distill
+    schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    rounds = distillation_rounds(distill.teacher_steps, distill.steps)
+    clip = not cfg.model.autoencoder
+    trained_epochs = root_epochs(payload)
+    return Distillation(
+        teacher, schedule, cfg.diffusion.prediction, compute, clip, distill.teacher_steps, rounds, trained_epochs
+    ), payload
+
+
+def root_epochs(payload: dict) -> int:
+    """The epochs the diffusion model behind a checkpoint trained for: its own, or, for a distilled
+    student, those of the model its lineage started from (what a distillation's length scales with)."""
+    distilled = payload.get("distillation")
+    return int(distilled.get("trained_epochs", payload["epoch"])) if distilled else int(payload["epoch"])
+
+
+def two_step_target(
+    teacher: Denoiser, x_t: Tensor, t: Tensor, middle_and_next: tuple[Tensor, Tensor], schedule: Schedule
+) -> Tensor:
+    """x̃ of Alg. 2: the x̂_0 with which ONE DDIM step t → s lands on the teacher's TWO steps t → t′ → s.
+
+    A DDIM step is x_s = α_s x̂_0 + σ_s ε̂ with ε̂ = (x_t − α_t x̂_0) / σ_t; solving
+    x″ = α_s x̃ + (σ_s/σ_t)(x_t − α_t x̃) for x̃ gives x̃ = (x″ − (σ_s/σ_t) x_t) / (α_s − (σ_s/σ_t) α_t),
+    which is the teacher's x̂_0 at t′ when s is the clean end (α_s = 1, σ_s = 0)."""
+    middle, following = middle_and_next
+    # 1. The teacher's first DDIM step, t → t′.
+    x0, eps = teacher(x_t, t)
+    alpha_mid, sigma_mid = schedule.alpha_sigma(middle, x_t)
+    x_mid = alpha_mid * x0 + sigma_mid * eps
+    # 2. Its second, t′ → s.
+    x0_mid, eps_mid = teacher(x_mid, middle)
+    alpha_s, sigma_s = schedule.alpha_sigma(following, x_t)
+    x_s = alpha_s * x0_mid + sigma_s * eps_mid
+    # 3. The student's x̂_0 for one step t → s to land on x_s.
+    alpha_t, sigma_t = schedule.alpha_sigma(t, x_t)
+    ratio = sigma_s / sigma_t
+    return (x_s - ratio * x_t) / (alpha_s - ratio * alpha_t)
