@@ -23,7 +23,7 @@ from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import StepCallback, generate, get_sampler, timesteps_for
+from kneegen.engine.samplers import DISTILLED, StepCallback, generate, get_sampler, timesteps_for
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
@@ -38,7 +38,7 @@ class SamplerChoice:
     compile: bool = False  # torch.compile the network (engine/compilation.py)
 
     def describe(self) -> str:
-        eta = f", eta {self.eta}" if self.name == "ddim" else ""
+        eta = f", eta {self.eta}" if self.name in ("ddim", DISTILLED) else ""
         spacing = f", {self.spacing} spacing" if self.spacing != "auto" else ""
         compiled = ", compiled" if self.compile else ""
         return f"{self.name}, {self.steps} steps{eta}{spacing}{compiled}"
@@ -65,6 +65,8 @@ def choose_sampler(
     sample = model.config.sample
     chosen = name or sample.sampler
     default_steps = model.schedule.timesteps if chosen == "ddpm" else sample.steps
+    if chosen == DISTILLED:
+        default_steps = distilled_steps(model, steps)
     if spacing is not None and spacing not in get_args(Spacing):
         raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
     if steps is not None and steps < 1:
@@ -78,6 +80,24 @@ def choose_sampler(
         spacing or sample.spacing,
         compile,
     )
+
+
+def distilled_steps(model: TrainedModel, asked: int | None) -> int:
+    """The steps a distilled checkpoint learnt, which its sampler runs; refused for any other
+    checkpoint or step count."""
+    if model.distilled_steps is None:
+        raise KneegenError(
+            f"--sampler {DISTILLED}: {model.source} is no distilled student (kneegen distill makes one): "
+            f"choose another sampler"
+        )
+    if asked is not None and asked != model.distilled_steps:
+        further = f" (kneegen distill {model.source} --steps {asked})" if asked < model.distilled_steps else ""
+        raise KneegenError(
+            f"--steps {asked}: {model.source} was distilled for {model.distilled_steps} steps, the only count its "
+            f"sampler runs: give --steps {model.distilled_steps}, distil it to fewer{further}, or choose another "
+            "--sampler"
+        )
+    return model.distilled_steps
 
 
 def sample_batches(

@@ -6,12 +6,21 @@ Data-parallel on several GPUs (or CPU processes): `torchrun --nproc_per_node N -
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from kneegen.commands.choices import DEVICES, PRECISIONS
-from kneegen.config import parse_override
+from kneegen.commands.run_options import (
+    Device,
+    Minutes,
+    PrecisionOption,
+    Resume,
+    ResumeFrom,
+    RunDir,
+    SetOverrides,
+    run_flags,
+    run_overrides,
+)
 from kneegen.recipes import recipe_names
 from kneegen.train_request import TrainRequest, start_training
 
@@ -25,33 +34,15 @@ def train(
         ),
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train until this many epochs (train.epochs).")] = None,
-    minutes: Annotated[
-        Optional[float],
-        typer.Option(help="Also stop at the epoch end where the next epoch would pass this (train.minutes)."),
-    ] = None,
+    minutes: Minutes = None,
     data: Annotated[Optional[Path], typer.Option(help="Prepared data dir (data).")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(help="Continue the run in --run-dir (default: the latest run) from its newest good checkpoint."),
-    ] = False,
-    resume_from: Annotated[
-        Optional[Path], typer.Option(help="Continue from this run dir, or this checkpoint file (implies --resume).")
-    ] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"{DEVICES} (device).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help=f"{PRECISIONS} (precision).")] = None,
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override any config key: --set train.lr=3e-4 (repeatable).")
-    ] = None,
+    run_dir: RunDir = None,
+    resume: Resume = False,
+    resume_from: ResumeFrom = None,
+    device: Device = None,
+    precision: PrecisionOption = None,
+    set_: SetOverrides = None,
 ) -> None:
     """Train a diffusion model; checkpoints, metrics and loss plots go to the run dir."""
-    overrides: dict[str, Any] = dict(parse_override(text) for text in set_ or [])
-    flags = {
-        "train.epochs": epochs,
-        "train.minutes": minutes,
-        "data": str(data) if data else None,
-        "device": device,
-        "precision": precision,
-    }
-    overrides.update({key: value for key, value in flags.items() if value is not None})
+    overrides = run_overrides(set_, run_flags(epochs, minutes, data, device, precision))
     start_training(TrainRequest(config, overrides, run_dir, resume, resume_from, device, precision))
