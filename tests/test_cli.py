@@ -546,7 +546,7 @@ def run_script(*args, cwd: Path) -> subprocess.CompletedProcess:
 def test_console_script_lists_the_builtin_commands(tmp_path):
     result = run_script("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for command in ("prepare", "train", "validate", "sample"):
+    for command in ("prepare", "train", "validate", "sample", "distill"):
         assert command in result.stdout
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kneegen.engine.samplers import sampler_names
+from kneegen.engine.samplers import DISTILLED, sampler_names
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 TINY = ["--device", "cpu", "--tiny", "--size", "32", "--phantom", "60", "--images", "8", "--steps", "4"]
 COLUMNS = ("wall_s", "step_s", "img/s", "peak_MiB", "TFLOP/s", "%peak")  # the numbers, between phase and status
-TRAINING_ROWS = ("train:pixel", "train:autoencoder", "train:latent", "resume:latent")
+TRAINING_ROWS = ("train:pixel", "train:autoencoder", "train:latent", "resume:latent", "distill:latent")
 
 
 def table(output: str) -> dict[str, dict[str, str]]:
@@ -54,8 +54,8 @@ def test_the_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
     assert "device: " in result.stdout and "bf16" in result.stdout
 
     rows = table(result.stdout)
-    samples = [f"sample:latent:{name}" for name in sampler_names()]
-    expected = ["matmul", "prepare", *TRAINING_ROWS, *samples, "sample:pixel", "validate:latent"]
+    samples = [f"sample:latent:{name}" for name in sampler_names() if name != DISTILLED]
+    expected = ["matmul", "prepare", *TRAINING_ROWS, *samples, "sample:pixel", "sample:distilled", "validate:latent"]
     assert list(rows) == expected
     for phase, row in rows.items():
         assert row["status"] == "ok", (phase, row)
@@ -67,5 +67,8 @@ def test_the_gpu_check_runs_every_phase_on_the_cpu(tmp_path):
     for phase in [*samples, "sample:pixel"]:
         assert positive(rows[phase]["img/s"]), (phase, rows[phase])
         assert rows[phase]["note"].startswith("8 images, 4 steps")
+    assert positive(rows["sample:distilled"]["img/s"]) and rows["sample:distilled"]["note"].startswith(
+        "8 images, 2 steps"
+    )
     assert "val loss" in rows["validate:latent"]["note"]
     assert (work / "logs" / "validate-latent.log").is_file()

@@ -215,6 +215,22 @@ def test_a_moved_autoencoder_resumes_and_a_conditional_latent_model_draws_the_si
     assert np.asarray(Image.open(tmp_path / "left" / "000001.png")).shape == (32, 32)
 
 
+def test_a_conditional_latent_model_distils_into_a_student_that_still_draws_the_side_asked(latent_setup, tmp_path):
+    data, autoencoder = latent_setup
+    cfg = tiny_config(data, tmp_path, model={**LATENT_MODEL, "conditions": ["side"]}, train={"epochs": 2})
+    cfg.model.autoencoder = str(autoencoder)
+    run_training(cfg, tmp_path / "teacher")
+    student = tmp_path / "student"
+    distilled = invoke("distill", tmp_path / "teacher", "--steps", 2, "--teacher-steps", 4, "--run-dir", student)
+    assert distilled.exit_code == 0, distilled.output
+    result = invoke(
+        "sample", "generate", 2, "--checkpoint", student / "last.pt", "--side", "right", "--out", tmp_path / "s"
+    )
+    assert result.exit_code == 0, result.output
+    assert "distilled, 2 steps" in result.output and '"side": "right"' in (tmp_path / "s" / "000000.json").read_text()
+    assert np.asarray(Image.open(tmp_path / "s" / "000001.png")).shape == (32, 32)  # decoded, not latents
+
+
 MID_EPOCH = {"batch_size": 4, "epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 3, "lr": 2e-3}
 MACHINE_KEYS = ("seconds", "images_per_s", "peak_memory_mb")
 
