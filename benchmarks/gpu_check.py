@@ -7,9 +7,10 @@ In a fresh work dir (a temporary one unless --work), every phase through the `kn
   3. one epoch each of examples/akoa-256.yaml (pixel diffusion), examples/autoencoder-256.yaml and
      examples/latent-256.yaml on that autoencoder (torch.compile on CUDA unless --no-compile), then one
      more epoch of the latent run through `--resume`;
-  4. `kneegen sample generate` from the latent run with every registered sampler, and from the pixel run
-     with its own;
-  5. `kneegen validate` of the latent run (FID/KID when the Inception weights are installed).
+  4. `kneegen distill` of the latent run into a 2-step student, for one epoch;
+  5. `kneegen sample generate` from the latent run with every registered sampler (but `distilled`), from
+     the pixel run with its own, and from the student with its own;
+  6. `kneegen validate` of the latent run (FID/KID when the Inception weights are installed).
 A table ends the output, one row per phase: wall-clock seconds, training step time, images/s, peak memory,
 achieved TFLOP/s and its share of the matmul peak, and ok or FAILED with the last line the command wrote
 (its whole output is in WORK/logs/). A failed phase does not stop the others; the exit status is then 1.
@@ -52,7 +53,7 @@ from kneegen.engine.autoencoder import latent_shape
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import bf16_supported
 from kneegen.engine.network import build_network, network_settings
-from kneegen.engine.samplers import sampler_names
+from kneegen.engine.samplers import DISTILLED, sampler_names
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import METRICS_FILE, read_metrics
 
@@ -63,6 +64,8 @@ KNEEGEN = [sys.executable, "-m", "kneegen"]
 SUBPROCESS_ENV = {**os.environ, "COLUMNS": "1000"}  # Rich wraps nothing: one line per message, parseable
 MATMUL_SECONDS = 1.0  # timed matmuls after the warm-up: long enough for a GPU's clocks to settle
 FORWARD_BACKWARD = 3  # a training step costs about 3 forwards: the forward, and twice that backward
+TEACHER_FORWARDS = 2  # a distillation step adds its teacher's two DDIM steps
+STUDENT_STEPS = 2  # the distilled student's: one round from a 4-step teacher
 
 # Per-device defaults of the sizes: the GPU's fit the 5-minute budget, the CPU's a smoke run.
 DEFAULTS: dict[str, dict[str, int]] = {
@@ -206,9 +209,10 @@ def forward_flops(checkpoint: Path) -> float:
     return counter.get_total_flops()
 
 
-def measure_training(row: Row, run_dir: Path, epoch: int) -> None:
+def measure_training(row: Row, run_dir: Path, epoch: int, forwards: int = FORWARD_BACKWARD) -> None:
     """Fill in the row from the epoch's records in metrics.jsonl: the median step after the first,
-    the epoch's peak memory, and the TFLOP/s those steps achieved."""
+    the epoch's peak memory, and the TFLOP/s those steps achieved (a step costing `forwards`
+    forwards of one image)."""
     records = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("epoch") == epoch]
     steps = [r["images_per_s"] for r in records if r["kind"] == "steps"]
     epochs = [r for r in records if r["kind"] == "epoch"]
@@ -218,7 +222,7 @@ def measure_training(row: Row, run_dir: Path, epoch: int) -> None:
     row.images_per_s = statistics.median(steps[1:] or steps)
     row.step_s = batch / row.images_per_s
     row.peak_mib = epochs[-1]["peak_memory_mb"]
-    row.tflops = FORWARD_BACKWARD * forward_flops(run_dir / "last.pt") * row.images_per_s / 1e12
+    row.tflops = forwards * forward_flops(run_dir / "last.pt") * row.images_per_s / 1e12
     row.note = f"batch {batch}, {len(steps)} steps"
 
 
@@ -267,10 +271,23 @@ def resume(recipe: Recipe, plan: Plan) -> Row:
     return outcome.row
 
 
-def sample(phase: str, checkpoint: Path, plan: Plan, sampler: str | None) -> Row:
-    """`kneegen sample generate` of --images images; images/s from the command's own timing."""
+def distill(plan: Plan) -> Row:
+    """One epoch of `kneegen distill` of the latent run: a 2-step student from 4 DDIM steps."""
+    run_dir = plan.work / "runs" / "distilled"
+    teacher = plan.work / "runs" / "latent" / "last.pt"
+    args = ["distill", str(teacher), "--steps", str(STUDENT_STEPS), "--teacher-steps", str(2 * STUDENT_STEPS)]
+    args += ["--epochs", "1", "--run-dir", str(run_dir), "--device", plan.device]
+    outcome = run_kneegen("distill:latent", args, plan)
+    measured(outcome.row, lambda: measure_training(outcome.row, run_dir, 1, FORWARD_BACKWARD + TEACHER_FORWARDS))
+    return outcome.row
+
+
+def sample(phase: str, checkpoint: Path, plan: Plan, sampler: str | None, steps: int | None = None) -> Row:
+    """`kneegen sample generate` of --images images (with --steps, or `steps`); images/s from the
+    command's own timing."""
     out = plan.work / "samples" / phase.replace(":", "-")
-    args = ["sample", "generate", str(plan.images), "--checkpoint", str(checkpoint), "--steps", str(plan.steps)]
+    steps = steps or plan.steps
+    args = ["sample", "generate", str(plan.images), "--checkpoint", str(checkpoint), "--steps", str(steps)]
     args += ["--out", str(out), "--device", plan.device, *(["--sampler", sampler] if sampler else [])]
     outcome = run_kneegen(phase, args, plan)
 
@@ -279,7 +296,7 @@ def sample(phase: str, checkpoint: Path, plan: Plan, sampler: str | None) -> Row
         if not found:
             raise KneegenError("no 'N images in … (S s, …)' line in its output")
         images, seconds = int(found[-1][0]), float(found[-1][1])
-        outcome.row.note = f"{images} images, {plan.steps} steps, {sampler or 'the run’s sampler'}"
+        outcome.row.note = f"{images} images, {steps} steps, {sampler or 'the run’s sampler'}"
         if seconds:
             outcome.row.images_per_s = images / seconds
         else:
@@ -342,10 +359,12 @@ def run_check(plan: Plan) -> list[Row]:
     rows.append(train(AUTOENCODER, plan, train_images, {}))
     rows.append(train(LATENT, plan, train_images, {"model.autoencoder": str(runs / "autoencoder" / "best.pt")}))
     rows.append(resume(LATENT, plan))
+    rows.append(distill(plan))
 
     latent = runs / "latent" / "last.pt"
-    rows += [sample(f"sample:latent:{name}", latent, plan, name) for name in sampler_names()]
+    rows += [sample(f"sample:latent:{name}", latent, plan, name) for name in sampler_names() if name != DISTILLED]
     rows.append(sample("sample:pixel", runs / "pixel" / "last.pt", plan, None))
+    rows.append(sample("sample:distilled", runs / "distilled" / "last.pt", plan, None, STUDENT_STEPS))
     rows.append(validate(latent, plan))
     return rows
 

@@ -222,7 +222,8 @@ class Judge:
         probe = load_trained_model(checkpoint, resolve_compute("cpu", "fp32"))
         compute = resolve_compute("cpu", probe.config.precision)
         model = load_trained_model(checkpoint, compute)
-        choice = choice or SamplerChoice(model.config.sample.sampler, model.config.sample.steps)
+        sample = model.config.sample
+        choice = choice or SamplerChoice(sample.sampler, sample.steps, sample.eta, sample.spacing)
         started = time.perf_counter()
         images = np.concatenate(
             [batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)]
@@ -257,6 +258,22 @@ class Judge:
             chance,
             seconds,
         )
+
+
+def judge_on_phantom(
+    work: Path, count: int, held_out: float, feature_weights: Path | None, samples: int
+) -> tuple[Judge, Scores]:
+    """The CPU kind, then the phantom cache of `count` slices (made once) and its judge, with the
+    real-vs-real floor at `samples` images, printed: the preamble of every phantom benchmark."""
+    print(f"CPU: {cpu_kind()}", flush=True)
+    judge = Judge.on(prepare_phantom(work, count, held_out), feature_weights, samples)
+    floor, _ = judge.floor()
+    print(
+        f"{len(judge.train)} training and {len(judge.held_out)} held-out phantom slices at {IMAGE_SIZE}²; "
+        f"{samples} samples per score; floor FID {floor.fid:.2f}, recall {floor.recall:.3f}",
+        flush=True,
+    )
+    return judge, floor
 
 
 def features_of(extractor: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
@@ -345,9 +362,9 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
 
 
 def sampler_choice(text: str) -> SamplerChoice:
-    """NAME:STEPS[:ETA], as --samplers takes it."""
-    name, steps, *eta = text.split(":")
-    return SamplerChoice(name, int(steps), float(eta[0]) if eta else 0.0)
+    """NAME:STEPS[:ETA[:SPACING]], as --samplers takes it."""
+    name, steps, *rest = text.split(":")
+    return SamplerChoice(name, int(steps), float(rest[0]) if rest else 0.0, rest[1] if len(rest) > 1 else "auto")
 
 
 def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
@@ -384,8 +401,8 @@ def main() -> None:
         "--samplers",
         nargs="+",
         default=[],
-        help="NAME:STEPS[:ETA], e.g. ddim:50:1: with --score, each; after training, one for every recipe "
-        "instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",
+        help="NAME:STEPS[:ETA[:SPACING]], e.g. ddim:50:1 or ddim:4:0:trailing: with --score, each; after "
+        "training, one for every recipe instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",
     )
     args = parser.parse_args()
     if len(args.samplers) > 1 and not args.score:
@@ -394,14 +411,7 @@ def main() -> None:
     for name in args.recipes:
         recipe_config(name, Path("data"), 1, 0)  # a misspelt recipe stops here, not after hours of training
 
-    print(f"CPU: {cpu_kind()}", flush=True)
-    judge = Judge.on(prepare_phantom(args.work, args.phantom, args.held_out), args.feature_weights, args.samples)
-    floor, _ = judge.floor()
-    print(
-        f"{len(judge.train)} training and {len(judge.held_out)} held-out phantom slices at {IMAGE_SIZE}²; "
-        f"{args.samples} samples per score; floor FID {floor.fid:.2f}, recall {floor.recall:.3f}",
-        flush=True,
-    )
+    judge, floor = judge_on_phantom(args.work, args.phantom, args.held_out, args.feature_weights, args.samples)
     if args.score:
         for checkpoint in args.score:
             score_samplers(judge, floor, checkpoint, args.samplers)
