@@ -301,3 +301,16 @@ def test_two_processes_distil_exactly_as_one(trained_run, tmp_path):
     assert ddp["distillation"]["round"] == one["distillation"]["round"] == 1
     assert all(torch.equal(ddp["model"][k], one["model"][k]) for k in one["model"])
     assert all(torch.equal(ddp["distillation"]["teacher"][k], one["distillation"]["teacher"][k]) for k in one["model"])
+
+
+def test_a_distillation_whose_teacher_moved_resumes_with_its_new_place(trained_run, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes((trained_run / "best.pt").read_bytes())
+    overrides = {"distill.steps": 2, "distill.teacher_steps": 4, "train.epochs": 1}
+    run_training(distillation_config(teacher, overrides)[0], tmp_path / "student")
+    moved = teacher.rename(tmp_path / "moved.pt")
+    resume = ["distill", "--resume-from", tmp_path / "student", "--epochs", 2]
+    one_line_error(invoke(*resume), "distill.teacher", "--set distill.teacher=PATH")
+    resumed = invoke(*resume, "--set", f"distill.teacher={moved}")
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(tmp_path / "student" / "last.pt")["epoch"] == 2

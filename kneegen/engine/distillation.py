@@ -132,6 +132,11 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
     """Load the teacher checkpoint of `distill.teacher` (its EMA weights, as it samples) into the
     student `network` and into a frozen copy, round 0's teacher; also return the teacher's payload."""
     path = Path(cfg.distill.teacher)
+    if not path.is_file():
+        raise KneegenError(
+            f"distill.teacher {path}: the teacher checkpoint is not there: give its place with "
+            "--set distill.teacher=PATH (a resumed distillation accepts a moved teacher)"
+        )
     payload = load_checkpoint(path)
     try:
         network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
