@@ -75,17 +75,10 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     steps = overrides.get("distill.steps", DEFAULT_STEPS)
     if not isinstance(steps, int) or steps < 1:
         steps = DEFAULT_STEPS  # for the derived keys only: the config check refuses the value itself
-    teacher_steps = overrides.get(
-        "distill.teacher_steps", int(student_of) if student_of else first_teacher_steps(steps)
-    )
-    rounds = (
-        distillation_rounds(teacher_steps, steps) if isinstance(teacher_steps, int) and teacher_steps > steps else 1
-    )
     derived = {
         "distill.teacher": str(teacher.resolve()),
         "distill.steps": steps,
-        "distill.teacher_steps": teacher_steps,
-        "train.epochs": max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds)),
+        "distill.teacher_steps": int(student_of) if student_of else first_teacher_steps(steps),
         **{f"train.{key}": value for key, value in DISTILLATION_TRAIN.items()},
         "sample.sampler": DISTILLED,
         "sample.steps": steps,
@@ -101,6 +94,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
             f"--teacher-steps {distill.teacher_steps}: leave --teacher-steps out"
         )
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)
+    if "train.epochs" not in overrides:
+        cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
         f"{rounds} round{'s' * (rounds > 1)} of {distill.method} distillation from {distill.teacher_steps} "

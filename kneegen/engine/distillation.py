@@ -126,6 +126,7 @@ class Distillation:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.teacher.load_state_dict(state["teacher"])  # type: ignore[arg-type]
         self.round, self.round_start = int(state["round"]), int(state["round_start"])  # type: ignore[call-overload]
+        self.trained_epochs = int(state["trained_epochs"])  # type: ignore[call-overload]
 
 
 def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> tuple[Distillation, dict]:
