@@ -36,7 +36,14 @@ from kneegen.distill_request import DistillRequest, start_distillation_run
 from kneegen.metrics_log import read_metrics
 from kneegen.sampling import SamplerChoice
 
-from quality import Scores, cpu_kind, judge_on_phantom, save_grid, train_for  # benchmarks/ on sys.path
+from quality import (
+    Scores,
+    add_judge_arguments,
+    cpu_kind,
+    judge_on_phantom,
+    save_grid,
+    train_for,
+)  # benchmarks/ on sys.path
 
 
 def distil(teacher: Path, steps: int, run_dir: Path) -> tuple[Path, float]:
@@ -59,11 +66,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="the teacher's training budget")
     parser.add_argument("--teacher", type=Path, default=None, help="a trained teacher (of --work's data) instead")
     parser.add_argument("--students", type=int, nargs="+", default=[4, 2, 1], help="student steps, each from the last")
-    parser.add_argument("--phantom", type=int, default=2900, help="phantom slices in the cache")
-    parser.add_argument("--held-out", type=float, default=0.45, help="fraction of patients in the test split")
-    parser.add_argument("--samples", type=int, default=1000, help="images per score (and real slices in the floor)")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench_distill"), help="cache and run dirs go here")
-    parser.add_argument("--feature-weights", type=Path, default=None)
+    add_judge_arguments(parser, Path("runs/bench_distill"))
     args = parser.parse_args()
     if sorted(args.students, reverse=True) != args.students or len(set(args.students)) != len(args.students):
         sys.exit("--students: decreasing step counts, each a power-of-two fraction of the one before (4 2 1)")
@@ -103,10 +106,7 @@ def main() -> None:
         ),
     ]
     for label, choice in teacher_choices:
-        if choice is None:
-            default = torch.load(teacher, weights_only=False)["config"]["sample"]
-            choice = SamplerChoice(default["sampler"], 25, default["eta"])
-        scores, images, how = judge.samples(teacher, choice)
+        scores, images, how = judge.samples(teacher, choice)  # None: its own sampler (autoguided if it is)
         rows.append((label, scores, how))
         if label.startswith("teacher default"):
             grid["teacher-25"] = images

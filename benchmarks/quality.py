@@ -64,7 +64,7 @@ from kneegen.evaluation.memorisation import compare_with_training, copy_chance, 
 from kneegen.evaluation.precision_recall import precision_recall
 from kneegen.evaluation.spectrum import fold_radius, power_ratio_at
 from kneegen.recipes import recipe_path
-from kneegen.sampling import SamplerChoice, sample_batches
+from kneegen.sampling import SamplerChoice, choose_sampler, sample_batches
 from kneegen.training_run import run_training
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -111,6 +111,10 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "lr1e3": {"train.lr": 1e-3},
     "lr2e3": {"train.lr": 2e-3},
     "snap": {"train.ema_snapshots": True},  # power-EMA snapshots for kneegen ema (post-hoc EMA)
+    "keep": {
+        "train.keep_checkpoints": 100_000
+    },  # every epoch's checkpoint, e.g. as guides (benchmarks/autoguidance.py)
+    "noag": {"train.guide_at": 0.0, "sample.autoguidance": 1.0},  # no autoguidance (the recipes until 2026-12-03)
     "beta99": {"train.adam_beta2": 0.99},
     "len03": {"train.ema_length": 0.03},  # the EMA a power-function one of sigma_rel 0.03
     "len05": {"train.ema_length": 0.05},
@@ -216,14 +220,18 @@ class Judge:
         pick = np.linspace(0, len(self.train) - 1, len(self.seeds)).round().astype(int)
         return self.score(self.train[pick], self.train_features[pick], patch=1, seconds=0.0, copies=False), pick
 
-    def samples(self, checkpoint: Path, choice: SamplerChoice | None = None) -> tuple[Scores, np.ndarray, str]:
+    def samples(
+        self, checkpoint: Path, choice: SamplerChoice | None = None, guide: Path | None = None
+    ) -> tuple[Scores, np.ndarray, str]:
         """Scores of the checkpoint's samples, drawn as `kneegen sample` would (its sampler unless
-        `choice` says otherwise, its precision resolved on this machine), and the images."""
+        `choice` says otherwise, its precision resolved on this machine), and the images; with
+        `guide`, that checkpoint's weights are its autoguidance guide instead of its own."""
         probe = load_trained_model(checkpoint, resolve_compute("cpu", "fp32"))
         compute = resolve_compute("cpu", probe.config.precision)
         model = load_trained_model(checkpoint, compute)
-        sample = model.config.sample
-        choice = choice or SamplerChoice(sample.sampler, sample.steps, sample.eta, sample.spacing)
+        if guide is not None:
+            model.guide = load_trained_model(guide, compute).network
+        choice = choice or choose_sampler(model, None, None, None)
         started = time.perf_counter()
         images = np.concatenate(
             [batch for _, batch in sample_batches(model, compute, choice, self.seeds, SAMPLE_BATCH)]
@@ -274,6 +282,15 @@ def judge_on_phantom(
         flush=True,
     )
     return judge, floor
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser, work: Path) -> None:
+    """The phantom and the instrument's options, the same in every phantom benchmark."""
+    parser.add_argument("--phantom", type=int, default=2900, help="phantom slices in the cache")
+    parser.add_argument("--held-out", type=float, default=0.45, help="fraction of patients in the test split")
+    parser.add_argument("--samples", type=int, default=1000, help="images per score (and real slices in the floor)")
+    parser.add_argument("--work", type=Path, default=work, help="cache and run dirs go here")
+    parser.add_argument("--feature-weights", type=Path, default=None)
 
 
 def features_of(extractor: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
@@ -362,9 +379,10 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
 
 
 def sampler_choice(text: str) -> SamplerChoice:
-    """NAME:STEPS[:ETA[:SPACING]], as --samplers takes it."""
+    """NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE]]], as --samplers takes it (autoguidance 1, off, unless given)."""
     name, steps, *rest = text.split(":")
-    return SamplerChoice(name, int(steps), float(rest[0]) if rest else 0.0, rest[1] if len(rest) > 1 else "auto")
+    eta, spacing, autoguidance = (rest + ["0", "auto", "1"][len(rest) :])[:3]
+    return SamplerChoice(name, int(steps), float(eta), spacing, autoguidance=float(autoguidance))
 
 
 def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
@@ -391,17 +409,14 @@ def main() -> None:
         "--recipes", nargs="+", default=["demo", "seed"], help="names from RECIPES or screening fragments"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; several give the spread")
-    parser.add_argument("--phantom", type=int, default=2900, help="phantom slices in the cache")
-    parser.add_argument("--held-out", type=float, default=0.45, help="fraction of patients in the test split")
-    parser.add_argument("--samples", type=int, default=1000, help="images per score (and real slices in the floor)")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"), help="cache and run dirs go here")
-    parser.add_argument("--feature-weights", type=Path, default=None)
+    add_judge_arguments(parser, Path("runs/bench_quality"))
     parser.add_argument("--score", type=Path, nargs="+", help="only score these trained checkpoints (of --work's data)")
     parser.add_argument(
         "--samplers",
         nargs="+",
         default=[],
-        help="NAME:STEPS[:ETA[:SPACING]], e.g. ddim:50:1 or ddim:4:0:trailing: with --score, each; after "
+        help="NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE]]], e.g. ddim:50:1, ddim:4:0:trailing or "
+        "dpm++2m-sde:25:0:auto:2 (autoguided; 1 = off): with --score, each; after "
         "training, one for every recipe instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",
     )
     args = parser.parse_args()

@@ -132,6 +132,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA: sampling then uses the raw weights
     ema_length: float = 0.0  # > 0: the EMA is a power-function one averaging this σ_rel of the run (EDM2); 0: ema_decay
     ema_snapshots: bool = False  # keep power-EMA snapshots each epoch, for any EMA length after training (kneegen ema)
+    guide_at: float = (
+        0.0  # keep the EMA weights once this fraction of the run is done, as the autoguidance guide; 0 = off
+    )
     seed: int = 0
     val_every: int = 1  # epochs between validations
     val_images: int = 256  # held-out images used for the validation loss
@@ -163,6 +166,7 @@ class SampleConfig:
     batch_size: int = 16
     spacing: Spacing = "auto"  # timesteps: auto = the sampler's best (log-SNR for multistep)
     guidance: float = 1.0  # classifier-free guidance w of a conditional model: 0 unconditional, 1 conditional
+    autoguidance: float = 1.0  # w away from the run's guide (train.guide_at), Karras et al. 2024; 1 = off
     compile: bool = False  # `kneegen sample` only: torch.compile the network (CUDA graphs on GPU); slow first batch
 
 
@@ -175,6 +179,7 @@ class DistillConfig:
     method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps
     steps: int = 4  # the student's network calls per image
     teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds
+    autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
 
 
 @dataclass
@@ -227,6 +232,7 @@ RANGES: dict[str, Bounds] = {
     "train.weight_decay": AT_LEAST_0,
     "train.adam_beta2": (0, 1, False, False),
     "train.ema_length": (0, 0.2886, True, True),
+    "train.guide_at": (0, 1, True, False),
     "train.cooldown": (0, 1, True, True),  # 1: linear from the warm-up's end (a distillation round's own LR)
     "train.warmup_steps": AT_LEAST_0,
     "train.grad_clip": AT_LEAST_0,
@@ -248,7 +254,9 @@ RANGES: dict[str, Bounds] = {
     "sample.eta": UNIT,
     "sample.batch_size": AT_LEAST_1,
     "sample.guidance": (0, MAX_GUIDANCE, True, True),
+    "sample.autoguidance": (1, MAX_GUIDANCE, True, True),
     "distill.steps": AT_LEAST_1,
+    "distill.autoguidance": (1, MAX_GUIDANCE, True, True),
 }
 
 
@@ -280,6 +288,11 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
         raise KneegenError(
             f"{source}: train.augment and train.ema_snapshots are for diffusion runs; an autoencoder "
             "(model.arch: vae) trains on random crops and keeps one EMA: drop them"
+        )
+    if config.model.arch == "vae" and config.train.guide_at:
+        raise KneegenError(
+            f"{source}: train.guide_at keeps a guide for sampling, and an autoencoder (model.arch: vae) draws no "
+            "samples: set train.guide_at to 0"
         )
     if config.model.arch == "vae" and config.train.fid_every:
         raise KneegenError(

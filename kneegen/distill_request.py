@@ -36,6 +36,7 @@ DISTILLATION_TRAIN = {
     "ema_length": 0.0,
     "ema_decay": 0.0,
     "ema_snapshots": False,
+    "guide_at": 0.0,
     "minutes": 0.0,
     "best_by": "val_loss",
 }
@@ -72,6 +73,7 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     raw = payload.get("config") or {}
     teacher_epochs = root_epochs(payload)
     student_of = (payload.get("distillation") or {}).get("steps")  # distilling a student further
+    guided = float((raw.get("sample") or {}).get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
     steps = overrides.get("distill.steps", DEFAULT_STEPS)
     if not isinstance(steps, int) or steps < 1:
         steps = DEFAULT_STEPS  # for the derived keys only: the config check refuses the value itself
@@ -79,10 +81,12 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         "distill.teacher": str(teacher.resolve()),
         "distill.steps": steps,
         "distill.teacher_steps": int(student_of) if student_of else first_teacher_steps(steps),
+        "distill.autoguidance": guided,  # the teacher's steps as it samples them
         **{f"train.{key}": value for key, value in DISTILLATION_TRAIN.items()},
         "sample.sampler": DISTILLED,
         "sample.steps": steps,
         "sample.eta": STUDENT_ETA,
+        "sample.autoguidance": 1.0,  # a student needs no guide: it learnt the teacher's guided steps
     }
     for dotted, value in derived.items():
         set_dotted(raw, dotted, value)
@@ -96,10 +100,11 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)
     if "train.epochs" not in overrides:
         cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
+    guided = f", autoguided with w {distill.autoguidance:g}" if distill.autoguidance != 1.0 else ""
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
         f"{rounds} round{'s' * (rounds > 1)} of {distill.method} distillation from {distill.teacher_steps} "
-        f"DDIM steps (each round halves them), over {cfg.train.epochs} epochs"
+        f"DDIM steps (each round halves them){guided}, over {cfg.train.epochs} epochs"
     )
     return cfg, origin
 

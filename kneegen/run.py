@@ -34,8 +34,16 @@ class Run:
     latent: LatentSpace | None = None  # a latent model's autoencoder (model.autoencoder)
 
     def trained_model(self, state: TrainState, source: Path) -> TrainedModel:
-        """The weights being trained as sampling sees them (the EMA; a student with its steps)."""
+        """The weights being trained as sampling sees them (the EMA; a student with its steps; the guide once kept)."""
         steps = state.distillation.student_steps if state.distillation is not None else None
         return TrainedModel(
-            state.eval_network, self.schedule, self.cfg, self.image_shape, state.epoch, source, self.latent, steps
+            state.eval_network,
+            self.schedule,
+            self.cfg,
+            self.image_shape,
+            state.epoch,
+            source,
+            self.latent,
+            steps,
+            state.guide,
         )

@@ -40,6 +40,7 @@ class SamplerRequest:
     eta: float | None = None
     spacing: str | None = None
     compile: bool | None = None
+    autoguidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ def open_job(
     compute = resolve_compute(device, "auto")
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
     compile = model.config.sample.compile if request.compile is None else request.compile
-    choice = choose_sampler(model, request.sampler, request.steps, request.eta, request.spacing, compile)
+    choice = choose_sampler(
+        model, request.sampler, request.steps, request.eta, request.spacing, compile, request.autoguidance
+    )
     choice.timesteps(model.schedule)
     positions = None if wish.positions is None else np.asarray(wish.positions, dtype=np.float32)
     conditions = ask_conditions(model, count, wish.side, wish.position, wish.guidance, positions)
@@ -165,6 +168,7 @@ def write_image(job: SampleJob, seed: int, image: np.ndarray, asked: dict[str, s
         "steps": str(choice.steps),
         "eta": str(choice.eta),
         "spacing": choice.spacing,
+        "autoguidance": f"{choice.autoguidance:g}",
         "checkpoint": str(job.model.source),
         **asked,
     }

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kneegen.asked_conditions import AskedConditions
-from kneegen.config import Spacing
+from kneegen.config import MAX_GUIDANCE, Spacing
 from kneegen.engine.compilation import compile_for_inference
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
@@ -36,12 +36,14 @@ class SamplerChoice:
     eta: float = 0.0
     spacing: str = "auto"
     compile: bool = False  # torch.compile the network (engine/compilation.py)
+    autoguidance: float = 1.0  # w away from the checkpoint's guide; 1 = off (and always without a guide)
 
     def describe(self) -> str:
         eta = f", eta {self.eta}" if self.name in ("ddim", DISTILLED) else ""
         spacing = f", {self.spacing} spacing" if self.spacing != "auto" else ""
+        guided = f", autoguidance {self.autoguidance:g}" if self.autoguidance != 1.0 else ""
         compiled = ", compiled" if self.compile else ""
-        return f"{self.name}, {self.steps} steps{eta}{spacing}{compiled}"
+        return f"{self.name}, {self.steps} steps{eta}{spacing}{guided}{compiled}"
 
     def timesteps(self, schedule: Schedule) -> list[int]:
         """The timesteps this choice visits; refuses a bad sampler name or step count."""
@@ -56,8 +58,11 @@ def choose_sampler(
     eta: float | None,
     spacing: str | None = None,
     compile: bool = False,
+    autoguidance: float | None = None,
 ) -> SamplerChoice:
     """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained.
+    A checkpoint without a guide samples unguided whatever its `sample.autoguidance` says (a run
+    stopped before `train.guide_at`); asked for by the flag, autoguidance needs a guide.
 
     `compile` is the caller's decision, not read from `sample.compile`: `kneegen sample` honours
     that key, while the short runs of validation and training previews would spend longer
@@ -79,7 +84,22 @@ def choose_sampler(
         sample.eta if eta is None else eta,
         spacing or sample.spacing,
         compile,
+        autoguidance_of(model, autoguidance),
     )
+
+
+def autoguidance_of(model: TrainedModel, asked: float | None) -> float:
+    """The autoguidance w the model samples with: `asked`, else its `sample.autoguidance`; 1 without a guide."""
+    if asked is not None and not 1 <= asked <= MAX_GUIDANCE:
+        raise KneegenError(f"--autoguidance {asked}: give a weight from 1 (off) to {MAX_GUIDANCE:g}; 2 is typical")
+    if model.guide is None:
+        if asked not in (None, 1.0):
+            raise KneegenError(
+                f"--autoguidance {asked}: {model.source} holds no guide (a run keeps one once train.guide_at of it "
+                "is done): train with --set train.guide_at=0.3, or leave --autoguidance out"
+            )
+        return 1.0
+    return model.config.sample.autoguidance if asked is None else asked
 
 
 def distilled_steps(model: TrainedModel, asked: int | None) -> int:
@@ -111,11 +131,16 @@ def sample_batches(
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(seeds, (B, H, W) uint8 images) for each batch of `seeds`, image k asked for row k of
     `conditions` (None: unconditional); with `choice.compile` the network is compiled once, here,
-    for the first batch's size (the last batch is padded to it). A latent model's samples are
-    decoded by its autoencoder, once per batch."""
+    for the first batch's size (the last batch is padded to it), and so is an autoguidance guide.
+    A latent model's samples are decoded by its autoencoder, once per batch."""
+    if choice.autoguidance != 1.0 and model.guide is None:
+        raise KneegenError(f"autoguidance {choice.autoguidance:g}: {model.source} holds no guide (train.guide_at)")
     sampler = get_sampler(choice.name, eta=choice.eta)
     timesteps = choice.timesteps(model.schedule)
     network = compile_for_inference(model.network, compute) if choice.compile else model.network
+    guide = model.guide if choice.autoguidance != 1.0 else None
+    if guide is not None and choice.compile:
+        guide = compile_for_inference(guide, compute)
     latent = model.latent
     if latent is not None and on_step is not None:
         on_step = decoded_steps(on_step, latent, compute)
@@ -126,7 +151,15 @@ def sample_batches(
             c = torch.from_numpy(conditions.values[start : start + len(batch)]).to(compute.device)  # (B, K)
             guidance = conditions.guidance
         denoise = make_denoiser(
-            network, model.schedule, model.config.diffusion.prediction, compute, c, guidance, clip=latent is None
+            network,
+            model.schedule,
+            model.config.diffusion.prediction,
+            compute,
+            c,
+            guidance,
+            clip=latent is None,
+            guide=guide,
+            autoguidance=choice.autoguidance,
         )
         x0 = generate(denoise, sampler, timesteps, model.schedule, batch, model.sample_shape, compute.device, on_step)
         yield batch, to_uint8(latent.decode(x0, compute) if latent else x0)

@@ -20,7 +20,7 @@ from statistics import mean
 import numpy as np
 import torch
 
-from kneegen.config import RunConfig, check_ranges, save_config
+from kneegen.config import RunConfig, TrainConfig, check_ranges, save_config
 from kneegen.data.cache import PreparedData, open_cache
 from kneegen.data.latent_cache import open_latents
 from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snapshot
@@ -38,6 +38,7 @@ from kneegen.engine.training import (
     TrainState,
     create_state,
     epoch_steps,
+    keep_guide,
     restore_state,
     steps_per_epoch,
     training_input_shape,
@@ -305,8 +306,13 @@ def train_epochs(state: TrainState, run: Run) -> None:
             record = epoch_record(state, validation, time.perf_counter() - epoch_started, epoch_images, quality)
             log.write(record)
 
-            # 3. Checkpoints (last.pt, the kept step history, best.pt on a better validation loss
-            #    or FID), plots and the preview grid; then every process waits for rank 0.
+            # 3. The autoguidance guide once `guide_at` of the run is done (not at its last epoch: a
+            #    guide equal to the model changes nothing); checkpoints (last.pt, the kept step
+            #    history, best.pt on a better validation loss or FID), plots and the preview grid;
+            #    then every process waits for rank 0.
+            done = run_progress(state, train, per_epoch, time.perf_counter() - started)
+            if dist.is_main and train.guide_at and state.guide is None and train.guide_at <= done < 1:
+                keep_guide(state)
             if dist.is_main and state.power_emas:
                 save_ema_snapshot(state, run.run_dir)  # before last.pt: a resume drops what comes after it
             save_training_checkpoint(state, run, validation, quality)
@@ -353,6 +359,13 @@ def train_epochs(state: TrainState, run: Run) -> None:
                         f"kneegen train --resume continues this run"
                     )
                     return
+
+
+def run_progress(state: TrainState, train: TrainConfig, per_epoch: int, seconds: float) -> float:
+    """The share of the run done: of its planned steps (the cooldown's plan, else `train.epochs`)
+    or of its time budget, whichever limit is nearer."""
+    steps = state.step / (state.end_step or per_epoch * train.epochs)
+    return max(steps, seconds / (60 * train.minutes)) if train.minutes else steps
 
 
 def planned_end_step(done: int, max_epochs: int, budget_left: float, epoch_seconds: float, per_epoch: int) -> int:

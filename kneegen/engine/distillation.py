@@ -11,6 +11,10 @@ clean image (s = −1, ᾱ = 1), where the DDIM step returns x̂_0 itself.
 With the v-parameterisation a one-step student stays well defined at t = T − 1, where x_t is all
 noise (sec. 4 of the paper); the loss is on x̂_0 with weight max(SNR_t, 1), the paper's
 "truncated SNR" weighting.
+
+A teacher that samples with autoguidance (Karras et al. 2024) teaches its guided steps: round 0's
+targets come from its network and its guide (`distill.autoguidance`), so the students learn the
+guided sampler in one network call per step, as Meng et al. 2023 distil classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class Distillation:
     trained_epochs: int  # the epochs of the diffusion model at the root of the lineage (a student's teacher's …)
     round: int = 0
     round_start: int = 0  # the optimizer step at which the current round began
+    guide: nn.Module | None = None  # round 0's teacher's autoguidance guide (train.guide_at), frozen
+    autoguidance: float = 1.0  # its w: round 0's teacher steps as the teacher samples, the students learn that
 
     @property
     def student_steps(self) -> int:
@@ -92,7 +98,16 @@ class Distillation:
     def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
         """(B,) squared error between the student's x̂_0 (from its network `output` at (x_t, t)) and
         the teacher's two-step target x̃."""
-        teacher = make_denoiser(self.teacher, self.schedule, self.prediction, self.compute, conditions, clip=self.clip)
+        teacher = make_denoiser(
+            self.teacher,
+            self.schedule,
+            self.prediction,
+            self.compute,
+            conditions,
+            clip=self.clip,
+            guide=self.guide if self.round == 0 else None,  # later teachers are students: guided already
+            autoguidance=self.autoguidance,
+        )
         target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
         return per_image_loss(x0, target.clone(), "l2")  # clone: out of inference mode, autograd may keep it
@@ -148,12 +163,30 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         ) from None
     teacher = copy.deepcopy(network).eval().requires_grad_(False)
     distill = cfg.distill
+    guide = None
+    if distill.autoguidance != 1.0:
+        if payload.get("guide") is None:
+            raise KneegenError(
+                f"distill.autoguidance {distill.autoguidance:g}: the teacher {path} holds no guide (train.guide_at): "
+                "set distill.autoguidance to 1"
+            )
+        guide = copy.deepcopy(teacher)
+        guide.load_state_dict(payload["guide"])
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)
     clip = not cfg.model.autoencoder
     trained_epochs = root_epochs(payload)
     return Distillation(
-        teacher, schedule, cfg.diffusion.prediction, compute, clip, distill.teacher_steps, rounds, trained_epochs
+        teacher,
+        schedule,
+        cfg.diffusion.prediction,
+        compute,
+        clip,
+        distill.teacher_steps,
+        rounds,
+        trained_epochs,
+        guide=guide,
+        autoguidance=distill.autoguidance,
     ), payload
 
 

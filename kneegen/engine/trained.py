@@ -29,6 +29,7 @@ class TrainedModel:
     source: Path
     latent: LatentSpace | None = None  # a latent model's autoencoder: samples are its decoded latents
     distilled_steps: int | None = None  # a distilled student's: the steps of the `distilled` sampler it learnt
+    guide: nn.Module | None = None  # the run's autoguidance guide (train.guide_at), once training has kept it
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -38,7 +39,7 @@ class TrainedModel:
 
 def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     """Rebuild the network from the checkpoint's own config and load its EMA weights
-    (the raw weights when the run had no EMA)."""
+    (the raw weights when the run had no EMA), and its autoguidance guide if it kept one."""
     payload = load_checkpoint(path)
     config = resolve_plugins(config_from_mapping(payload["config"], str(path)), str(path))  # every check a YAML gets
     if config.model.arch == "vae":
@@ -49,13 +50,19 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     image_shape: tuple[int, int] = tuple(payload["image_shape"])  # type: ignore[assignment]
     latent = latent_space_of(payload, config, compute, path) if config.model.autoencoder else None
     channels, *input_shape = latent.shape_of(image_shape) if latent else (1, *image_shape)
-    network = build_network(config.model, tuple(input_shape), channels)  # type: ignore[arg-type]
-    network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
-    network = network.to(compute.device, memory_format=compute.memory_format).eval()
+    shape = tuple(input_shape)
+
+    def network_with(weights: dict[str, Any]) -> nn.Module:
+        network = build_network(config.model, shape, channels)  # type: ignore[arg-type]
+        network.load_state_dict(weights)
+        return network.to(compute.device, memory_format=compute.memory_format).eval()
+
+    network = network_with(payload["ema"] if payload["ema"] is not None else payload["model"])
+    guide = network_with(payload["guide"]) if payload.get("guide") is not None else None
     schedule = Schedule(config.diffusion.schedule, config.diffusion.timesteps)
     distilled = payload.get("distillation")
     steps = int(distilled["steps"]) if distilled else None
-    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent, steps)
+    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent, steps, guide)
 
 
 def latent_space_of(payload: dict[str, Any], config: RunConfig, compute: Compute, path: Path) -> LatentSpace:

@@ -12,6 +12,7 @@ in `kneegen.engine.distributed`.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -65,6 +66,7 @@ class TrainState:
     best_fid: float = math.inf  # only tracked with train.fid_every
     end_step: int = 0  # where the LR schedule ends, once a time budget has fixed it (train.cooldown); 0 = train.epochs
     distillation: Distillation | None = None  # a `kneegen distill` run's teacher and rounds
+    guide: nn.Module | None = None  # on rank 0, with train.guide_at: the EMA weights as they were then
 
     @property
     def eval_network(self) -> nn.Module:
@@ -156,6 +158,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "best_fid": state.best_fid,
         "end_step": state.end_step,
         "distillation": state.distillation.state_dict() if state.distillation is not None else None,
+        "guide": state.guide.state_dict() if state.guide is not None else None,
     }
 
 
@@ -187,6 +190,15 @@ def restore_state(state: TrainState, payload: dict[str, Any], dist: Distributed 
     state.end_step = payload.get("end_step", 0)  # absent before train.cooldown
     if state.distillation is not None:
         state.distillation.load_state_dict(payload["distillation"])
+    if payload.get("guide") is not None and dist.is_main:  # absent before train.guide_at; rank 0 keeps it
+        keep_guide(state)
+        state.guide.load_state_dict(payload["guide"])
+
+
+def keep_guide(state: TrainState) -> None:
+    """Freeze a copy of the weights sampling uses as the run's autoguidance guide: the same
+    network, less trained, whose errors are the model's own, only larger (Karras et al. 2024)."""
+    state.guide = copy.deepcopy(state.eval_network).requires_grad_(False).eval()
 
 
 def rng_states() -> dict[str, Any]:

@@ -70,6 +70,7 @@ class ValidateRequest:
     seed: int
     feature_weights: Path | None
     guidance: float | None = None  # of conditional checkpoints; None: each one's sample.guidance
+    autoguidance: float | None = None  # of checkpoints with a guide; None: each one's sample.autoguidance
 
 
 @dataclass
@@ -102,7 +103,9 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
         )
     models = [load_trained_model(path, compute) for path in request.checkpoints]
     for model in models:  # a bad --sampler or --steps is refused before minutes of feature extraction
-        choose_sampler(model, request.sampler, request.steps, None).timesteps(model.schedule)
+        choose_sampler(model, request.sampler, request.steps, None, autoguidance=request.autoguidance).timesteps(
+            model.schedule
+        )
     cache = open_cache(request.data or Path(models[0].config.data))
     for model in models:
         check_image_size(model, cache)
@@ -190,7 +193,7 @@ def evaluate_model(
     )
 
     # 2. Samples, one seed per image.
-    choice = choose_sampler(model, request.sampler, request.steps, None)
+    choice = choose_sampler(model, request.sampler, request.steps, None, autoguidance=request.autoguidance)
     seeds = list(range(request.seed, request.seed + request.samples))
     asked = (
         held_out_conditions_for(model, reference.held_out_conditions, len(seeds), request.guidance)
