@@ -4,7 +4,8 @@ guided by its own earlier ones, for several guide ages and weights w.
 The guide is the run's EMA at a fraction of its steps (`train.guide_at` keeps one such copy in
 every checkpoint); this benchmark trains the recipe once keeping every epoch's checkpoint, then
 draws the same 1,000 seeds from last.pt guided by the epoch checkpoint nearest each fraction, at
-each w (w = 1 is the unguided model, one network call per step instead of two), and scores them
+each w (w = 1 is the unguided model, one network call per step instead of two; `--sigma-max`
+limits the guidance to low noise levels, as `sample.autoguidance_sigma_max`), and scores them
 as benchmarks/quality.py does: FID / floor, KID, precision, recall, fold, copies, s/img.
 
     .venv/bin/python benchmarks/autoguidance.py --epochs 22 --fractions 0.2 0.3 0.5 --weights 2
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.3], help="guide ages, as shares of the run")
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0], help="autoguidance w (1 = off)")
     parser.add_argument("--sampler", default="dpm++2m-sde:25", help="NAME:STEPS[:ETA[:SPACING]]")
+    parser.add_argument(
+        "--sigma-max", type=float, default=float("inf"), help="guide only at noise levels σ ≤ this (inf: every step)"
+    )
     add_judge_arguments(parser, Path("runs/bench_autoguidance"))
     args = parser.parse_args()
 
@@ -79,7 +83,7 @@ def main() -> None:
         print(row("none, w 1", s, floor), flush=True)
     for share, guide in guide_checkpoints(run_dir, args.fractions):
         for w in (w for w in args.weights if w != 1.0):
-            choice = sampler_choice(":".join((base + ["0", "auto"])[:4] + [str(w)]))
+            choice = sampler_choice(":".join((base + ["0", "auto"])[:4] + [str(w), str(args.sigma_max)]))
             s, _, _ = judge.samples(run_dir / "last.pt", choice, guide)
             print(row(f"{guide.stem} ({share:.2f}), w {w:g}", s, floor), flush=True)
     print(f"on {cpu_kind()}; reproduce: .venv/bin/python benchmarks/autoguidance.py " + " ".join(sys.argv[1:]))

@@ -379,10 +379,18 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
 
 
 def sampler_choice(text: str) -> SamplerChoice:
-    """NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE]]], as --samplers takes it (autoguidance 1, off, unless given)."""
+    """NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX]]]], as --samplers takes it: autoguidance 1
+    (off) unless given, at every noise level unless SIGMA_MAX is (the interval σ ≤ SIGMA_MAX)."""
     name, steps, *rest = text.split(":")
-    eta, spacing, autoguidance = (rest + ["0", "auto", "1"][len(rest) :])[:3]
-    return SamplerChoice(name, int(steps), float(eta), spacing, autoguidance=float(autoguidance))
+    eta, spacing, autoguidance, sigma_max = (rest + ["0", "auto", "1", "inf"][len(rest) :])[:4]
+    return SamplerChoice(
+        name,
+        int(steps),
+        float(eta),
+        spacing,
+        autoguidance=float(autoguidance),
+        autoguidance_sigma_max=float(sigma_max),
+    )
 
 
 def score_samplers(judge: Judge, floor: Scores, checkpoint: Path, samplers: list[str]) -> None:
@@ -415,8 +423,9 @@ def main() -> None:
         "--samplers",
         nargs="+",
         default=[],
-        help="NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE]]], e.g. ddim:50:1, ddim:4:0:trailing or "
-        "dpm++2m-sde:25:0:auto:2 (autoguided; 1 = off): with --score, each; after "
+        help="NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX]]]], e.g. ddim:50:1, ddim:4:0:trailing, "
+        "dpm++2m-sde:25:0:auto:2 (autoguided at every step; 1 = off) or dpm++2m-sde:25:0:auto:2:1 (at σ ≤ 1 only): "
+        "with --score, each; after "
         "training, one for every recipe instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",
     )
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,7 @@ class SampleConfig:
     spacing: Spacing = "auto"  # timesteps: auto = the sampler's best (log-SNR for multistep)
     guidance: float = 1.0  # classifier-free guidance w of a conditional model: 0 unconditional, 1 conditional
     autoguidance: float = 1.0  # w away from the run's guide (train.guide_at), Karras et al. 2024; 1 = off
+    autoguidance_sigma_max: float = 1.0  # autoguide only at noise levels σ ≤ this (.inf: every step)
     compile: bool = False  # `kneegen sample` only: torch.compile the network (CUDA graphs on GPU); slow first batch
 
 
@@ -180,6 +182,7 @@ class DistillConfig:
     steps: int = 4  # the student's network calls per image
     teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
+    autoguidance_sigma_max: float = 1.0  # ... at noise levels σ ≤ this (default: the teacher's own)
 
 
 @dataclass
@@ -255,9 +258,12 @@ RANGES: dict[str, Bounds] = {
     "sample.batch_size": AT_LEAST_1,
     "sample.guidance": (0, MAX_GUIDANCE, True, True),
     "sample.autoguidance": (1, MAX_GUIDANCE, True, True),
+    "sample.autoguidance_sigma_max": (0, None, False, False),
     "distill.steps": AT_LEAST_1,
     "distill.autoguidance": (1, MAX_GUIDANCE, True, True),
+    "distill.autoguidance_sigma_max": (0, None, False, False),
 }
+UNBOUNDED = {"sample.autoguidance_sigma_max", "distill.autoguidance_sigma_max"}  # where .inf means "no limit"
 
 
 def check_ranges(config: RunConfig, source: str = "config") -> None:
@@ -351,6 +357,15 @@ def describe_bounds(bounds: Bounds) -> str:
     if high is not None:
         parts.append(f"{'≤' if high_inclusive else '<'} {high:g}")
     return " and ".join(parts)
+
+
+def finite(value: float, source: str, key: str) -> float:
+    """`value`, unless NaN, or infinite where no bound means anything (`UNBOUNDED` allows +inf)."""
+    if math.isnan(value) or (math.isinf(value) and not (value > 0 and key in UNBOUNDED)):
+        raise KneegenError(
+            f"{source}: {key} = {value} is not a finite number: fix it in the config or with --set {key}=…"
+        )
+    return value
 
 
 def get_dotted(config: Any, dotted: str) -> Any:
@@ -456,11 +471,13 @@ def coerce_scalar(expected: type, value: Any, source: str, key: str) -> Any:
     """int/float/bool/str with the one lenience YAML needs: `1e-3` arrives as a string."""
     if expected is float and isinstance(value, str):
         try:
-            return float(value)
+            return finite(float(value), source, key)
         except ValueError:
             pass
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, float):
+        return finite(value, source, key)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise KneegenError(f"{source}: {key} must be {expected.__name__}; got {value!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kneegen.config import RunConfig, config_from_mapping, set_dotted
+from kneegen.config import RunConfig, SampleConfig, config_from_mapping, set_dotted
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.distillation import distillation_rounds, root_epochs
 from kneegen.engine.samplers import DISTILLED
@@ -73,7 +73,9 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     raw = payload.get("config") or {}
     teacher_epochs = root_epochs(payload)
     student_of = (payload.get("distillation") or {}).get("steps")  # distilling a student further
-    guided = float((raw.get("sample") or {}).get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
+    sample = raw.get("sample") or {}  # the teacher's, as checked when it trained
+    guided = float(sample.get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
+    guided_below = float(sample.get("autoguidance_sigma_max", SampleConfig.autoguidance_sigma_max))
     steps = overrides.get("distill.steps", DEFAULT_STEPS)
     if not isinstance(steps, int) or steps < 1:
         steps = DEFAULT_STEPS  # for the derived keys only: the config check refuses the value itself
@@ -82,6 +84,7 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         "distill.steps": steps,
         "distill.teacher_steps": int(student_of) if student_of else first_teacher_steps(steps),
         "distill.autoguidance": guided,  # the teacher's steps as it samples them
+        "distill.autoguidance_sigma_max": guided_below,
         **{f"train.{key}": value for key, value in DISTILLATION_TRAIN.items()},
         "sample.sampler": DISTILLED,
         "sample.steps": steps,
@@ -100,7 +103,10 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)
     if "train.epochs" not in overrides:
         cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
-    guided = f", autoguided with w {distill.autoguidance:g}" if distill.autoguidance != 1.0 else ""
+    guided = ""
+    if distill.autoguidance != 1.0:
+        below = f" at σ ≤ {distill.autoguidance_sigma_max:g}" if math.isfinite(distill.autoguidance_sigma_max) else ""
+        guided = f", autoguided with w {distill.autoguidance:g}{below}"
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
         f"{rounds} round{'s' * (rounds > 1)} of {distill.method} distillation from {distill.teacher_steps} "

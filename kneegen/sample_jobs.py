@@ -41,6 +41,7 @@ class SamplerRequest:
     spacing: str | None = None
     compile: bool | None = None
     autoguidance: float | None = None
+    autoguidance_sigma_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,14 @@ def open_job(
     model = load_trained_model(resolve_checkpoint(checkpoint), compute)
     compile = model.config.sample.compile if request.compile is None else request.compile
     choice = choose_sampler(
-        model, request.sampler, request.steps, request.eta, request.spacing, compile, request.autoguidance
+        model,
+        request.sampler,
+        request.steps,
+        request.eta,
+        request.spacing,
+        compile,
+        request.autoguidance,
+        request.autoguidance_sigma_max,
     )
     choice.timesteps(model.schedule)
     positions = None if wish.positions is None else np.asarray(wish.positions, dtype=np.float32)
@@ -169,6 +177,7 @@ def write_image(job: SampleJob, seed: int, image: np.ndarray, asked: dict[str, s
         "eta": str(choice.eta),
         "spacing": choice.spacing,
         "autoguidance": f"{choice.autoguidance:g}",
+        "autoguidance_sigma_max": f"{choice.autoguidance_sigma_max:g}",
         "checkpoint": str(job.model.source),
         **asked,
     }

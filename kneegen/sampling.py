@@ -8,6 +8,7 @@ the `Compute`; whether the network is `torch.compile`d comes with the `SamplerCh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
@@ -37,11 +38,14 @@ class SamplerChoice:
     spacing: str = "auto"
     compile: bool = False  # torch.compile the network (engine/compilation.py)
     autoguidance: float = 1.0  # w away from the checkpoint's guide; 1 = off (and always without a guide)
+    autoguidance_sigma_max: float = math.inf  # ... at noise levels σ ≤ this only
 
     def describe(self) -> str:
         eta = f", eta {self.eta}" if self.name in ("ddim", DISTILLED) else ""
         spacing = f", {self.spacing} spacing" if self.spacing != "auto" else ""
         guided = f", autoguidance {self.autoguidance:g}" if self.autoguidance != 1.0 else ""
+        if guided and math.isfinite(self.autoguidance_sigma_max):
+            guided += f" at σ ≤ {self.autoguidance_sigma_max:g}"
         compiled = ", compiled" if self.compile else ""
         return f"{self.name}, {self.steps} steps{eta}{spacing}{guided}{compiled}"
 
@@ -59,6 +63,7 @@ def choose_sampler(
     spacing: str | None = None,
     compile: bool = False,
     autoguidance: float | None = None,
+    autoguidance_sigma_max: float | None = None,
 ) -> SamplerChoice:
     """Flags first, then the run's `sample` config; DDPM defaults to every timestep, as trained.
     A checkpoint without a guide samples unguided whatever its `sample.autoguidance` says (a run
@@ -76,6 +81,10 @@ def choose_sampler(
         raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
     if steps is not None and steps < 1:
         raise KneegenError(f"--steps {steps}: give at least 1 sampling step")
+    if autoguidance_sigma_max is not None and not autoguidance_sigma_max > 0:
+        raise KneegenError(
+            f"--autoguidance-sigma-max {autoguidance_sigma_max}: give a noise level above 0 (inf: every step)"
+        )
     if eta is not None and not 0 <= eta <= 1:
         raise KneegenError(f"--eta {eta}: give a value from 0 (deterministic DDIM) to 1 (ancestral, like DDPM)")
     return SamplerChoice(
@@ -85,6 +94,7 @@ def choose_sampler(
         spacing or sample.spacing,
         compile,
         autoguidance_of(model, autoguidance),
+        sample.autoguidance_sigma_max if autoguidance_sigma_max is None else autoguidance_sigma_max,
     )
 
 
@@ -160,6 +170,7 @@ def sample_batches(
             clip=latent is None,
             guide=guide,
             autoguidance=choice.autoguidance,
+            autoguidance_sigma_max=choice.autoguidance_sigma_max,
         )
         x0 = generate(denoise, sampler, timesteps, model.schedule, batch, model.sample_shape, compute.device, on_step)
         yield batch, to_uint8(latent.decode(x0, compute) if latent else x0)

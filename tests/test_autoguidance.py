@@ -26,6 +26,7 @@ from kneegen.engine.samplers import trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
 from kneegen.errors import KneegenError
+from kneegen.evaluation.evaluate import ValidateRequest
 from kneegen.sampling import choose_sampler
 from kneegen.training_run import run_progress, run_training
 
@@ -58,6 +59,25 @@ def test_autoguided_output_steps_from_the_guide_by_w():
     plain = make_denoiser(main, schedule, "v", FP32, guide=guide, autoguidance=1.0, clip=False)(x_t, t)
     torch.testing.assert_close(plain, schedule.to_x0_eps(torch.full_like(x_t, 0.3), x_t, t, "v"))
     assert guide.calls == 1  # w = 1 never asks the guide
+
+
+def test_autoguidance_acts_only_at_noise_levels_up_to_its_sigma_max():
+    schedule, x_t = Schedule("cosine", 1000), torch.randn(2, 1, 4, 4)
+    low, high = 100, 900
+    sigma = lambda t: schedule.snr(torch.tensor(t)).rsqrt().item()  # noqa: E731
+    assert sigma(low) < 1.0 < sigma(high)
+    main, guide = Constant(0.3), Constant(-0.1)
+    denoise = make_denoiser(
+        main, schedule, "v", FP32, guide=guide, autoguidance=2.0, autoguidance_sigma_max=1.0, clip=False
+    )
+    t = torch.tensor([low, high])
+    expected = torch.cat([torch.full_like(x_t[:1], -0.1 + 2.0 * 0.4), torch.full_like(x_t[1:], 0.3)])
+    torch.testing.assert_close(denoise(x_t, t), schedule.to_x0_eps(expected, x_t, t, "v"))
+
+    guide.calls = 0
+    above = torch.tensor([high, high])
+    torch.testing.assert_close(denoise(x_t, above), schedule.to_x0_eps(torch.full_like(x_t, 0.3), x_t, above, "v"))
+    assert guide.calls == 0  # above the interval the guide is not asked: one network call per step
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +124,20 @@ def test_sampling_takes_the_runs_autoguidance_and_the_flag(guided_run):
     assert "autoguidance 3" in choose_sampler(model, None, None, None, autoguidance=3.0).describe()
     with pytest.raises(KneegenError, match="--autoguidance 0.5"):
         choose_sampler(model, None, None, None, autoguidance=0.5)
+    assert choose_sampler(model, None, None, None).autoguidance_sigma_max == 1.0  # the key's default
+    wider = choose_sampler(model, None, None, None, autoguidance_sigma_max=float("inf"))
+    assert wider.autoguidance_sigma_max == float("inf") and "σ ≤" not in wider.describe()
+    assert "autoguidance 2 at σ ≤ 0.5" in choose_sampler(model, None, None, None, autoguidance_sigma_max=0.5).describe()
+    with pytest.raises(KneegenError, match="--autoguidance-sigma-max 0"):
+        choose_sampler(model, None, None, None, autoguidance_sigma_max=0.0)
+
+
+def test_validate_scores_with_the_asked_autoguidance_else_the_runs(guided_run):
+    model = load_trained_model(guided_run / "last.pt", FP32)
+    asked = ValidateRequest([guided_run / "last.pt"], None, 8, None, None, 0, None, None, 1.5, 0.5)
+    assert (asked.sampler_of(model).autoguidance, asked.sampler_of(model).autoguidance_sigma_max) == (1.5, 0.5)
+    own = ValidateRequest([guided_run / "last.pt"], None, 8, None, None, 0, None)
+    assert (own.sampler_of(model).autoguidance, own.sampler_of(model).autoguidance_sigma_max) == (2.0, 1.0)
 
 
 def test_sample_writes_the_autoguidance_it_used(guided_run, tmp_path):
@@ -111,11 +145,17 @@ def test_sample_writes_the_autoguidance_it_used(guided_run, tmp_path):
     args = ["sample", "single", "--checkpoint", guided_run / "last.pt", "--out", out, "--device", "cpu"]
     result = CliRunner().invoke(build_app(), [str(a) for a in [*args, "--autoguidance", "1.5"]])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "000000.json").read_text())["autoguidance"] == "1.5"
+    info = json.loads((out / "000000.json").read_text())
+    assert info["autoguidance"] == "1.5" and info["autoguidance_sigma_max"] == "1"
     guided = load_image(out / "000000.png")
     result = CliRunner().invoke(build_app(), [str(a) for a in [*args, "--autoguidance", "1", "--overwrite"]])
     assert result.exit_code == 0, result.output
     assert (guided != load_image(out / "000000.png")).any()  # the guide changed the image
+    every_step = [*args, "--autoguidance", "1.5", "--autoguidance-sigma-max", "inf", "--overwrite"]
+    result = CliRunner().invoke(build_app(), [str(a) for a in every_step])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "000000.json").read_text())["autoguidance_sigma_max"] == "inf"
+    assert (guided != load_image(out / "000000.png")).any()  # guided at high noise too: another image
 
 
 def test_autoguidance_on_a_checkpoint_without_a_guide_is_one_clear_line(trained_run, tmp_path):
@@ -132,6 +172,10 @@ def test_guide_keys_out_of_range_are_refused(prepared, tmp_path):
         tiny_config(prepared, tmp_path, train={"guide_at": 1.0})
     with pytest.raises(KneegenError, match="sample.autoguidance"):
         tiny_config(prepared, tmp_path, sample={"autoguidance": 0.5})
+    with pytest.raises(KneegenError, match="sample.autoguidance_sigma_max = 0.0 must be > 0"):
+        tiny_config(prepared, tmp_path, sample={"autoguidance_sigma_max": 0})
+    with pytest.raises(KneegenError, match="sample.autoguidance_sigma_max = nan is not a finite number"):
+        tiny_config(prepared, tmp_path, sample={"autoguidance_sigma_max": "nan"})
     raw = tiny_run_dict(prepared, train={"guide_at": 0.3})
     raw["model"] = {"arch": "vae"}
     with pytest.raises(KneegenError, match="train.guide_at"):
@@ -140,17 +184,24 @@ def test_guide_keys_out_of_range_are_refused(prepared, tmp_path):
 
 def test_a_student_learns_its_teachers_guided_steps_and_needs_no_guide(guided_run):
     cfg, origin = distillation_config(guided_run / "last.pt", {})
-    assert cfg.distill.autoguidance == 2.0 and "autoguided with w 2" in origin
+    assert cfg.distill.autoguidance == 2.0 and cfg.distill.autoguidance_sigma_max == 1.0
+    assert "autoguided with w 2 at σ ≤ 1" in origin
     assert cfg.train.guide_at == 0.0 and cfg.sample.autoguidance == 1.0
     distillation, _ = start_distillation(build_network(cfg.model, (32, 32), 1), cfg, FP32)
     assert distillation.guide is not None
 
     torch.manual_seed(0)
     x_t, output = torch.randn(2, 1, 32, 32), 0.1 * torch.randn(2, 1, 32, 32)
-    t = torch.tensor(trailing_timesteps(1000, distillation.student_steps)[1:3])
+    t = torch.tensor(trailing_timesteps(1000, distillation.student_steps)[-2:])  # σ ≤ 1: guided steps
     guided = distillation.loss(output, x_t, t, None)
     teacher = make_denoiser(
-        distillation.teacher, distillation.schedule, "v", FP32, guide=distillation.guide, autoguidance=2.0
+        distillation.teacher,
+        distillation.schedule,
+        "v",
+        FP32,
+        guide=distillation.guide,
+        autoguidance=2.0,
+        autoguidance_sigma_max=1.0,
     )
     target = two_step_target(teacher, x_t, t, distillation.teacher_grid_after(t), distillation.schedule)
     x0, _ = distillation.schedule.to_x0_eps(output, x_t, t, "v")

@@ -166,6 +166,28 @@ def test_wrong_types_are_refused_naming_the_key(override, key):
         resolve_plugins(load_config(None, override), "test")
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"train.lr": "nan"}, "train.lr"),
+        ({"train.lr": float("nan")}, "train.lr"),
+        ({"train.grad_clip": float("inf")}, "train.grad_clip"),
+        ({"sample.autoguidance": "inf"}, "sample.autoguidance"),  # bounded keys: no infinity either
+        ({"sample.autoguidance_sigma_max": "-inf"}, "sample.autoguidance_sigma_max"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(KneegenError, match=f"{key.replace('.', r'.')} = .* is not a finite number"):
+        load_config(None, override)
+
+
+def test_infinity_where_it_means_no_limit_survives_saving(tmp_path):
+    cfg = load_config(None, {"sample.autoguidance_sigma_max": "inf"})
+    assert cfg.sample.autoguidance_sigma_max == float("inf")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
 def test_literal_violation_lists_the_choices(tmp_path):
     with pytest.raises(KneegenError) as info:
         load_config(write(tmp_path, "diffusion:\n  schedule: quadratic\n"))

@@ -54,6 +54,12 @@ Autoguidance = Annotated[
         help="Autoguidance w away from the run's guide (train.guide_at): 1 off, 2 typical; default sample.autoguidance."
     ),
 ]
+AutoguidanceSigmaMax = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Autoguide only at noise levels sigma <= this (inf: every step); default sample.autoguidance_sigma_max."
+    ),
+]
 Compile = Annotated[
     Optional[bool],
     typer.Option(
@@ -76,13 +82,14 @@ def single(
     overwrite: Overwrite = False,
     compile: Compile = None,
     autoguidance: Autoguidance = None,
+    autoguidance_sigma_max: AutoguidanceSigmaMax = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Generate one image and print its path."""
     check_seed(seed, "--seed")
-    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance, autoguidance_sigma_max)
     job = open_job(checkpoint, request, out, device, overwrite, 1, ConditionRequest(side, position, guidance))
     print(sample_one(job, seed))
 
@@ -103,13 +110,14 @@ def generate(
     overwrite: Overwrite = False,
     compile: Compile = None,
     autoguidance: Autoguidance = None,
+    autoguidance_sigma_max: AutoguidanceSigmaMax = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Generate N images, written batch by batch, plus a grid of the first 64."""
     seeds = image_seeds(n, seed, seeds_)
-    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance, autoguidance_sigma_max)
     wish = ConditionRequest(side, position, guidance)
     job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     started = time.perf_counter()
@@ -136,13 +144,14 @@ def illustrate(
     overwrite: Overwrite = False,
     compile: Compile = None,
     autoguidance: Autoguidance = None,
+    autoguidance_sigma_max: AutoguidanceSigmaMax = None,
     side: Side = None,
     position: Position = None,
     guidance: Guidance = None,
 ) -> None:
     """Per image: a strip of the noise→image process (x_t above, predicted x0 below) and a GIF."""
     seeds = image_seeds(n, seed, seeds_)
-    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance, autoguidance_sigma_max)
     wish = ConditionRequest(side, position, guidance)
     job = open_job(checkpoint, request, out, device, overwrite, len(seeds), wish)
     illustrate_job(job, seeds, batch_size)
@@ -166,11 +175,12 @@ def stack(
     overwrite: Overwrite = False,
     compile: Compile = None,
     autoguidance: Autoguidance = None,
+    autoguidance_sigma_max: AutoguidanceSigmaMax = None,
 ) -> None:
     """One knee as a stack of slices at positions 0 to 1 (a model conditioned on position): PNGs,
     a grid and a NIfTI volume (with the volumes extra)."""
     check_seed(seed, "--seed")
-    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance)
+    request = SamplerRequest(sampler, steps, eta, spacing, compile, autoguidance, autoguidance_sigma_max)
     wish = ConditionRequest(side, None, guidance, stack_positions(slices))
     job = open_job(checkpoint, request, out, device, overwrite, slices, wish)
     grid, volume = sample_stack(job, seed, batch_size)

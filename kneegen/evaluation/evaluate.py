@@ -53,7 +53,7 @@ from kneegen.evaluation.memorisation import (
 from kneegen.evaluation.reference import held_out_images, reference_features
 from kneegen.evaluation.report import write_report
 from kneegen.progress import progress_bar
-from kneegen.sampling import choose_sampler, sample_batches
+from kneegen.sampling import SamplerChoice, choose_sampler, sample_batches
 
 GUIDANCE_UNUSED = "--guidance was not used: no checkpoint here is conditional (model.conditions)"
 MIN_SAMPLES = max(frechet.MIN_IMAGES, kid.MIN_IMAGES)
@@ -71,6 +71,18 @@ class ValidateRequest:
     feature_weights: Path | None
     guidance: float | None = None  # of conditional checkpoints; None: each one's sample.guidance
     autoguidance: float | None = None  # of checkpoints with a guide; None: each one's sample.autoguidance
+    autoguidance_sigma_max: float | None = None  # ... and its interval; None: each one's own
+
+    def sampler_of(self, model: TrainedModel) -> SamplerChoice:
+        """The sampler `model` is scored with: the request's, else the run's own."""
+        return choose_sampler(
+            model,
+            self.sampler,
+            self.steps,
+            None,
+            autoguidance=self.autoguidance,
+            autoguidance_sigma_max=self.autoguidance_sigma_max,
+        )
 
 
 @dataclass
@@ -103,9 +115,7 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
         )
     models = [load_trained_model(path, compute) for path in request.checkpoints]
     for model in models:  # a bad --sampler or --steps is refused before minutes of feature extraction
-        choose_sampler(model, request.sampler, request.steps, None, autoguidance=request.autoguidance).timesteps(
-            model.schedule
-        )
+        request.sampler_of(model).timesteps(model.schedule)
     cache = open_cache(request.data or Path(models[0].config.data))
     for model in models:
         check_image_size(model, cache)
@@ -193,7 +203,7 @@ def evaluate_model(
     )
 
     # 2. Samples, one seed per image.
-    choice = choose_sampler(model, request.sampler, request.steps, None, autoguidance=request.autoguidance)
+    choice = request.sampler_of(model)
     seeds = list(range(request.seed, request.seed + request.samples))
     asked = (
         held_out_conditions_for(model, reference.held_out_conditions, len(seeds), request.guidance)
