@@ -95,6 +95,8 @@ RECIPES: dict[str, tuple[Path, dict[str, Any]]] = {
     ),  # examples/demo.yaml until 2026-12
 }
 SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the bf16 recipe
+    "w16": {"model.unet.channels": 16},
+    "w24": {"model.unet.channels": 24},
     "w32": {"model.unet.channels": 32},
     "w48": {"model.unet.channels": 48},
     "w64": {"model.unet.channels": 64},
@@ -114,6 +116,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "keep": {
         "train.keep_checkpoints": 100_000
     },  # every epoch's checkpoint, e.g. as guides (benchmarks/autoguidance.py)
+    "ag3": {"sample.autoguidance": 3.0},  # cpu-fp32's w (w32-fp32-ag3 is that recipe)
     "noag": {"train.guide_at": 0.0, "sample.autoguidance": 1.0},  # no autoguidance (the recipes until 2026-12-03)
     "beta99": {"train.adam_beta2": 0.99},
     "len03": {"train.ema_length": 0.03},  # the EMA a power-function one of sigma_rel 0.03
