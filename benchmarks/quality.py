@@ -112,6 +112,9 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "lr5e4": {"train.lr": 5e-4},
     "lr1e3": {"train.lr": 1e-3},
     "lr2e3": {"train.lr": 2e-3},
+    "lr3e3": {"train.lr": 3e-3},
+    "lr4e3": {"train.lr": 4e-3},
+    "warm25": {"train.warmup_steps": 25},
     "snap": {"train.ema_snapshots": True},  # power-EMA snapshots for kneegen ema (post-hoc EMA)
     "keep": {
         "train.keep_checkpoints": 100_000

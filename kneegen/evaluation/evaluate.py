@@ -56,6 +56,10 @@ from kneegen.progress import progress_bar
 from kneegen.sampling import SamplerChoice, choose_sampler, sample_batches
 
 GUIDANCE_UNUSED = "--guidance was not used: no checkpoint here is conditional (model.conditions)"
+FEATURE_COPIES_OFF = (
+    "copies were looked for in pixel space only (--no-feature-copies): leave the flag out to look in "
+    "Inception space too, which computes the training slices' features once per data dir"
+)
 MIN_SAMPLES = max(frechet.MIN_IMAGES, kid.MIN_IMAGES)
 FEATURE_BATCH = 32  # images per Inception call
 
@@ -72,6 +76,7 @@ class ValidateRequest:
     guidance: float | None = None  # of conditional checkpoints; None: each one's sample.guidance
     autoguidance: float | None = None  # of checkpoints with a guide; None: each one's sample.autoguidance
     autoguidance_sigma_max: float | None = None  # ... and its interval; None: each one's own
+    feature_copies: bool = True  # look for copies in Inception space too (the training split's features)
 
     def sampler_of(self, model: TrainedModel) -> SamplerChoice:
         """The sampler `model` is scored with: the request's, else the run's own."""
@@ -125,11 +130,12 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
     weights = find_feature_weights(request.feature_weights)
     with progress_bar() as progress:
         extractor = load_feature_extractor(weights, compute.device) if weights is not None else None
-        reference = load_reference(cache, split, held_out, extractor, compute, progress)
+        reference = load_reference(cache, split, held_out, extractor, compute, progress, request.feature_copies)
         judge, skipped = condition_judge(models, cache, reference, progress)
         reports = [evaluate_model(model, cache, reference, request, compute, progress, judge) for model in models]
     unused = [] if request.guidance is None or judge is not None or skipped else [GUIDANCE_UNUSED]
-    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped + unused)
+    unchecked = [] if request.feature_copies or extractor is None else [FEATURE_COPIES_OFF]
+    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped + unused + unchecked)
 
 
 def condition_judge(
@@ -161,12 +167,17 @@ def load_reference(
     extractor: InceptionFeatures | None,
     compute: Compute,
     progress: Progress | None = None,
+    train_features: bool = True,
 ) -> Reference:
-    """Held-out and training images, their features (cached in the data dir) and the held-out MS-SSIM."""
+    """Held-out and training images, their features (cached in the data dir) and the held-out MS-SSIM.
+
+    The training split's features serve only the copy check in Inception space; without
+    `train_features` they are not computed — on a CPU they cost minutes per thousand slices."""
     train = cache.split_8bit("train")
     features: dict[str, np.ndarray | None] = {split: None, "train": None}
     if extractor is not None:
-        for name, images in ((split, held_out), ("train", train)):
+        wanted = ((split, held_out), ("train", train)) if train_features else ((split, held_out),)
+        for name, images in wanted:
             advance = counter(progress, f"features: {name}", len(images))
             features[name] = reference_features(cache, name, extractor, FEATURE_BATCH, compute.device, advance)
     diversity = mean_pairwise_ms_ssim(held_out) if ms_ssim_available() and len(held_out) >= 2 else None
