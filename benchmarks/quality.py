@@ -104,6 +104,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     "p1": {"model.unet.patch_size": 1},
     "p2": {"model.unet.patch_size": 2},
     "p4": {"model.unet.patch_size": 4},
+    "uh8": {"model.unet.unfold_head": 8},  # a full-resolution 3×3 conv after the patch unfold
     "b1": {"model.unet.blocks_per_level": 1},
     "b2": {"model.unet.blocks_per_level": 2},
     "bs16": {"train.batch_size": 16},
@@ -120,6 +121,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
         "train.keep_checkpoints": 100_000
     },  # every epoch's checkpoint, e.g. as guides (benchmarks/autoguidance.py)
     "ag3": {"sample.autoguidance": 3.0},  # cpu-fp32's w (w32-fp32-ag3 is that recipe)
+    "gat5": {"train.guide_at": 0.5},  # a guide from half-way through the run
     "noag": {"train.guide_at": 0.0, "sample.autoguidance": 1.0},  # no autoguidance (the recipes until 2026-12-03)
     "beta99": {"train.adam_beta2": 0.99},
     "len03": {"train.ema_length": 0.03},  # the EMA a power-function one of sigma_rel 0.03

@@ -130,6 +130,10 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "no gradient accumulation": ((*TRAIN, "--set", "train.grad_accumulation=0"), "train.grad_accumulation"),
     "zero epochs": ((*TRAIN, "--epochs", 0), "train.epochs"),
     "negative patch size": ((*TRAIN, "--set", "model.unet.patch_size=-1"), "model.unet.patch_size"),
+    "unfold head without a patch fold": (
+        (*TRAIN, "--set", "model.unet.patch_size=1", "--set", "model.unet.unfold_head=4"),
+        "model.unet.unfold_head",
+    ),
     "run dir is a file": ((*TRAIN, "--run-dir", "a-file"), "a-file"),
     "run dir of an existing run": ((*TRAIN, "--run-dir", "the-run"), "--resume"),
     "resume from a non-checkpoint": (("train", "--resume-from", "broken.pt"), "broken.pt"),

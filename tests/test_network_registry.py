@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kneegen.config import RunConfig, from_dict
+from kneegen.config import FLAT_UNET_KEYS, RunConfig, from_dict
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.network import registered_networks
+from kneegen.engine.network import network_settings, registered_networks
 from kneegen.engine.trained import load_trained_model
 from kneegen.errors import KneegenError
 from kneegen.sampling import SamplerChoice, sample_batches
@@ -107,12 +107,14 @@ def test_an_unknown_arch_lists_the_registered_networks(prepared, tmp_path):
 def test_a_checkpoint_from_before_network_sections_still_loads_and_samples_alike(trained_run, tmp_path):
     """Checkpoints written until 2026-12 hold the U-Net's keys flat under `model`."""
     payload = load_checkpoint(trained_run / "best.pt")
-    old = {**payload, "config": {**payload["config"], "model": {"arch": "unet", **payload["config"]["model"]["unet"]}}}
+    flat = {key: value for key, value in payload["config"]["model"]["unet"].items() if key in FLAT_UNET_KEYS}
+    old = {**payload, "config": {**payload["config"], "model": {"arch": "unet", **flat}}}
     assert "channels" in old["config"]["model"]
     save_checkpoint({k: v for k, v in old.items() if k not in ("format", "format_version")}, tmp_path / "old.pt")
 
     now, before = load_trained_model(trained_run / "best.pt", CPU), load_trained_model(tmp_path / "old.pt", CPU)
     assert before.config == now.config
-    assert from_dict(RunConfig, old["config"], "old.pt", "").model == now.config.model
+    parsed = from_dict(RunConfig, old["config"], "old.pt", "").model  # keys added since take their defaults
+    assert network_settings(parsed) == network_settings(now.config.model)
     choice = SamplerChoice("ddim", 3)
     assert torch.equal(*(torch.as_tensor(next(sample_batches(m, CPU, choice, [5], 1))[1]) for m in (now, before)))

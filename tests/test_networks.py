@@ -38,9 +38,10 @@ def test_seed_arch_ignores_the_unet_section():
     [
         unet(**TINY),
         unet(**{**TINY, "patch_size": 2}),
+        unet(**{**TINY, "patch_size": 2, "unfold_head": 4}),
         unet(channels=8, channel_mults=[1, 2, 2], blocks_per_level=2, attention_levels=[0, 2], patch_size=1),
     ],
-    ids=["tiny", "tiny-patch2", "three-levels"],
+    ids=["tiny", "tiny-patch2", "tiny-patch2-unfold-head", "three-levels"],
 )
 def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
     torch.manual_seed(0)
@@ -51,9 +52,10 @@ def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
     assert out.shape == x.shape
 
 
-def test_unet_starts_as_zero_predictor_and_depends_on_t_once_trained():
+@pytest.mark.parametrize("keys", [TINY, {**TINY, "patch_size": 2, "unfold_head": 4}], ids=["tiny", "unfold-head"])
+def test_unet_starts_as_zero_predictor_and_depends_on_t_once_trained(keys):
     torch.manual_seed(0)
-    network = build_network(unet(**TINY), (16, 16))
+    network = build_network(unet(**keys), (16, 16))
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(network(x, torch.tensor([3, 3])), torch.zeros_like(x))  # zero-initialised head
     with torch.no_grad():
@@ -62,6 +64,50 @@ def test_unet_starts_as_zero_predictor_and_depends_on_t_once_trained():
     same_x = x[:1].expand(2, -1, -1, -1)
     out = network(same_x, torch.tensor([10, 900]))
     assert (out[0] - out[1]).abs().max().item() > 1e-4
+
+
+def test_unfold_head_adds_only_its_wider_unfold_and_one_full_resolution_conv():
+    """Closed form: the last folded conv writes k channels per pixel instead of 1, and a 3×3 conv
+    from those k plus the image's 1 channel back to 1 channel is added; nothing else changes."""
+    k, patch, width = 4, 2, TINY["channels"]  # the decoder ends at the first level's width
+    plain = build_network(unet(**{**TINY, "patch_size": patch}), (16, 16))
+    unfolded = build_network(unet(**{**TINY, "patch_size": patch, "unfold_head": k}), (16, 16))
+    wider_head = (k - 1) * patch * patch * (width * 9 + 1)
+    full_resolution_conv = (k + 1) * 9 + 1
+    assert n_parameters(unfolded) - n_parameters(plain) == wider_head + full_resolution_conv
+
+
+def changed_pixels(network: torch.nn.Module, channels: int) -> torch.Tensor:
+    """Which output pixels move when the head's output (the folded features) moves at one position:
+    the head's output is replaced through a forward hook, so the rest is the network's own forward."""
+    folded = torch.randn(1, channels * 4, 8, 8)  # channels × 2×2 pixels per folded position
+    moved = folded.clone()
+    moved[:, :, 3, 3] += 1.0
+    x = torch.randn(1, 1, 16, 16)
+    t = torch.tensor([500])
+    outputs = []
+    for features in (folded, moved):
+        hook = network.head.register_forward_hook(lambda module, args, out, f=features: f)
+        with torch.no_grad():
+            outputs.append(network(x, t))
+        hook.remove()
+    return (outputs[1] - outputs[0]).abs()[0, 0] > 0
+
+
+def test_unfold_head_mixes_pixels_across_the_patch_seams():
+    """Without it, each 2×2 output patch is one folded position's features unfolded: a change there
+    moves exactly its own patch. With it, the full-resolution 3×3 conv spreads it over the seams."""
+    torch.manual_seed(0)
+    plain = build_network(unet(**{**TINY, "patch_size": 2}), (16, 16))
+    alone = changed_pixels(plain, 1)
+    assert alone[6:8, 6:8].all() and alone.sum() == 4
+
+    network = build_network(unet(**{**TINY, "patch_size": 2, "unfold_head": 4}), (16, 16))
+    with torch.no_grad():
+        network.unfold_head.weight.normal_()  # zero at the start: as after some training
+    spread = changed_pixels(network, 4)
+    assert spread[5:9, 5:9].all()  # the patch and a pixel beyond each of its seams
+    assert spread.sum() == 16  # a 3×3 conv reaches one pixel further, no more
 
 
 def test_seed_unet_output_shape_equals_input_shape_for_non_square_images():

@@ -3,7 +3,11 @@
 Residual blocks with GroupNorm and SiLU, the time embedding injected as a per-channel
 scale/shift, self-attention on the coarse levels only (where it is cheap), strided-conv down
 and nearest+conv up. An optional pixel-unshuffle folds `patch_size`² pixels into channels
-first, which makes small CPU models several times faster at the same quality.
+first, which makes small CPU models several times faster at the same quality. Unfolding at the
+end writes each p×p patch from one position's features, so neighbouring patches meet at a seam;
+an optional `unfold_head` adds one 3×3 convolution at full resolution after the unfold (as
+U-ViT does after its patch decoder, Bao et al. 2023) that sees across those seams and the noisy
+image's own pixels, for a few MFLOP.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class UNetConfig:
     blocks_per_level: int = 2
     attention_levels: list[int] = field(default_factory=lambda: [2])  # 0 = first level
     patch_size: int = 1  # pixel-unshuffle factor applied before the first level
+    unfold_head: int = 0  # with patch_size > 1: channels unfolded into a full-resolution 3×3 conv; 0 = none
     dropout: float = 0.0
 
     def check(self) -> None:
@@ -42,6 +47,12 @@ class UNetConfig:
                     f"model.unet.{key} = {getattr(self, key)} must be ≥ 1: fix it in the config or "
                     f"with --set model.unet.{key}=…"
                 )
+        if self.unfold_head < 0 or (self.unfold_head and self.patch_size == 1):
+            raise KneegenError(
+                f"model.unet.unfold_head = {self.unfold_head} needs model.unet.patch_size > 1 and a "
+                "count of channels ≥ 1 (0 = no full-resolution head): fix it in the config or with "
+                "--set model.unet.unfold_head=…"
+            )
         if not 0 <= self.dropout < 1:
             raise KneegenError(
                 f"model.unet.dropout = {self.dropout} must be ≥ 0 and < 1: fix it in the config or "
@@ -164,11 +175,15 @@ class UNet(nn.Module):
             self.up_levels.append(Level(pairs, time_dim, cfg.dropout, level in cfg.attention_levels))
             self.upsamples.append(nn.Conv2d(width, width, 3, padding=1) if level > 0 else nn.Identity())
 
-        self.head = nn.Sequential(
-            norm(width), nn.SiLU(), nn.Conv2d(width, image_channels * patch * patch, 3, padding=1)
+        unfolded = cfg.unfold_head or image_channels  # channels per pixel after the unfold
+        self.head = nn.Sequential(norm(width), nn.SiLU(), nn.Conv2d(width, unfolded * patch * patch, 3, padding=1))
+        # The unfolded channels and the noisy image → the prediction, across the patches' seams.
+        self.unfold_head = (
+            nn.Conv2d(unfolded + image_channels, image_channels, 3, padding=1) if cfg.unfold_head else None
         )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+        last = self.unfold_head if self.unfold_head is not None else self.head[-1]
+        nn.init.zeros_(last.weight)  # the network starts as a zero predictor
+        nn.init.zeros_(last.bias)
         # Built last, so the other weights start as an unconditional model's of the same seed.
         self.conditioning = ConditionEmbedding(conditions, time_dim, base) if conditions else None
 
@@ -197,4 +212,7 @@ class UNet(nn.Module):
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
         out = self.head(h)
-        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
+        out = F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
+        if self.unfold_head is not None:
+            out = self.unfold_head(torch.cat([F.silu(out), x], dim=1))
+        return out
