@@ -35,9 +35,10 @@ demo: install $(DEMO_DATA)/manifest.json
 $(DEMO_DATA)/manifest.json: | install
 	$(KNEEGEN) prepare --phantom 1600 --size 64 --out $(DEMO_DATA) --phantom-dir data/demo-phantom
 
-# Lint first (seconds), then every test: what CI runs.
+# Lint first (seconds), then every test, one worker per core (at most 4; each test stays on one
+# thread): what CI runs. A serial run is `.venv/bin/python -m pytest -q`.
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 # The core suite without the tests marked slow (training, torchrun, console scripts, FID): under a minute.
 test-fast: install

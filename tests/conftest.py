@@ -12,6 +12,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# pytest-xdist sets COLUMNS=80 in its workers; Rich would fix its width from that at import and
+# ignore the COLUMNS a test gives its own command, so a worker is left to behave as a serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
