@@ -1,5 +1,8 @@
-"""One command that checks kneegen's CUDA paths end to end, with what they achieve; meant to take ≤ 5 minutes
-on an H200 (not yet timed on one: --no-compile, --phantom and --images are the knobs if it takes longer).
+"""One command that checks kneegen's CUDA paths end to end, with what they achieve. Timed on an H200
+(torch 2.11, CUDA 13): with --no-compile every phase up to sampling took 214 s (validate then ran past a
+230 s limit; it passed on its own with --tiny); compiled, the pixel recipe's epoch alone took 157 s and the
+autoencoder's 55 s, so the full compiled check runs ~10 minutes. --no-compile, --phantom and --images are
+the knobs that make it shorter.
 
 In a fresh work dir (a temporary one unless --work), every phase through the `kneegen` command line:
   1. the device and a square-matmul peak measured in the same run (bf16 where native, else fp32);
@@ -342,30 +345,39 @@ def training_split_size(data: Path) -> int:
 
 
 def run_check(plan: Plan) -> list[Row]:
-    """Every phase in order; each failure is a row, and later phases still run."""
+    """Every phase in order; each failure is a row, and later phases still run. Each row is printed as
+    its phase ends, so that a run stopped by a time limit still shows what it measured."""
     device = torch.device(plan.device)
     print(f"device: {device_kind(device)}", flush=True)
     rows = [matmul_peak(device, plan.matmul)]
     print(f"matmul peak: {rows[0].tflops:.3g} TFLOP/s ({rows[0].note})", flush=True)
 
+    def add(row: Row) -> Row:
+        rows.append(row)
+        print(f"  = {table_line(row, rows[0].tflops or math.nan)}", flush=True)
+        return row
+
     data = plan.work / "data"
     prepare_args = ["prepare", "--phantom", str(plan.phantom), "--size", str(plan.size), "--out", str(data)]
-    rows.append(run_kneegen("prepare", [*prepare_args, "--phantom-dir", str(plan.work / "phantom")], plan).row)
+    prepared = run_kneegen("prepare", [*prepare_args, "--phantom-dir", str(plan.work / "phantom")], plan).row
     train_images = training_split_size(data)
-    rows[-1].note = rows[-1].note or f"{plan.phantom} slices at {plan.size}², {train_images} for training"
+    prepared.note = prepared.note or f"{plan.phantom} slices at {plan.size}², {train_images} for training"
+    add(prepared)
 
     runs = plan.work / "runs"
-    rows.append(train(PIXEL, plan, train_images, {}))
-    rows.append(train(AUTOENCODER, plan, train_images, {}))
-    rows.append(train(LATENT, plan, train_images, {"model.autoencoder": str(runs / "autoencoder" / "best.pt")}))
-    rows.append(resume(LATENT, plan))
-    rows.append(distill(plan))
+    add(train(PIXEL, plan, train_images, {}))
+    add(train(AUTOENCODER, plan, train_images, {}))
+    add(train(LATENT, plan, train_images, {"model.autoencoder": str(runs / "autoencoder" / "best.pt")}))
+    add(resume(LATENT, plan))
+    add(distill(plan))
 
     latent = runs / "latent" / "last.pt"
-    rows += [sample(f"sample:latent:{name}", latent, plan, name) for name in sampler_names() if name != DISTILLED]
-    rows.append(sample("sample:pixel", runs / "pixel" / "last.pt", plan, None))
-    rows.append(sample("sample:distilled", runs / "distilled" / "last.pt", plan, None, STUDENT_STEPS))
-    rows.append(validate(latent, plan))
+    for name in sampler_names():
+        if name != DISTILLED:
+            add(sample(f"sample:latent:{name}", latent, plan, name))
+    add(sample("sample:pixel", runs / "pixel" / "last.pt", plan, None))
+    add(sample("sample:distilled", runs / "distilled" / "last.pt", plan, None, STUDENT_STEPS))
+    add(validate(latent, plan))
     return rows
 
 
@@ -373,18 +385,22 @@ def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def table_line(row: Row, peak_tflops: float) -> str:
+    """One phase in fixed columns ('-' where a number does not apply), a free-text note last."""
+    share = None if row.tflops is None else 100 * row.tflops / peak_tflops
+    numbers = (row.wall_s, row.step_s, row.images_per_s, row.peak_mib, row.tflops, share)
+    widths = (7, 7, 8, 8, 8, 6)
+    cells = " ".join(f"{number(value):>{width}}" for value, width in zip(numbers, widths))
+    return f"{row.phase:<26} {cells} {'ok' if row.ok else 'FAILED':>6}  {row.note}"
+
+
 def print_table(rows: list[Row], peak_tflops: float) -> None:
-    """One line per phase, fixed columns ('-' where a number does not apply), a free-text note last."""
     print(
         f"{'phase':<26} {'wall_s':>7} {'step_s':>7} {'img/s':>8} {'peak_MiB':>8} {'TFLOP/s':>8} {'%peak':>6} "
         f"{'status':>6}  note"
     )
     for row in rows:
-        share = None if row.tflops is None else 100 * row.tflops / peak_tflops
-        numbers = (row.wall_s, row.step_s, row.images_per_s, row.peak_mib, row.tflops, share)
-        widths = (7, 7, 8, 8, 8, 6)
-        cells = " ".join(f"{number(value):>{width}}" for value, width in zip(numbers, widths))
-        print(f"{row.phase:<26} {cells} {'ok' if row.ok else 'FAILED':>6}  {row.note}")
+        print(table_line(row, peak_tflops))
 
 
 def parse_plan() -> Plan:
