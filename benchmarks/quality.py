@@ -387,10 +387,13 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], count: int = 8) -> None:
 
 
 def sampler_choice(text: str) -> SamplerChoice:
-    """NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX]]]], as --samplers takes it: autoguidance 1
-    (off) unless given, at every noise level unless SIGMA_MAX is (the interval σ ≤ SIGMA_MAX)."""
+    """NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX[:keep]]]]], as --samplers takes it: autoguidance 1
+    (off) unless given, at every noise level unless SIGMA_MAX is (the interval σ ≤ SIGMA_MAX); `keep`
+    leaves a patch network's fold frequencies in (kneegen takes them out: engine/fold.py)."""
     name, steps, *rest = text.split(":")
-    eta, spacing, autoguidance, sigma_max = (rest + ["0", "auto", "1", "inf"][len(rest) :])[:4]
+    eta, spacing, autoguidance, sigma_max, fold = (rest + ["0", "auto", "1", "inf", "remove"][len(rest) :])[:5]
+    if fold not in ("keep", "remove"):
+        sys.exit(f"--samplers {text}: the seventh field is 'keep' or 'remove' (the fold frequencies), not {fold!r}")
     return SamplerChoice(
         name,
         int(steps),
@@ -398,6 +401,7 @@ def sampler_choice(text: str) -> SamplerChoice:
         spacing,
         autoguidance=float(autoguidance),
         autoguidance_sigma_max=float(sigma_max),
+        keep_fold=fold == "keep",
     )
 
 
@@ -431,7 +435,7 @@ def main() -> None:
         "--samplers",
         nargs="+",
         default=[],
-        help="NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX]]]], e.g. ddim:50:1, ddim:4:0:trailing, "
+        help="NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE[:SIGMA_MAX[:keep]]]]], e.g. ddim:50:1, ddim:4:0:trailing, "
         "dpm++2m-sde:25:0:auto:2 (autoguided at every step; 1 = off) or dpm++2m-sde:25:0:auto:2:1 (at σ ≤ 1 only): "
         "with --score, each; after "
         "training, one for every recipe instead of its own (seed.yaml's DDPM-1000 would take hours for 1,000 samples)",

@@ -39,6 +39,7 @@ class SamplerChoice:
     compile: bool = False  # torch.compile the network (engine/compilation.py)
     autoguidance: float = 1.0  # w away from the checkpoint's guide; 1 = off (and always without a guide)
     autoguidance_sigma_max: float = math.inf  # ... at noise levels σ ≤ this only
+    keep_fold: bool = False  # leave a patch network's fold frequencies in x̂_0 (engine/fold.py): for comparisons
 
     def describe(self) -> str:
         eta = f", eta {self.eta}" if self.name in ("ddim", DISTILLED) else ""
@@ -47,7 +48,8 @@ class SamplerChoice:
         if guided and math.isfinite(self.autoguidance_sigma_max):
             guided += f" at σ ≤ {self.autoguidance_sigma_max:g}"
         compiled = ", compiled" if self.compile else ""
-        return f"{self.name}, {self.steps} steps{eta}{spacing}{guided}{compiled}"
+        fold = ", fold kept" if self.keep_fold else ""
+        return f"{self.name}, {self.steps} steps{eta}{spacing}{guided}{compiled}{fold}"
 
     def timesteps(self, schedule: Schedule) -> list[int]:
         """The timesteps this choice visits; refuses a bad sampler name or step count."""
@@ -142,7 +144,8 @@ def sample_batches(
     """(seeds, (B, H, W) uint8 images) for each batch of `seeds`, image k asked for row k of
     `conditions` (None: unconditional); with `choice.compile` the network is compiled once, here,
     for the first batch's size (the last batch is padded to it), and so is an autoguidance guide.
-    A latent model's samples are decoded by its autoencoder, once per batch."""
+    A latent model's samples are decoded by its autoencoder, once per batch. A pixel network with a
+    patch fold has its fold frequencies taken out of every x̂_0 unless `choice.keep_fold`."""
     if choice.autoguidance != 1.0 and model.guide is None:
         raise KneegenError(f"autoguidance {choice.autoguidance:g}: {model.source} holds no guide (train.guide_at)")
     sampler = get_sampler(choice.name, eta=choice.eta)
@@ -152,6 +155,7 @@ def sample_batches(
     if guide is not None and choice.compile:
         guide = compile_for_inference(guide, compute)
     latent = model.latent
+    fold = 1 if choice.keep_fold or latent is not None else model.fold  # images only: a latent's are unmeasured
     if latent is not None and on_step is not None:
         on_step = decoded_steps(on_step, latent, compute)
     for start in range(0, len(seeds), batch_size):
@@ -171,6 +175,7 @@ def sample_batches(
             guide=guide,
             autoguidance=choice.autoguidance,
             autoguidance_sigma_max=choice.autoguidance_sigma_max,
+            fold=fold,
         )
         x0 = generate(denoise, sampler, timesteps, model.schedule, batch, model.sample_shape, compute.device, on_step)
         yield batch, to_uint8(latent.decode(x0, compute) if latent else x0)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from kneegen.config import Prediction
 from kneegen.engine.conditioning import call_network, null_conditions
 from kneegen.engine.device import Compute
+from kneegen.engine.fold import without_fold
 from kneegen.engine.samplers import Denoiser
 from kneegen.engine.schedule import Schedule
 
@@ -25,6 +26,7 @@ def make_denoiser(
     guide: nn.Module | None = None,
     autoguidance: float = 1.0,
     autoguidance_sigma_max: float = math.inf,
+    fold: int = 1,
 ) -> Denoiser:
     """Runs the network in eval/inference mode with the device's settings; with `clip`, x̂_0 is
     clipped to the data range [-1, 1] and ε̂ recomputed from it, which keeps few-step samplers on
@@ -43,7 +45,10 @@ def make_denoiser(
     Each of the two networks is asked with the classifier-free guidance above. Autoguidance acts
     only at noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ `autoguidance_sigma_max` (a guidance interval,
     Kynkäänniemi et al. 2024): the young guide's errors that are worth removing are in the fine
-    detail decided at low noise; above it the plain model steps alone, at one network call."""
+    detail decided at low noise; above it the plain model steps alone, at one network call.
+
+    With `fold` p > 1 (the network's patch size), x̂_0 loses its components at the patch fold's
+    frequencies before the clipping (engine/fold.py): the pixel alternation a patch network leaves."""
     network.eval()
     if guide is not None:
         guide.eval()
@@ -75,9 +80,11 @@ def make_denoiser(
         with torch.inference_mode(), compute.autocast():
             output = predict(x_t, t)
         x0, eps = schedule.to_x0_eps(output.float(), x_t, t, prediction)
-        if not clip:
+        if fold == 1 and not clip:
             return x0, eps
-        x0 = x0.clamp(-1.0, 1.0)
+        x0 = without_fold(x0, fold)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
         return x0, schedule.eps_from_x0(x0, x_t, t)
 
     return denoise

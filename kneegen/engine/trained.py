@@ -13,7 +13,7 @@ from kneegen.config import RunConfig, config_from_mapping
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.latent import LatentSpace, check_same_autoencoder, load_latent_space
-from kneegen.engine.network import build_network
+from kneegen.engine.network import build_network, network_settings
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.schedule import Schedule
 from kneegen.errors import KneegenError
@@ -35,6 +35,11 @@ class TrainedModel:
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of what the sampler draws: one-channel images, or a latent model's latents."""
         return self.latent.shape_of(self.image_shape) if self.latent else (1, *self.image_shape)
+
+    @property
+    def fold(self) -> int:
+        """Pixels per side the network folds into channels (`patch_size`; 1 for networks without one)."""
+        return getattr(network_settings(self.config.model, str(self.source))[1], "patch_size", 1)
 
 
 def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
