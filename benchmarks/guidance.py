@@ -33,7 +33,6 @@ from kneegen.asked_conditions import AskedConditions
 from kneegen.data.cache import open_cache
 from kneegen.data.conditions import CONDITIONS, select_conditions
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.network import network_settings
 from kneegen.engine.trained import load_trained_model
 from kneegen.evaluation.condition_checks import side_fid
 from kneegen.evaluation.condition_classifier import cached_condition_classifier, condition_scores, predict_conditions
@@ -104,7 +103,7 @@ def main() -> None:
     compute = resolve_compute("cpu", model.config.precision)
     model = load_trained_model(conditional, compute)
     choice = SamplerChoice(model.config.sample.sampler, model.config.sample.steps)
-    patch = getattr(network_settings(model.config.model)[1], "patch_size", 1)
+    patch = model.fold
     wanted = held_out_conditions[np.arange(args.samples) % len(held_out_conditions)]  # (N, 2) [side, position]
     rows = []
     for w in args.weights:

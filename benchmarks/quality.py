@@ -55,7 +55,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from kneegen.config import RunConfig, load_config
 from kneegen.data.cache import open_cache
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.network import network_settings
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.evaluation.features import INSTALL_HINT, extract_features, find_feature_weights, load_feature_extractor
 from kneegen.evaluation.frechet import frechet_distance
@@ -246,7 +245,7 @@ class Judge:
         )
         seconds = (time.perf_counter() - started) / len(self.seeds)
         features = features_of(self.extractor, images)
-        patch = getattr(network_settings(model.config.model)[1], "patch_size", 1)  # pixels folded per side
+        patch = model.fold
         return self.score(images, features, patch, seconds), images, f"{choice.describe()}, {compute.describe()}"
 
     def score(
