@@ -12,10 +12,12 @@ from rich.table import Table
 from kneegen.commands.choices import one_of
 from kneegen.data.cache import open_cache
 from kneegen.data.contact_sheet import write_contact_sheet
+from kneegen.data.destination import refuse_nested, refuse_to_clobber
+from kneegen.data.disk import check_writable
 from kneegen.data.geometry import FITS
 from kneegen.data.options import PrepareOptions
 from kneegen.data.phantom_folder import make_phantom
-from kneegen.data.prepare import prepare_folder, refuse_to_clobber
+from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.data.volumes import AXES
@@ -74,7 +76,15 @@ def prepare(
     if phantom < 0:
         raise KneegenError(f"--phantom {phantom}: give a number of slices to generate")
     if phantom > 0:
-        refuse_to_clobber(out, overwrite)  # before the phantom is written, not after
+        if src is not None:
+            raise KneegenError(
+                f"a source folder ({src}) and --phantom {phantom} conflict: give a source folder to prepare "
+                "your slices, or --phantom N (without SRC) for synthetic ones"
+            )
+        # Everything about --out is checked before the phantom is written, not after.
+        refuse_nested(phantom_dir, out, "--phantom-dir")
+        refuse_to_clobber(out, overwrite)
+        check_writable(out)
         src = make_phantom(phantom, phantom_dir, seed, overwrite)
     if src is None:
         raise KneegenError("give a folder of slices or volumes (kneegen prepare SRC) or --phantom N for synthetic data")

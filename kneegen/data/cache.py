@@ -7,6 +7,7 @@ uint8, or uint16 when a source had 16 bits.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kneegen.data.conditions import condition_table, select_conditions
+from kneegen.data.disk import is_disk_full
 from kneegen.errors import KneegenError
 
 IMAGES_FILE = "images.npy"
@@ -79,6 +81,11 @@ def is_cache(root: Path) -> bool:
 
 def open_cache(root: Path) -> PreparedData:
     """Open a prepared data dir, or say how to make one."""
+    if root.is_file():
+        raise KneegenError(
+            f"data dir {root} is a file, not a folder: give the folder that holds {MANIFEST_FILE} and {IMAGES_FILE}"
+            + (f" ({root.parent})" if root.name in (MANIFEST_FILE, IMAGES_FILE) else "")
+        )
     if not root.is_dir():
         raise KneegenError(f"data dir {root} not found: run `kneegen prepare SRC --out {root}` first (or --phantom N)")
     if not is_cache(root):
@@ -125,20 +132,9 @@ def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> Non
         (root / MANIFEST_FILE).unlink(missing_ok=True)
         os.replace(staging / IMAGES_FILE, root / IMAGES_FILE)
         os.replace(staging / MANIFEST_FILE, root / MANIFEST_FILE)
+    except OSError as error:
+        if is_disk_full(error):  # a failed write names no file: the one-line report names the cache
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root)) from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_room_for(root: Path, needed: int) -> None:
-    """Refuse before hours of decoding when `root` cannot be written (the nearest existing folder
-    on its path is not writable) or its disk cannot hold `needed` bytes."""
-    existing = next((p for p in (root, *root.parents) if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
-        raise KneegenError(f"{existing} is not writable, so {root} cannot be made there: choose another --out")
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise KneegenError(
-            f"{root}: the cache needs at least {needed / 2**20:,.0f} MiB and the disk has "
-            f"{free / 2**20:,.0f} MiB free: "
-            "free some space, choose another --out, or a smaller --size"
-        )

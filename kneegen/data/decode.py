@@ -8,6 +8,8 @@ summary can count, instead of an exception from deep inside Pillow.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,17 +44,33 @@ IMAGES = InputReader("image", read_image, suffixes=IMAGE_SUFFIXES)
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """(H, W) uint8 for 8-bit sources, uint16 for 16-bit ones; UnreadableFile otherwise."""
+    """(H, W) uint8 for 8-bit sources, uint16 for 16-bit ones; UnreadableFile otherwise.
+
+    Pillow warns above `Image.MAX_IMAGE_PIXELS` and refuses above twice that; both are taken as
+    one limit, so no warning reaches the terminal and no worker decodes gigabytes of pixels:
+    no knee slice has 89 million of them, while a decompression bomb or a stray scan does.
+    """
     if path.stat().st_size == 0:
         raise UnreadableFile("empty file (0 bytes)")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_gray_array(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_gray_array(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise UnreadableFile(too_many_pixels(str(exc))) from None
     except UnidentifiedImageError:
         raise UnreadableFile("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise UnreadableFile(f"corrupt or truncated image ({exc})") from None
+
+
+def too_many_pixels(pillow_message: str) -> str:
+    """The skip reason for an image over Pillow's pixel limit, with its size when Pillow gave it."""
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    size = f"{int(found.group(1)):,} pixels, " if found else ""
+    return f"image too large ({size}Pillow's decompression-bomb limit is {Image.MAX_IMAGE_PIXELS:,}): downscale it"
 
 
 def to_gray_array(image: Image.Image) -> np.ndarray:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kneegen.data.cache import PreparedData, check_room_for, content_key
+from kneegen.data.cache import PreparedData, content_key
+from kneegen.data.disk import check_room_for
 from kneegen.engine.device import Compute
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.pixels import to_model_range
@@ -72,7 +73,9 @@ def write_latents(data: PreparedData, space: LatentSpace, compute: Compute, fold
     ranges = {name: data.manifest["split_ranges"].get(name, (0, 0)) for name in SPLITS}
     images = data.images[: max(stop for _, stop in ranges.values())]  # train, then val: the cache's order
     shape = (len(images), *space.shape_of(data.image_shape))
-    check_room_for(folder, 6 * int(np.prod(shape)))  # float32 while encoding, then float16
+    check_room_for(
+        folder, 6 * int(np.prod(shape)), "--data", "the latent cache", "a smaller --size at prepare"
+    )  # float32 while encoding, then float16
     unscaled = dataclasses.replace(space, scale=1.0)
     train_start, train_stop = ranges["train"]
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=data.root))

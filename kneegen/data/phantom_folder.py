@@ -12,18 +12,23 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from kneegen.data.phantom import phantom_file_names, write_phantom
+from kneegen.data.disk import check_room_for, full_disk_error, is_disk_full
+from kneegen.data.phantom import AKOA_HEIGHT, AKOA_WIDTH, phantom_file_names, write_phantom
 from kneegen.errors import KneegenError
 from kneegen.progress import progress_bar
 
 MARKER = ".kneegen-phantom.json"
 SHOWN = 3  # foreign files named in the refusal
+PNG_BYTES_AT_LEAST = AKOA_HEIGHT * AKOA_WIDTH // 2  # a noisy slice's PNG: about 3/4 of its pixels' bytes
 
 
 def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
     """`prepare --phantom N`: the phantom's slices in `folder`, with a progress bar; refuses a
     folder holding anything but an earlier phantom before writing (and before the bar starts)."""
     replaced = files_written_before(folder, overwrite)
+    freed = sum((folder / name).stat().st_size for name in replaced if (folder / name).is_file())
+    needed = max(0, n_images * PNG_BYTES_AT_LEAST - freed)
+    check_room_for(folder, needed, "--phantom-dir", f"the phantom ({n_images} slices)", "a smaller --phantom N")
     with progress_bar() as progress:
         task = progress.add_task("phantom", total=n_images, status="")
         return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
@@ -36,11 +41,27 @@ def write_phantom_folder(
     found of an earlier phantom there, so none of its slices linger."""
     for name in replaced:
         (folder / name).unlink(missing_ok=True)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     names = phantom_file_names(n_images, seed)
-    (folder / MARKER).write_text(json.dumps({"seed": seed, "images": n_images, "files": names}))
-    write_phantom(folder, n_images, seed=seed, on_volume=on_volume)
+    try:
+        (folder / MARKER).write_text(json.dumps({"seed": seed, "images": n_images, "files": names}))
+        write_phantom(folder, n_images, seed=seed, on_volume=on_volume)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        delete_phantom(folder, names, created)  # half a phantom is no use, and holds space the user must free
+        raise full_disk_error(folder, "--phantom-dir") from None
     return folder
+
+
+def delete_phantom(folder: Path, names: list[str], created: bool) -> None:
+    """Remove what `write_phantom_folder` wrote: the named slices, the marker, and the folder if
+    it made it (and nothing else is in it)."""
+    for name in (*names, MARKER):
+        (folder / name).unlink(missing_ok=True)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def files_written_before(folder: Path, overwrite: bool) -> list[str]:

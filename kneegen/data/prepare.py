@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from kneegen.data.cache import check_room_for, is_cache, write_cache
+from kneegen.data.cache import write_cache
 from kneegen.data.decode import widen_to_16_bit
+from kneegen.data.destination import refuse_links_into, refuse_nested, refuse_to_clobber
+from kneegen.data.disk import check_room_for
 from kneegen.data.geometry import fit_to_size
 from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, load_readers
 from kneegen.data.options import PrepareOptions
@@ -42,9 +44,11 @@ def prepare_folder(
 
     `on_progress(done, total)` is called after each input, for a progress bar.
     """
+    refuse_nested(src, out)
     refuse_to_clobber(out, overwrite)
     options.check()
     items, ignored = find_inputs(src)
+    refuse_links_into(out, [item.path for item in items] + [path for path, _ in ignored], src)
     check_room_for(out, len(items) * options.size[0] * options.size[1])  # one 8-bit slice per input, at least
 
     # 1. Read every input on all cores; failures become skip reasons (or stop with --strict).
@@ -104,6 +108,11 @@ def prepare_folder(
 def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     """The inputs under `src`, each with the reader that claims it, and the other files with
     why they are ignored."""
+    if src.is_file():
+        raise KneegenError(
+            f"source folder {src} is a file, not a folder: give the folder that holds the slices or volumes "
+            f"(e.g. {src.parent}), or use --phantom N"
+        )
     if not src.is_dir():
         raise KneegenError(f"source folder {src} not found: give a folder of slices or volumes, or use --phantom N")
     readers = load_readers()
@@ -201,17 +210,3 @@ def volume_record(result: Decoded) -> dict[str, Any]:
         "empty_slices_left_out": result.empty_slices,
         "window": list(result.window or ()),
     }
-
-
-def refuse_to_clobber(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Never replace a user's folder by accident; `flag` is the option that named `out`."""
-    if out.is_file():
-        raise KneegenError(f"{out} is a file: choose a folder for {flag}")
-    if overwrite or not out.exists():
-        return
-    if is_cache(out):
-        raise KneegenError(
-            f"{out} already holds prepared data: pass --overwrite to replace it, or choose another {flag}"
-        )
-    if any(out.iterdir()):
-        raise KneegenError(f"{out} exists and is not empty: choose another {flag}, or pass --overwrite")

@@ -1,0 +1,231 @@
+"""`kneegen prepare` on bad input: a decompression bomb is one more unreadable file, the cache is
+never written into its own source, conflicting sources are refused, disk-space messages read in
+sizes people understand and name the folder being written, and a file given for a folder says so.
+Every refusal comes before anything is written."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import warnings
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kneegen.cli import build_app, describe
+from kneegen.data.cache import open_cache
+from kneegen.data.phantom_folder import write_phantom_folder
+from kneegen.data.prepare import prepare_folder
+from kneegen.data.splits import SplitFractions
+from kneegen.errors import KneegenError
+
+from helpers import prepare_options
+
+SMALL_PIXEL_LIMIT = 100_000  # Pillow's MAX_IMAGE_PIXELS here: warns above it, refuses above twice it (a slice: 59,280)
+WARNED, REFUSED = 400, 500  # sides of square images in either range
+Usage = namedtuple("Usage", "total used free")
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(build_app(), [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The single line a refused command prints (exit status 1, no traceback)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def options(**changes):
+    return prepare_options((16, 16), fractions=SplitFractions(0.5, 0.5, 0.0), **changes)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def small_src(phantom_src: Path, tmp_path: Path) -> Path:
+    """20 phantom slices (2 patients) in a folder the test may add files to."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted(phantom_src.glob("*.png"))[:20]:
+        shutil.copy(path, src / path.name)
+    return src
+
+
+@pytest.fixture()
+def small_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's bomb limits at 100,000 / 200,000 pixels: tests need not write 90-million-pixel images."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SMALL_PIXEL_LIMIT)
+
+
+# 1. Images over Pillow's pixel limit
+
+
+@pytest.mark.parametrize("side", [WARNED, REFUSED], ids=["warning-range", "error-range"])
+def test_an_image_over_pillows_pixel_limit_is_skipped_and_counted_without_a_warning(
+    small_src, tmp_path, small_pixel_limit, side
+):
+    Image.new("L", (side, side)).save(small_src / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = prepare_folder(small_src, tmp_path / "out", options())
+    assert summary.images == 20
+    reasons = dict(summary.skipped)
+    assert reasons["bomb.png"].startswith(f"image too large ({side * side:,} pixels")
+    assert summary.skip_reasons() == {"image too large": 1}
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_strict_stops_at_an_image_over_the_pixel_limit_naming_it(small_src, tmp_path, small_pixel_limit):
+    Image.new("L", (REFUSED, REFUSED)).save(small_src / "bomb.png")
+    with pytest.raises(KneegenError, match=r"bomb\.png: image too large .*--strict"):
+        prepare_folder(small_src, tmp_path / "out", options(strict=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_reports_an_image_over_the_pixel_limit_as_skipped(small_src, tmp_path, small_pixel_limit):
+    Image.new("L", (REFUSED, REFUSED)).save(small_src / "bomb.png")
+    args = ("prepare", small_src, "--size", 16, "--val-fraction", 0.5, "--test-fraction", 0, "--workers", 1)
+    result = invoke(*args, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "image too large 1" in result.output
+    strict = one_line_error(invoke(*args, "--out", tmp_path / "strict", "--strict"))
+    assert "bomb.png" in strict and "image too large" in strict
+
+
+# 2. The cache inside its own source
+
+
+@pytest.mark.parametrize("where", ["inside", "equal", "inside-through-a-link"])
+def test_out_inside_the_source_folder_is_refused_before_anything_is_written(small_src, tmp_path, where):
+    out = {"inside": small_src / "cache", "equal": small_src, "inside-through-a-link": tmp_path / "link" / "cache"}[
+        where
+    ]
+    (tmp_path / "link").symlink_to(small_src)
+    before = files_under(small_src)
+    with pytest.raises(KneegenError) as error:
+        prepare_folder(small_src, out, options(), overwrite=True)
+    assert str(out) in str(error.value) and str(small_src) in str(error.value)
+    assert files_under(small_src) == before
+    assert not (small_src / "cache").exists()
+
+
+def test_a_symlink_in_the_source_leading_into_the_cache_is_refused(small_src, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(small_src, out, options())
+    (small_src / "linked").symlink_to(out)
+    with pytest.raises(KneegenError, match="symlink"):
+        prepare_folder(small_src, tmp_path / "out", options(), overwrite=True)
+
+
+@pytest.mark.parametrize("nesting", ["out-inside-phantom-dir", "phantom-dir-inside-out"])
+def test_phantom_dir_and_out_inside_one_another_are_refused_before_the_phantom_is_written(tmp_path, nesting):
+    root = tmp_path / "nest"
+    out, phantom_dir = (root / "cache", root) if nesting == "out-inside-phantom-dir" else (root, root / "ph")
+    line = one_line_error(invoke("prepare", "--phantom", 20, "--size", 16, "--phantom-dir", phantom_dir, "--out", out))
+    assert str(out) in line and str(phantom_dir) in line
+    assert not root.exists()
+
+
+# 3. A source folder and --phantom together
+
+
+def test_a_source_folder_with_phantom_is_refused_before_anything_is_written(small_src, tmp_path):
+    line = one_line_error(
+        invoke("prepare", small_src, "--phantom", 20, "--phantom-dir", tmp_path / "ph", "--out", tmp_path / "out")
+    )
+    assert str(small_src) in line and "--phantom" in line and "conflict" in line
+    assert not (tmp_path / "ph").exists() and not (tmp_path / "out").exists()
+
+
+# 4. Room on the disk
+
+
+def test_too_little_space_is_given_in_kib_not_as_zero_mib(small_src, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(KneegenError) as error:
+        prepare_folder(small_src, tmp_path / "out", options())  # 20 slices of 16×16: 5,120 bytes
+    message = str(error.value)
+    assert "0 MiB" not in message
+    assert "needs at least 5.00 KiB" in message and "has 100 bytes free" in message
+
+
+def test_too_little_space_for_the_phantom_names_phantom_dir_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 0))
+    line = one_line_error(
+        invoke("prepare", "--phantom", 20, "--phantom-dir", tmp_path / "ph", "--out", tmp_path / "out")
+    )
+    assert "--phantom-dir" in line and "0 bytes free" in line
+    assert not (tmp_path / "ph").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_place_where_nothing_can_be_created_is_not_writable_rather_than_full(small_src):
+    with pytest.raises(KneegenError, match="is not writable") as error:
+        prepare_folder(small_src, Path("/proc/kneegen-test/out"), options())
+    assert "free" not in str(error.value)
+
+
+def test_a_disk_filling_up_while_writing_the_phantom_names_phantom_dir_and_leaves_nothing(tmp_path, monkeypatch):
+    saved = []
+
+    def save_until_full(image, path, *args, **kwargs):
+        if len(saved) == 3:
+            Path(path).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    folder = tmp_path / "ph"
+    with pytest.raises(KneegenError) as error:
+        write_phantom_folder(folder, 20, 0, [])
+    assert str(folder) in str(error.value) and "--phantom-dir" in str(error.value)
+    assert not folder.exists()  # the half-written phantom is gone, and the space it took is free again
+
+
+def test_a_disk_filling_up_while_writing_the_cache_names_the_cache(small_src, tmp_path, monkeypatch):
+    def short_write(*args, **kwargs):
+        raise OSError("491520 requested and 65408 written")  # how numpy reports a full disk
+
+    monkeypatch.setattr("kneegen.data.cache.np.save", short_write)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as error:
+        prepare_folder(small_src, out, options())
+    assert describe(error.value) == f"no space left on the disk writing {out}: free some space or write elsewhere"
+
+
+# 5. A file where a folder is expected
+
+
+def test_a_file_as_source_folder_says_it_is_a_file_and_names_its_folder(small_src, tmp_path):
+    slice_file = sorted(small_src.iterdir())[0]
+    line = one_line_error(invoke("prepare", slice_file, "--out", tmp_path / "out"))
+    assert f"{slice_file} is a file, not a folder" in line and f"(e.g. {small_src})" in line
+    assert "not found" not in line
+
+
+def test_a_file_as_data_dir_says_it_is_a_file_and_names_its_folder(prepared):
+    manifest = prepared / "manifest.json"
+    with pytest.raises(KneegenError, match="is a file, not a folder") as error:
+        open_cache(manifest)
+    assert f"({prepared})" in str(error.value) and "not found" not in str(error.value)
+    line = one_line_error(invoke("prepare", "--inspect", manifest))
+    assert "is a file, not a folder" in line
+
+
+def test_the_cache_of_an_image_over_the_pixel_limit_holds_only_the_good_slices(small_src, tmp_path, small_pixel_limit):
+    Image.new("L", (REFUSED, REFUSED), 255).save(small_src / "bomb.png")
+    prepare_folder(small_src, tmp_path / "out", options())
+    data = open_cache(tmp_path / "out")
+    assert len(data.images) == 20 and "bomb.png" not in {record["path"] for record in data.manifest["slices"]}
+    assert not np.any(np.all(data.images == 255, axis=(1, 2)))
