@@ -375,11 +375,23 @@ def get_dotted(config: Any, dotted: str) -> Any:
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; any other content is the user's to fix."""
+    """A UTF-8 YAML file that must hold a mapping with each key once; any other content is the
+    user's to fix."""
     if not path.is_file():
         raise KneegenError(f"config file {path} not found: give an existing YAML file (see examples/)")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is still text
+    except UnicodeDecodeError as exc:
+        raise KneegenError(
+            f"{path}: not a UTF-8 text YAML file (byte {exc.start} is not UTF-8): give a YAML config "
+            "(see examples/), saved as UTF-8"
+        ) from None
+    try:
+        loaded = load_unique_keys(text, path)
+    except yaml.reader.ReaderError:  # UTF-8, but with control bytes no text file holds (a binary file)
+        raise KneegenError(
+            f"{path}: not a UTF-8 text YAML file (it holds control bytes): give a YAML config (see examples/)"
+        ) from None
     except yaml.YAMLError as exc:
         raise KneegenError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
     if loaded is None:
@@ -387,6 +399,55 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise KneegenError(f"{path}: expected a mapping of config keys at the top level")
     return loaded
+
+
+def load_unique_keys(text: str, path: Path) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is refused: YAML keeps the last one
+    silently, so `lr` written twice under `train:` would train with whichever came last."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        repeated = repeated_key(node, "", set())
+        if repeated is not None:
+            dotted, first, second = repeated
+            where = f"line {first}" if first == second else f"lines {first} and {second}"
+            raise KneegenError(
+                f"{path}: config key '{dotted}' is given twice ({where}), and YAML would keep only the last: delete one"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def repeated_key(node: yaml.Node, prefix: str, visited: set[int]) -> tuple[str, int, int] | None:
+    """(dotted key, first line, second line) of the first key written twice in one mapping under
+    `node`, or None. Keys brought in by a merge (`<<: *defaults`) may be overridden, as YAML intends."""
+    if id(node) in visited:  # an alias met again (anchors can even nest themselves)
+        return None
+    visited.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}  # by tag too: `1` and "1" are two keys
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                children.append((prefix, value_node))
+                continue
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):
+                if (key_node.tag, key) in lines:
+                    return f"{prefix}{key}", lines[key_node.tag, key], line
+                lines[key_node.tag, key] = line
+            children.append((f"{prefix}{key}.", value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(prefix, item) for item in node.value]
+    for child_prefix, child in children:
+        found = repeated_key(child, child_prefix, visited)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from kneegen.asked_conditions import check_guidance
 from kneegen.commands.choices import DEVICES, PRECISIONS, sampler_help
-from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.checkpoint import load_training_checkpoint
 from kneegen.engine.device import resolve_compute
 from kneegen.evaluation.evaluate import ValidateRequest, evaluate_checkpoints
 from kneegen.evaluation.report import metrics_table
@@ -82,7 +82,9 @@ def validate(
         autoguidance_sigma_max,
         feature_copies,
     )
-    compute = resolve_compute(device, precision or load_checkpoint(checkpoints[0])["config"]["precision"])
+    compute = resolve_compute(
+        device, precision or load_training_checkpoint(checkpoints[0])["config"].get("precision", "auto")
+    )
     evaluation = evaluate_checkpoints(request, compute)
     console.print(metrics_table(evaluation.reports))
     for note in evaluation.notes:

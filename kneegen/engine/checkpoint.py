@@ -1,7 +1,9 @@
 """Checkpoints: plain dicts of state_dicts, config and counters, written atomically.
 
 Loading uses `torch.load(weights_only=True)`, so a checkpoint can never run code; anything that
-is not a kneegen checkpoint of a known format version is refused with a clear message.
+is not a kneegen checkpoint of a known format version is refused with a clear message, and so is
+a training checkpoint that lacks what rebuilding its network needs. Loading weights into the
+network a config builds goes through `load_weights`, so a mismatch is one line, not torch's report.
 
 Format 2 added what continuing mid-epoch needs (position in the epoch, every RNG state, the
 loss-scaler state); a format-1 checkpoint still samples and validates, but cannot be resumed.
@@ -11,17 +13,26 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kneegen.errors import KneegenError
 
 FORMAT = "kneegen-checkpoint"
 FORMAT_VERSION = 2
 TEMPORARY_SUFFIX = ".tmp"
+# What every training checkpoint (format 1 on) holds, and sampling, validating, distilling and
+# resuming read: the config to rebuild the network, its weights (EMA ones None without an EMA),
+# the image size it was built for, and the epochs trained.
+TRAINING_KEYS = ("config", "model", "ema", "image_shape", "epoch")
+OTHER_CHECKPOINT = "use another checkpoint of the run (last.pt, best.pt, checkpoints/step-*.pt) or train again"
 
 
 def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
@@ -54,14 +65,16 @@ def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint dict at `path`, on the CPU, after checking that it is one of ours."""
+    """The checkpoint dict at `path`, on the CPU, after checking that it is one of ours; one that
+    holds network weights (`model`) must also be a whole training checkpoint (`TRAINING_KEYS`)."""
     if not path.is_file():
         raise KneegenError(f"checkpoint {path} not found: train first (kneegen train) or give an existing .pt file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing foreign pickles: the refusal says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only unpickling of arbitrary bytes fails in many ways
-        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise KneegenError(f"{path} is not a readable kneegen checkpoint ({reason[:120]})") from None
+        raise unreadable(path, exc) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KneegenError(f"{path} is not a kneegen checkpoint: give a last.pt or best.pt from a kneegen run")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -69,7 +82,61 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} has checkpoint format {payload['format_version']}, newer than this kneegen "
             f"understands ({FORMAT_VERSION}): upgrade kneegen"
         )
+    if "model" in payload:
+        check_training_keys(path, payload)
     return payload
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A training run's checkpoint (not, say, an EMA snapshot): what sampling, validation and
+    distillation rebuild a network from."""
+    payload = load_checkpoint(path)
+    check_training_keys(path, payload)
+    return payload
+
+
+def check_training_keys(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse, naming them, the keys a training checkpoint lacks, before anything reads them."""
+    missing = [key for key in TRAINING_KEYS if key not in payload]
+    if "config" in payload and not isinstance(payload["config"], dict):
+        missing.insert(0, "config")
+    if missing:
+        raise KneegenError(
+            f"{path} is not a kneegen checkpoint (no {', '.join(missing)}): give a last.pt or best.pt of a kneegen run"
+        )
+
+
+def unreadable(path: Path, exc: Exception) -> KneegenError:
+    """Why torch could not read `path`, in words: its own reasons are library internals."""
+    with path.open("rb") as handle:
+        start = handle.read(2)
+    if not start:
+        return KneegenError(f"{path} is empty (0 bytes), not a checkpoint; {OTHER_CHECKPOINT}")
+    if not zipfile.is_zipfile(path):
+        if start == b"PK":  # the start of a zip archive, as torch writes, whose end is missing
+            return KneegenError(
+                f"{path} is truncated (a torch file cut short), not a readable checkpoint; {OTHER_CHECKPOINT}"
+            )
+        return KneegenError(
+            f"{path} is not a torch checkpoint file (it is text, a plain pickle or some other format): "
+            "give a last.pt or best.pt of a kneegen run"
+        )
+    if isinstance(exc, pickle.UnpicklingError):  # weights_only refused what it holds
+        return KneegenError(
+            f"{path} holds Python objects besides tensors and plain values, which kneegen checkpoints never do, "
+            "so it is not loaded (it could run code): give a last.pt or best.pt of a kneegen run"
+        )
+    return KneegenError(f"{path} is damaged, or a zip archive that is no torch checkpoint; {OTHER_CHECKPOINT}")
+
+
+def load_weights(network: nn.Module, weights: dict[str, Any], source: str, advice: str) -> None:
+    """`network.load_state_dict(weights)`, or one line saying they do not fit the network the
+    config's model.* settings build (torch reports each mismatched tensor: a hundred lines for one
+    wrong width); `advice` says what to do about it where it happened."""
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError:
+        raise KneegenError(f"{source}: the weights do not fit the config's model.* settings: {advice}") from None
 
 
 def remove_partial_writes(folder: Path) -> None:

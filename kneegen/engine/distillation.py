@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kneegen.config import Prediction, RunConfig
-from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.checkpoint import load_training_checkpoint, load_weights
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.loss import per_image_loss
@@ -156,14 +156,14 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
             f"distill.teacher {path}: the teacher checkpoint is not there: give its place with "
             "--set distill.teacher=PATH (a resumed distillation accepts a moved teacher)"
         )
-    payload = load_checkpoint(path)
-    try:
-        network.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
-    except RuntimeError:
-        raise KneegenError(
-            f"{path}: the teacher's weights do not fit the config's model.* settings: distil with the teacher's own "
-            "config (kneegen distill takes it from the checkpoint) and leave model.* as they are"
-        ) from None
+    payload = load_training_checkpoint(path)
+    load_weights(
+        network,
+        payload["ema"] if payload["ema"] is not None else payload["model"],
+        f"{path} (the teacher)",
+        "distil with the teacher's own config (kneegen distill takes it from the checkpoint) and leave model.* as "
+        "they are",
+    )
     teacher = copy.deepcopy(network).eval().requires_grad_(False)
     distill = cfg.distill
     guide = None

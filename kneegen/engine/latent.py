@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kneegen.config import ModelConfig, config_from_mapping
 from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, latent_shape
-from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.checkpoint import OTHER_CHECKPOINT, load_checkpoint, load_weights
 from kneegen.engine.device import Compute
 from kneegen.engine.network import network_settings, size_multiple
 from kneegen.errors import KneegenError
@@ -73,10 +73,7 @@ def load_latent_space(path: Path, compute: Compute, source: str) -> LatentSpace:
     _, settings = network_settings(config.model, str(path))
     weights = payload["ema"] if payload["ema"] is not None else payload["model"]
     autoencoder = Autoencoder(settings)
-    try:
-        autoencoder.load_state_dict(weights)
-    except RuntimeError:
-        raise KneegenError(f"{source}: {path} holds weights that do not fit its own model.vae settings") from None
+    load_weights(autoencoder, weights, f"{source}: {path}", OTHER_CHECKPOINT)
     autoencoder = autoencoder.to(compute.device, memory_format=compute.memory_format).eval()
     return LatentSpace(autoencoder, weights_digest(weights), path)
 
