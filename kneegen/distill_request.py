@@ -16,7 +16,7 @@ from kneegen.engine.samplers import DISTILLED
 from kneegen.engine.training import TrainState
 from kneegen.errors import KneegenError
 from kneegen.runs import resolve_checkpoint
-from kneegen.train_request import TrainRequest, start_training
+from kneegen.train_request import TrainPlan, TrainRequest, plan_training
 from kneegen.training_run import run_training
 
 DEFAULT_STEPS = 4
@@ -58,12 +58,34 @@ class DistillRequest:
 def start_distillation_run(request: DistillRequest) -> TrainState:
     """A new distillation run from the teacher, or the interrupted one continued as `train --resume` would."""
     if request.resume or request.resume_from is not None:
-        return start_training(
+        flag = "--resume" if request.resume_from is None else f"--resume-from {request.resume_from}"
+        if request.teacher is not None:
+            raise KneegenError(
+                f"kneegen distill {request.teacher} {flag}: CHECKPOINT starts a new student and {flag} continues one "
+                "(with the teacher it began with): give one of them"
+            )
+        plan = plan_training(
             TrainRequest(None, request.overrides, request.run_dir, request.resume, request.resume_from)
         )
+        check_resumes_a_distillation(plan, request, flag)
+        return plan.run()
     teacher = resolve_checkpoint(request.teacher)
     cfg, origin = distillation_config(teacher, request.overrides)
     return run_training(cfg, request.run_dir, origin=origin)
+
+
+def check_resumes_a_distillation(plan: TrainPlan, request: DistillRequest, flag: str) -> None:
+    """`distill --resume` continues a distillation run; a plain training run would train on as
+    one (its checkpoints replaced, --steps ignored), which is `kneegen train --resume`'s job."""
+    if plan.cfg.distill.teacher:
+        return
+    resumed = request.resume_from or plan.run_dir
+    kind = "from a training run" if plan.checkpoint is not None else "a training run"
+    again = f"kneegen train {flag}" + (f" --run-dir {plan.run_dir}" if plan.run_dir is not None else "")
+    raise KneegenError(
+        f"{flag}: {resumed} is {kind}, not a distillation: continue its training with {again}, "
+        f"or distil it into a new student with kneegen distill {resumed}"
+    )
 
 
 def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunConfig, str]:
@@ -100,6 +122,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
             f"{teacher}: a student distilled for {student_of} steps teaches with {student_of} steps, not "
             f"--teacher-steps {distill.teacher_steps}: leave --teacher-steps out"
         )
+    if not student_of:
+        check_teacher_steps(cfg, teacher, given="distill.teacher_steps" in overrides)
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)
     if "train.epochs" not in overrides:
         cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
@@ -113,6 +137,27 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         f"DDIM steps (each round halves them){guided}, over {cfg.train.epochs} epochs"
     )
     return cfg, origin
+
+
+def check_teacher_steps(cfg: RunConfig, teacher: Path, given: bool) -> None:
+    """Round 0's teacher samples with `distill.teacher_steps` DDIM steps, which its model's
+    `diffusion.timesteps` must hold: refused here, before a run dir exists, naming the flag that
+    set it (--teacher-steps, or --steps when the teacher's steps were derived from it)."""
+    steps, teacher_steps, timesteps = cfg.distill.steps, cfg.distill.teacher_steps, cfg.diffusion.timesteps
+    if teacher_steps <= timesteps:
+        return
+    fitting = steps * 2
+    while fitting * 2 <= timesteps:
+        fitting *= 2
+    hint = f"give --teacher-steps {fitting}" if fitting <= timesteps else f"give --steps {timesteps // 2} or fewer"
+    culprit = (
+        f"--teacher-steps {teacher_steps} (distill.teacher_steps): more DDIM steps"
+        if given
+        else f"--steps {steps}: its first teacher would take {teacher_steps} DDIM steps (--teacher-steps), more"
+    )
+    raise KneegenError(
+        f"{culprit} than the {timesteps} timesteps (diffusion.timesteps) of the model in {teacher}: {hint}"
+    )
 
 
 def first_teacher_steps(steps: int) -> int:

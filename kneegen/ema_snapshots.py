@@ -19,13 +19,14 @@ import torch
 from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.engine.device import Compute
-from kneegen.engine.posthoc_ema import Snapshot, combine, gamma_of, reconstruction_weights
+from kneegen.engine.posthoc_ema import MAX_SIGMA_REL, Snapshot, combine, gamma_of, reconstruction_weights
 from kneegen.engine.trained import load_trained_model
 from kneegen.engine.training import TrainState
 from kneegen.errors import KneegenError
 from kneegen.evaluation.during_training import SampleQuality, TrainingFid
+from kneegen.evaluation.kid import MIN_IMAGES
 from kneegen.progress import progress_bar
-from kneegen.runs import LAST
+from kneegen.runs import LAST, RUNS_ROOT, newest_run_dir, run_dir_of
 
 SNAPSHOTS = "ema_snapshots"
 STORED_DTYPE = torch.float16  # halves the disk; its rounding (~5e-4 relative) is far below what EMA lengths change
@@ -94,8 +95,50 @@ def posthoc_payload(run_dir: Path, sigma_rel: float) -> dict[str, Any]:
     return {**base, "ema": ema, "posthoc_ema": {"sigma_rel": sigma_rel, "step": step, "snapshots": len(snapshots)}}
 
 
+def snapshot_run(argument: Path | None, root: Path = RUNS_ROOT) -> Path:
+    """The run `kneegen ema` mixes: RUN_DIR, or the latest run under `root`; refused, naming what
+    `ema` wants, when it is missing, a file, or holds no snapshots."""
+    wanted = "give RUN_DIR, the folder of a run trained with --set train.ema_snapshots=true"
+    if argument is None:
+        run_dir = newest_run_dir(root)
+        if run_dir is None:
+            raise KneegenError(f"kneegen ema: no run found under {root}/: {wanted}")
+    elif not argument.exists():
+        raise KneegenError(f"kneegen ema: run dir {argument} not found: {wanted}")
+    elif not argument.is_dir():
+        raise KneegenError(
+            f"kneegen ema: {argument} is a file, not a run dir: give the run dir that holds it, "
+            f"{run_dir_of(argument)}, if it was trained with --set train.ema_snapshots=true"
+        )
+    else:
+        run_dir = argument
+    if not snapshot_paths(run_dir):
+        raise KneegenError(
+            f"kneegen ema: {run_dir} has no {SNAPSHOTS}/: give a run trained with --set train.ema_snapshots=true, "
+            "or train one"
+        )
+    return run_dir
+
+
+def check_ema_request(sigma_rels: list[float], samples: int) -> None:
+    """The flags of `kneegen ema`, checked before a snapshot is read or a checkpoint written."""
+    for sigma_rel in sigma_rels:
+        if not 0 < sigma_rel <= MAX_SIGMA_REL:
+            raise KneegenError(
+                f"--lengths: {sigma_rel:g} is no EMA length: give fractions of training in (0, {MAX_SIGMA_REL:.4f}], "
+                "e.g. 0.05,0.1"
+            )
+    if samples < MIN_IMAGES:
+        raise KneegenError(
+            f"--samples {samples}: FID/KID need at least {MIN_IMAGES} samples per EMA length: "
+            f"give --samples {MIN_IMAGES} or more"
+        )
+
+
 def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, samples: int) -> list[PosthocResult]:
-    """Write ema-σ.pt for each σ_rel and score its samples by FID/KID against the val split."""
+    """Write ema-σ.pt for each σ_rel and score its samples by FID/KID against the val split; every
+    check (the flags, the snapshots, the FID's data and weights) comes before the first write."""
+    check_ema_request(sigma_rels, samples)
     results = []
     with progress_bar() as progress:
         task = progress.add_task("post-hoc EMA", total=len(sigma_rels), status="")
@@ -103,10 +146,13 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
         for sigma_rel in sigma_rels:
             progress.update(task, status=f"σ_rel {sigma_rel:g}")
             payload = posthoc_payload(run_dir, sigma_rel)
+            data = Path(payload["config"]["data"])
+            fid = fid or TrainingFid(
+                open_cache(data), compute, samples, asked_by="kneegen ema", samples_flag="--samples"
+            )
             path = run_dir / f"ema-{sigma_rel:.3f}.pt"
             save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "format_version")}, path)
             model = load_trained_model(path, compute)
-            fid = fid or TrainingFid(open_cache(Path(model.config.data)), compute, samples)
             results.append(PosthocResult(sigma_rel, path, fid.score(model)))
             progress.advance(task)
     return results

@@ -54,10 +54,44 @@ def latest_run(root: Path = RUNS_ROOT) -> Path:
 def latest_run_dir(root: Path = RUNS_ROOT) -> Path:
     """The run most recently started or checkpointed, with or without a checkpoint: the one
     `train --resume` continues (a run stopped before its first checkpoint included)."""
+    run_dir = newest_run_dir(root)
+    if run_dir is None:
+        raise KneegenError(f"--resume: no run found under {root}/ to continue: start one with kneegen train")
+    return run_dir
+
+
+def newest_run_dir(root: Path = RUNS_ROOT) -> Path | None:
+    """`latest_run_dir`, or None when `root` holds no run: for commands whose default is the
+    latest run and that say in their own words what they want instead."""
     runs = [p.parent for p in root.glob(f"*/{CONFIG}")] if root.is_dir() else []
     if not runs:
-        raise KneegenError(f"--resume: no run found under {root}/ to continue: start one with kneegen train")
+        return None
     return max(runs, key=lambda run: max(p.stat().st_mtime for p in (run / CONFIG, run / LAST) if p.is_file()))
+
+
+def check_resume_target(checkpoint: Path, run_dir: Path) -> None:
+    """`--resume-from CHECKPOINT --run-dir DIR` continues the checkpoint's training in DIR: its own
+    run, or a new (or empty) folder, never another run, whose checkpoints, metrics and EMA
+    snapshots the continued training would replace."""
+    home = home_run_of(checkpoint)
+    if (home is not None and same_place(home, run_dir)) or not holds_anything(run_dir):
+        return
+    held = "a file" if not run_dir.is_dir() else "another run" if (run_dir / CONFIG).is_file() else "not empty"
+    own = f", or --run-dir {home} (its own run)" if home is not None else ""
+    raise KneegenError(
+        f"--run-dir {run_dir} is {held}, and --resume-from {checkpoint} is none of its checkpoints: continuing "
+        f"there would replace its files: choose a new or empty --run-dir{own}"
+    )
+
+
+def holds_anything(path: Path) -> bool:
+    """Whether `path` is a file, or a folder with anything in it: a place a new run may not write."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder, however spelt (relative, `..`, links)."""
+    return a.resolve() == b.resolve()
 
 
 def resolve_checkpoint(argument: Path | None, root: Path = RUNS_ROOT) -> Path:

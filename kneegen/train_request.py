@@ -13,7 +13,7 @@ from kneegen.engine.device import resolve_compute
 from kneegen.engine.training import TrainState
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
-from kneegen.runs import CONFIG, home_run_of, latest_run_dir
+from kneegen.runs import CONFIG, LAST, home_run_of, latest_run_dir, same_place
 from kneegen.training_run import run_training
 
 
@@ -31,8 +31,27 @@ class TrainRequest:
     precision: str | None = None
 
 
+@dataclass
+class TrainPlan:
+    """A request settled: the config, and the run it starts or continues (`run_training`'s arguments)."""
+
+    cfg: RunConfig
+    run_dir: Path | None
+    resume: bool
+    checkpoint: Path | None
+    origin: str = ""  # where the config came from, printed once every check has passed
+
+    def run(self) -> TrainState:
+        return run_training(self.cfg, self.run_dir, self.resume, self.checkpoint, origin=self.origin)
+
+
 def start_training(request: TrainRequest) -> TrainState:
     """Settle the config and the run dir the request means, then train."""
+    return plan_training(request).run()
+
+
+def plan_training(request: TrainRequest) -> TrainPlan:
+    """The config and the run dir the request means, read from the files it names; nothing written."""
     config, overrides, run_dir, resume = request.config, request.overrides, request.run_dir, request.resume
     checkpoint, note = None, ""
     if request.resume_from is not None:
@@ -44,7 +63,13 @@ def start_training(request: TrainRequest) -> TrainState:
         if request.resume_from.is_file():
             checkpoint = request.resume_from
         else:
-            run_dir = run_dir or request.resume_from
+            if run_dir is not None and not same_place(run_dir, request.resume_from):
+                raise KneegenError(
+                    f"--resume-from {request.resume_from} is a run dir, continued in that dir, and --run-dir {run_dir} "
+                    f"is another: leave --run-dir out, or continue it elsewhere from one of its checkpoints "
+                    f"(--resume-from {request.resume_from / LAST} --run-dir NEW_DIR)"
+                )
+            run_dir = request.resume_from
     if resume:
         run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
         cfg = config_to_resume(config, checkpoint, run_dir, overrides)
@@ -54,7 +79,7 @@ def start_training(request: TrainRequest) -> TrainState:
         elif not config.exists() and str(config) in recipe_names():
             config = recipe_path(str(config))
         cfg = load_config(config, overrides)
-    return run_training(cfg, run_dir, resume, checkpoint, origin=note)
+    return TrainPlan(cfg, run_dir, resume, checkpoint, note)
 
 
 def config_to_resume(

@@ -57,7 +57,16 @@ from kneegen.previews import refresh_plots, save_preview
 from kneegen.progress import console, progress_bar
 from kneegen.run import Run
 from kneegen.run_checkpoints import resume_point, save_training_checkpoint
-from kneegen.runs import CONFIG, LAST, STEP_CHECKPOINTS, home_run_of, latest_run_dir, new_run_dir, start_run_dir
+from kneegen.runs import (
+    CONFIG,
+    LAST,
+    STEP_CHECKPOINTS,
+    check_resume_target,
+    home_run_of,
+    latest_run_dir,
+    new_run_dir,
+    start_run_dir,
+)
 
 PACE_EPOCHS = 3  # the cooldown's plan follows the mean time of this process's last epochs, not its first
 
@@ -71,9 +80,11 @@ def run_training(
 ) -> TrainState:
     """Train `cfg` up to `train.epochs`: in a new `run_dir` (default runs/<time>), or with `resume`
     continue `run_dir` (default: the latest run) from its newest readable checkpoint, or from
-    `checkpoint` (default run dir: the checkpoint's own). `origin`, a line on where the config came
-    from, is printed once every check has passed."""
+    `checkpoint` (default run dir: the checkpoint's own; another must be new or empty, never another
+    run). `origin`, a line on where the config came from, is printed once every check has passed."""
     # 1. Everything that can be refused is checked before a file is written.
+    if resume and checkpoint is not None and run_dir is not None:
+        check_resume_target(checkpoint, run_dir)
     check_ranges(cfg, "config")
     cfg = resolve_plugins(cfg, "config")
     data = open_cache(Path(cfg.data))
@@ -237,7 +248,7 @@ def open_run_dir(
     path, payload, changes = resumed
     if latent is not None:
         check_same_autoencoder(latent, payload["latent"]["digest"], str(path))
-    restore_state(state, payload, dist)
+    restore_state(state, payload, dist, str(path))
     if state.epoch >= cfg.train.epochs:
         raise KneegenError(f"{path} already has {state.epoch} epochs: raise --epochs to train further")
     run_dir = run_dir or Path(dist.broadcast(str(start_run_dir(new_run_dir())) if dist.is_main else None))

@@ -10,11 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from kneegen.commands.choices import DEVICES
-from kneegen.ema_snapshots import choose_ema_length
+from kneegen.ema_snapshots import check_ema_request, choose_ema_length, snapshot_run
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
 from kneegen.progress import console
-from kneegen.runs import latest_run_dir
 
 DEFAULT_LENGTHS = "0.03,0.05,0.07,0.10,0.15,0.20"
 
@@ -30,8 +29,9 @@ def ema(
     device: Annotated[str, typer.Option(help=f"{DEVICES}.")] = "auto",
 ) -> None:
     """Mix the run's EMA snapshots into checkpoints of other EMA lengths (ema-σ.pt) and rank them by FID."""
-    run_dir = run_dir or latest_run_dir()
     sigma_rels = parse_lengths(lengths)
+    check_ema_request(sigma_rels, samples)
+    run_dir = snapshot_run(run_dir)
     results = choose_ema_length(run_dir, sigma_rels, resolve_compute(device, "auto"), samples)
     table = Table(title=f"post-hoc EMA of {escape(str(run_dir))}, FID of {samples} samples vs the val split")
     for column in ("σ_rel", "FID", "KID", "checkpoint"):

@@ -44,13 +44,22 @@ class SampleQuality:
 class TrainingFid:
     """The Inception network and the val features, loaded once per run."""
 
-    def __init__(self, cache: PreparedData, compute: Compute, n_samples: int) -> None:
+    def __init__(
+        self,
+        cache: PreparedData,
+        compute: Compute,
+        n_samples: int,
+        asked_by: str = "train.fid_every",
+        samples_flag: str = "train.fid_samples",
+    ) -> None:
+        """`asked_by` and `samples_flag`: the key or command that wants the FID and the one that
+        sets `n_samples`, which a refusal names."""
         weights = find_feature_weights(None)
         if weights is None:
-            raise KneegenError(f"train.fid_every needs the FID Inception weights: {INSTALL_HINT}")
+            raise KneegenError(f"{asked_by} needs the FID Inception weights: {INSTALL_HINT}")
         if len(cache.split(SPLIT)) < kid.MIN_IMAGES or n_samples < kid.MIN_IMAGES:
             raise KneegenError(
-                f"train.fid_every: FID/KID need at least {kid.MIN_IMAGES} val images and train.fid_samples "
+                f"{asked_by}: FID/KID need at least {kid.MIN_IMAGES} val images and {samples_flag} "
                 f"(have {len(cache.split(SPLIT))} and {n_samples})"
             )
         self.compute = compute
