@@ -21,7 +21,11 @@ Resume = Annotated[
     typer.Option(help="Continue the run in --run-dir (default: the latest run) from its newest good checkpoint."),
 ]
 ResumeFrom = Annotated[
-    Optional[Path], typer.Option(help="Continue from this run dir, or this checkpoint file (implies --resume).")
+    Optional[Path],
+    typer.Option(
+        help="Continue from this run dir, or this checkpoint file (implies --resume); a checkpoint continues in its "
+        "own run, or in a new or empty --run-dir."
+    ),
 ]
 Device = Annotated[Optional[str], typer.Option(help=f"{DEVICES} (device).")]
 PrecisionOption = Annotated[Optional[str], typer.Option(help=f"{PRECISIONS} (precision).")]
