@@ -8,6 +8,7 @@ fixtures are built from (tiny config, prepare options) are plain functions in he
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -52,3 +53,13 @@ def trained_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     run_dir = work / "run"
     run_training(tiny_config(prepared, work), run_dir, resume=False)
     return run_dir
+
+
+@pytest.fixture()
+def small_src(phantom_src: Path, tmp_path: Path) -> Path:
+    """20 phantom slices (2 patients) copied into a folder the test may add files to."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in sorted(phantom_src.glob("*.png"))[:20]:
+        shutil.copy(path, src / path.name)
+    return src

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from typer.testing import CliRunner, Result
 
+from kneegen.cli import build_app
 from kneegen.config import RunConfig, load_config
 from kneegen.data.options import PrepareOptions
 from kneegen.data.splits import SplitFractions
@@ -66,3 +68,18 @@ def prepare_options(size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), **changes:
     """The tests' prepare settings: 6 phantom patients → 5 train, 1 val, no test; one process."""
     settings: dict[str, Any] = {"size": size, "fractions": SplitFractions(0.8, 0.2, 0.0), "seed": 0, "workers": 1}
     return PrepareOptions(**{**settings, **changes})
+
+
+def invoke(*args: object) -> Result:
+    """The CLI through Typer's test runner, every argument as the shell would pass it: a string."""
+    return CliRunner().invoke(build_app(), [str(a) for a in args])
+
+
+def one_line_error(result: Result, *named: str) -> str:
+    """The refusal's single line (exit status ≠ 0, no traceback), checked to name each of `named`."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for thing in named:
+        assert thing in lines[0], lines[0]
+    return lines[0]

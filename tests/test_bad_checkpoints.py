@@ -10,19 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app
 from kneegen.config import load_config, read_yaml_mapping
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_names, recipe_path
 
+from helpers import invoke
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
 def one_error_line(result) -> str:

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app
-
-from helpers import tiny_run_dict
+from helpers import invoke, tiny_run_dict
 
 PHANTOM = 40  # 2 patients: 20 train + 20 val images
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -21,14 +21,10 @@ from typer.testing import CliRunner
 
 from kneegen.cli import build_app
 
-from helpers import tiny_run_dict
+from helpers import invoke, tiny_run_dict
 
 PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images
 TWO_PATIENT_SPLIT = ("--val-fraction", 0.5, "--test-fraction", 0)
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -27,7 +27,7 @@ from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
 from kneegen.training_run import run_training
 
-from helpers import TINY_MODEL, tiny_config
+from helpers import TINY_MODEL, invoke, tiny_config
 
 CONDITIONAL = {**TINY_MODEL, "conditions": ["side", "position"]}
 NAN = math.nan
@@ -181,10 +181,6 @@ def test_a_conditional_run_learns_and_resumes_exactly(prepared, conditional_run,
     ours = [(r["train_losses"], r["val_loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     straight = [(r["train_losses"], r["val_loss"]) for r in read_metrics(conditional_run / "metrics.jsonl")]
     assert ours == straight
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
 def test_generate_asks_for_side_and_a_spread_of_positions(conditional_run, tmp_path):

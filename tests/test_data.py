@@ -154,16 +154,6 @@ def test_non_square_size_is_height_by_width(phantom_src, tmp_path, fit):
     assert open_cache(tmp_path / "c").images.shape == (PHANTOM_IMAGES, 16, 24)
 
 
-@pytest.fixture()
-def small_src(phantom_src: Path, tmp_path: Path) -> Path:
-    """20 phantom slices (2 patients) copied into a folder the test may add files to."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for path in sorted(phantom_src.glob("*.png"))[:20]:
-        shutil.copy(path, src / path.name)
-    return src
-
-
 def half_split(**changes) -> dict:
     return {"fractions": SplitFractions(0.5, 0.5, 0.0), **changes}
 

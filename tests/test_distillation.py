@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app
 from kneegen.config import load_config, to_dict
 from kneegen.data.cache import open_cache
 from kneegen.distill_request import distillation_config
@@ -28,23 +26,10 @@ from kneegen.errors import KneegenError
 from kneegen.runs import step_checkpoints
 from kneegen.training_run import run_training
 
-from helpers import tiny_run_dict
+from helpers import invoke, one_line_error, tiny_run_dict
 from test_training_resume import losses, train_with_torchrun
 
 COMPUTE = resolve_compute("cpu", "fp32")
-
-
-def invoke(*args):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
-
-
-def one_line_error(result, *named: str) -> str:
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for thing in named:
-        assert thing in lines[0], lines[0]
-    return lines[0]
 
 
 # --- the maths of a round ------------------------------------------------------------------------

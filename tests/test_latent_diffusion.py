@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app
 from kneegen.config import load_config
 from kneegen.data import latent_cache
 from kneegen.data.cache import open_cache
@@ -30,7 +28,7 @@ from kneegen.metrics_log import epoch_records, read_metrics
 from kneegen.runs import step_checkpoints
 from kneegen.training_run import run_training
 
-from helpers import TINY_MODEL, prepare_options, tiny_config
+from helpers import TINY_MODEL, invoke, prepare_options, tiny_config
 
 COMPUTE = resolve_compute("cpu", "fp32")
 VAE = {"factor": 4, "latent_channels": 4, "channels": 8, "crop": 16}
@@ -90,10 +88,6 @@ def test_the_latent_cache_is_encoded_once_per_autoencoder_with_unit_variance(lat
     with pytest.raises(AssertionError, match="encoded again"):
         open_latents(cache, load_latent_space(other, COMPUTE, "test"), COMPUTE)
     assert latent_folder(cache, load_latent_space(other, COMPUTE, "test")) != latent_folder(cache, space)
-
-
-def invoke(*args):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
 @pytest.mark.slow

@@ -14,33 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app, describe
+from kneegen.cli import describe
 from kneegen.data.cache import open_cache
 from kneegen.data.phantom_folder import write_phantom_folder
 from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
 
-from helpers import prepare_options
+from helpers import invoke, one_line_error, prepare_options
 
 SMALL_PIXEL_LIMIT = 100_000  # Pillow's MAX_IMAGE_PIXELS here: warns above it, refuses above twice it (a slice: 59,280)
 WARNED, REFUSED = 400, 500  # sides of square images in either range
 Usage = namedtuple("Usage", "total used free")
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    """The single line a refused command prints (exit status 1, no traceback)."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def options(**changes):
@@ -49,16 +35,6 @@ def options(**changes):
 
 def files_under(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture()
-def small_src(phantom_src: Path, tmp_path: Path) -> Path:
-    """20 phantom slices (2 patients) in a folder the test may add files to."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for path in sorted(phantom_src.glob("*.png"))[:20]:
-        shutil.copy(path, src / path.name)
-    return src
 
 
 @pytest.fixture()

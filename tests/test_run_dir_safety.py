@@ -9,27 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from kneegen.cli import build_app
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.training_run import run_training
 
-from helpers import tiny_config
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args])
-
-
-def one_line_error(result, *named: str) -> str:
-    """The refusal's single line, checked to name each of `named`."""
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for thing in named:
-        assert thing in lines[0], lines[0]
-    return lines[0]
+from helpers import invoke, one_line_error, tiny_config
 
 
 def snapshot(root: Path) -> dict[str, str]:
