@@ -121,6 +121,7 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
     },  # every epoch's checkpoint, e.g. as guides (benchmarks/autoguidance.py)
     "ag3": {"sample.autoguidance": 3.0},  # cpu-fp32's w (w32-fp32-ag3 is that recipe)
     "gat5": {"train.guide_at": 0.5},  # a guide from half-way through the run
+    "gat25": {"train.guide_at": 0.25},
     "noag": {"train.guide_at": 0.0, "sample.autoguidance": 1.0},  # no autoguidance (the recipes until 2026-12-03)
     "beta99": {"train.adam_beta2": 0.99},
     "len03": {"train.ema_length": 0.03},  # the EMA a power-function one of sigma_rel 0.03
