@@ -212,6 +212,8 @@ def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, A
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     config = from_dict(RunConfig, raw, source, prefix="")
+    for key in RANGES.keys() & (overrides or {}).keys():  # a flag's bad value is the command line's, not the file's
+        check_bound(key, get_dotted(config, key), RANGES[key], "the command line")
     check_ranges(config, source)
     return config
 

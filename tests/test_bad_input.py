@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import invoke, tiny_run_dict
+from helpers import invoke, one_line_error, tiny_run_dict
 
 PHANTOM = 40  # 2 patients: 20 train + 20 val images
 
@@ -197,3 +197,10 @@ def test_debug_shows_the_traceback_of_an_unexpected_error(workspace, monkeypatch
     monkeypatch.setenv("KNEEGEN_DEBUG", "1")
     assert isinstance(invoke(*TRAIN).exception, ZeroDivisionError)
     assert os.environ["KNEEGEN_DEBUG"] == "1"
+
+
+@pytest.mark.parametrize(("flag", "key"), [(("--epochs", 0), "train.epochs"), (("--set", "train.lr=-1"), "train.lr")])
+def test_a_bad_value_from_the_command_line_is_blamed_on_it_not_on_the_config_file(workspace, monkeypatch, flag, key):
+    monkeypatch.chdir(workspace)
+    line = one_line_error(invoke(*TRAIN, *flag), "the command line", key)
+    assert "tiny.yaml" not in line
