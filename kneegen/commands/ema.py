@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kneegen.commands.choices import DEVICES
-from kneegen.ema_snapshots import check_ema_request, choose_ema_length, snapshot_run
+from kneegen.ema_snapshots import choose_ema_length, snapshot_run
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
 from kneegen.progress import console
@@ -30,7 +30,6 @@ def ema(
 ) -> None:
     """Mix the run's EMA snapshots into checkpoints of other EMA lengths (ema-σ.pt) and rank them by FID."""
     sigma_rels = parse_lengths(lengths)
-    check_ema_request(sigma_rels, samples)
     run_dir = snapshot_run(run_dir)
     results = choose_ema_length(run_dir, sigma_rels, resolve_compute(device, "auto"), samples)
     table = Table(title=f"post-hoc EMA of {escape(str(run_dir))}, FID of {samples} samples vs the val split")

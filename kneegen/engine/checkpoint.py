@@ -33,6 +33,7 @@ TEMPORARY_SUFFIX = ".tmp"
 # the image size it was built for, and the epochs trained.
 TRAINING_KEYS = ("config", "model", "ema", "image_shape", "epoch")
 OTHER_CHECKPOINT = "use another checkpoint of the run (last.pt, best.pt, checkpoints/step-*.pt) or train again"
+CHANGED_CONFIG = f"the config stored with them was changed; {OTHER_CHECKPOINT}"  # weights no longer fit it
 
 
 def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:

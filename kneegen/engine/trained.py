@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from kneegen.config import RunConfig, config_from_mapping
-from kneegen.engine.checkpoint import OTHER_CHECKPOINT, load_training_checkpoint, load_weights
+from kneegen.engine.checkpoint import CHANGED_CONFIG, load_training_checkpoint, load_weights
 from kneegen.engine.device import Compute
 from kneegen.engine.latent import LatentSpace, check_same_autoencoder, load_latent_space
 from kneegen.engine.network import build_network, network_settings
@@ -59,7 +59,7 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
 
     def network_with(weights: dict[str, Any]) -> nn.Module:
         network = build_network(config.model, shape, channels)  # type: ignore[arg-type]
-        load_weights(network, weights, str(path), f"the config stored with them was changed; {OTHER_CHECKPOINT}")
+        load_weights(network, weights, str(path), CHANGED_CONFIG)
         return network.to(compute.device, memory_format=compute.memory_format).eval()
 
     network = network_with(payload["ema"] if payload["ema"] is not None else payload["model"])

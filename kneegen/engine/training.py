@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from kneegen.config import RunConfig, TrainConfig
 from kneegen.engine.augment import augment
 from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
-from kneegen.engine.checkpoint import OTHER_CHECKPOINT, load_weights
+from kneegen.engine.checkpoint import CHANGED_CONFIG, load_weights
 from kneegen.engine.conditioning import call_network, drop_conditions
 from kneegen.engine.device import Compute
 from kneegen.engine.distillation import Distillation
@@ -172,9 +172,7 @@ def restore_state(
     Dropout continues exactly when the number of processes is the one that wrote the checkpoint;
     data order, t and ε continue exactly in any case.
     """
-    load_weights(
-        state.network, payload["model"], source, f"the config stored with them was changed; {OTHER_CHECKPOINT}"
-    )
+    load_weights(state.network, payload["model"], source, CHANGED_CONFIG)
     if state.ema is not None:
         state.ema.model.load_state_dict(payload["ema"] if payload["ema"] is not None else payload["model"])
     saved_powers = payload.get("power_emas") or [payload["model"]] * len(state.power_emas)  # snapshots newly asked
