@@ -5,26 +5,30 @@ Every subcommand, built-in or third-party, is registered in the entry-point grou
 Whatever goes wrong in any of them ends in one line on stderr and exit status 1: a
 `KneegenError` as it is, a file-system or memory error with what to do about it, and anything
 else (a bug) with the path of a log file that holds the traceback (`--debug` or
-`KNEEGEN_DEBUG=1` shows it instead).
+`KNEEGEN_DEBUG=1` shows it instead). A usage error (an unknown option, a missing argument, a
+value of the wrong type) is one line too, naming the command and its --help, with exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import re
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points, version
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 import yaml
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from kneegen.errors import KneegenError
 from kneegen.progress import console
@@ -32,6 +36,22 @@ from kneegen.progress import console
 COMMAND_GROUP = "kneegen.commands"
 DEBUG_VARIABLE = "KNEEGEN_DEBUG"
 debugging = {"on": False}  # set by --debug for this invocation
+# The exceptions of the click that Typer parses with: its own copy since Typer 0.2x, the click package before.
+click_errors = sys.modules[typer.BadParameter.__module__]
+NEGATIVE_NUMBER = re.compile(r"-\d+")  # `generate -3`: click reads it as an option
+
+
+class OneLineUsageErrors(TyperGroup):
+    """A command group whose usage errors, its own and its commands', end in one line on stderr
+    (exit status 2), not in Typer's five-line box; the help that `kneegen` alone prints stays."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with usage_errors_in_one_line(lambda: " ".join(filter(None, (parent and parent.command_path, info_name)))):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with usage_errors_in_one_line(lambda: " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))):
+            return super().invoke(ctx)
 
 
 def build_app() -> typer.Typer:
@@ -41,6 +61,7 @@ def build_app() -> typer.Typer:
         help="Train diffusion models on knee MRI slices and generate new ones.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
+        cls=OneLineUsageErrors,
     )
     debugging["on"] = False
     app.callback()(options)
@@ -49,7 +70,7 @@ def build_app() -> typer.Typer:
         if isinstance(command, typer.Typer):
             for registered in command.registered_commands:
                 registered.callback = reporting_user_errors(registered.callback)
-            app.add_typer(command, name=plugin.name)
+            app.add_typer(command, name=plugin.name, cls=OneLineUsageErrors)
         else:
             app.command(name=plugin.name)(reporting_user_errors(command))
     return app
@@ -82,7 +103,7 @@ def reporting_user_errors(function: Callable[..., Any] | None) -> Callable[..., 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise  # Typer's own exits and usage errors
         except Exception as error:  # noqa: BLE001 - this is the one place every failure is reported
             if debugging["on"] or os.environ.get(DEBUG_VARIABLE) == "1":
@@ -92,6 +113,43 @@ def reporting_user_errors(function: Callable[..., Any] | None) -> Callable[..., 
 
     wrapper.reports_user_errors = True  # type: ignore[attr-defined]
     return wrapper
+
+
+@contextlib.contextmanager
+def usage_errors_in_one_line(command_path: Callable[[], str]) -> Iterator[None]:
+    """Print a usage error raised inside as one line naming the command (`command_path()`, the
+    command being parsed, where click's error does not say which) and exit with its status."""
+    try:
+        yield
+    except click_errors.ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `kneegen` alone: the help it printed is the answer
+            raise
+        path = error.ctx.command_path if error.ctx is not None else command_path()
+        console.print(f"[bold red]error:[/] {escape(usage_line(error, path))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+
+
+def usage_line(error: Any, path: str) -> str:
+    """ "kneegen train: no such option: --epoch (Possible options: --epochs) (see 'kneegen train --help')"."""
+    option = getattr(error, "option_name", "")
+    counts = counts_of(error.ctx) if NEGATIVE_NUMBER.fullmatch(option) else []
+    if counts:
+        problem = f"{counts[0]} must be a positive integer; {option} reads as an option"
+    else:
+        message = " ".join(error.format_message().split())
+        problem = message[:1].lower() + message[1:].rstrip(".")
+    return f"{path}: {problem} (see '{path} --help')"
+
+
+def counts_of(ctx: Any) -> list[str]:
+    """The names of the command's arguments that take an integer, such as the N of `sample generate N`."""
+    names = []
+    for param in ctx.command.params if ctx is not None else []:
+        if param.param_type_name == "argument":
+            with contextlib.suppress(click_errors.ClickException):
+                if isinstance(param.process_value(ctx, "1"), int):
+                    names.append(param.name.upper())
+    return names
 
 
 def describe(error: Exception) -> str:

@@ -207,13 +207,21 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 
 def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """A config from a mapping (a YAML file's, or the one inside a checkpoint) and overrides."""
+    """A config from a mapping (a YAML file's, or the one inside a checkpoint) and overrides.
+
+    The overrides are checked on their own first (unknown key, type, range), so a bad value given
+    on the command line is blamed on it, not on the file it did not come from."""
+    overrides = overrides or {}
+    given: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        set_dotted(given, dotted, value)
+    given_config = from_dict(RunConfig, given, "the command line", prefix="")
+    for key in RANGES.keys() & overrides.keys():
+        check_bound(key, get_dotted(given_config, key), RANGES[key], "the command line")
     raw = copy.deepcopy(raw)
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in overrides.items():
         set_dotted(raw, dotted, value)
     config = from_dict(RunConfig, raw, source, prefix="")
-    for key in RANGES.keys() & (overrides or {}).keys():  # a flag's bad value is the command line's, not the file's
-        check_bound(key, get_dotted(config, key), RANGES[key], "the command line")
     check_ranges(config, source)
     return config
 

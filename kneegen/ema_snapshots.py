@@ -120,13 +120,24 @@ def snapshot_run(argument: Path | None, root: Path = RUNS_ROOT) -> Path:
     return run_dir
 
 
-def check_ema_request(sigma_rels: list[float], samples: int) -> None:
-    """The flags of `kneegen ema`, checked before a snapshot is read or a checkpoint written."""
+def posthoc_path(run_dir: Path, sigma_rel: float) -> Path:
+    """Where `kneegen ema` writes the checkpoint of `sigma_rel`: beside last.pt, named by its length."""
+    return run_dir / f"ema-{sigma_rel:.3f}.pt"
+
+
+def check_ema_request(run_dir: Path, sigma_rels: list[float], samples: int) -> None:
+    """The flags of `kneegen ema`, checked before a snapshot is read or a checkpoint written; an
+    ema-σ.pt already there is refused, since it may be one the user has sampled or validated."""
     for sigma_rel in sigma_rels:
         if not 0 < sigma_rel <= MAX_SIGMA_REL:
             raise KneegenError(
                 f"--lengths: {sigma_rel:g} is no EMA length: give fractions of training in (0, {MAX_SIGMA_REL:.4f}], "
                 "e.g. 0.05,0.1"
+            )
+        if posthoc_path(run_dir, sigma_rel).exists():
+            raise KneegenError(
+                f"kneegen ema: {posthoc_path(run_dir, sigma_rel)} already exists and is never replaced: "
+                f"move it away, or leave {sigma_rel:g} out of --lengths"
             )
     if samples < MIN_IMAGES:
         raise KneegenError(
@@ -138,7 +149,7 @@ def check_ema_request(sigma_rels: list[float], samples: int) -> None:
 def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, samples: int) -> list[PosthocResult]:
     """Write ema-σ.pt for each σ_rel and score its samples by FID/KID against the val split; every
     check (the flags, the snapshots, the FID's data and weights) comes before the first write."""
-    check_ema_request(sigma_rels, samples)
+    check_ema_request(run_dir, sigma_rels, samples)
     results = []
     with progress_bar() as progress:
         task = progress.add_task("post-hoc EMA", total=len(sigma_rels), status="")
@@ -150,7 +161,7 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
             fid = fid or TrainingFid(
                 open_cache(data), compute, samples, asked_by="kneegen ema", samples_flag="--samples"
             )
-            path = run_dir / f"ema-{sigma_rel:.3f}.pt"
+            path = posthoc_path(run_dir, sigma_rel)
             save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "format_version")}, path)
             model = load_trained_model(path, compute)
             results.append(PosthocResult(sigma_rel, path, fid.score(model)))

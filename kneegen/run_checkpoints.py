@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kneegen.config import RunConfig, from_dict, to_dict
-from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
+from kneegen.engine.checkpoint import check_resume_keys, load_checkpoint, save_checkpoint
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.plugins import resolve_plugins
 from kneegen.engine.training import TrainState, rng_states, state_payload
@@ -93,6 +93,7 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
             f"{path} has checkpoint format {payload['format_version']}, which cannot be resumed exactly: "
             f"sample from it, or start a new run"
         )
+    check_resume_keys(path, payload)
     saved = to_dict(resolve_plugins(from_dict(RunConfig, payload["config"], source=str(path), prefix=""), str(path)))
     current = to_dict(resolve_plugins(cfg, "config"))
     changed = [

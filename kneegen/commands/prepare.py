@@ -28,6 +28,7 @@ SKIPPED_SHOWN = 10  # skipped files listed in the table; the manifest has them a
 
 
 def prepare(
+    ctx: typer.Context,
     src: Annotated[
         Optional[Path],
         typer.Argument(
@@ -58,6 +59,7 @@ def prepare(
 ) -> None:
     """Decode slices once into a memory-mapped cache with a patient-level train/val/test split."""
     if inspect is not None:
+        refuse_besides_inspect(ctx, inspect)
         data = open_cache(inspect)
         console.print(summary_table(summarize(data.manifest), inspect))
         return
@@ -92,6 +94,22 @@ def prepare(
         summary = prepare_folder(src, out, options, overwrite, on_progress)
     console.print(summary_table(summary, out))
     console.print(f"contact sheet: {write_contact_sheet(out, seed)}")
+
+
+def refuse_besides_inspect(ctx: typer.Context, inspect: Path) -> None:
+    """--inspect reads an existing cache and prepares nothing, so a source, --phantom or any other
+    option given with it would be ignored: the user meant one of the two, and is asked which."""
+    given = [
+        param.opts[0] if param.param_type_name == "option" else f"SRC {ctx.params[param.name]}"
+        for param in ctx.command.params
+        if param.name != "inspect" and getattr(ctx.get_parameter_source(param.name), "name", "") == "COMMANDLINE"
+    ]
+    if given:
+        raise KneegenError(
+            f"--inspect {inspect} prints the summary of an existing cache and prepares nothing, so "
+            f"{', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'} to inspect, "
+            "or drop --inspect to prepare"
+        )
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 Loading uses `torch.load(weights_only=True)`, so a checkpoint can never run code; anything that
 is not a kneegen checkpoint of a known format version is refused with a clear message, and so is
-a training checkpoint that lacks what rebuilding its network needs. Loading weights into the
+a training checkpoint that lacks what rebuilding its network needs (a latent model's record of its
+autoencoder included) or, when it is resumed, what continuing needs. Loading weights into the
 network a config builds goes through `load_weights`, so a mismatch is one line, not torch's report.
 
 Format 2 added what continuing mid-epoch needs (position in the epoch, every RNG state, the
@@ -32,6 +33,21 @@ TEMPORARY_SUFFIX = ".tmp"
 # resuming read: the config to rebuild the network, its weights (EMA ones None without an EMA),
 # the image size it was built for, and the epochs trained.
 TRAINING_KEYS = ("config", "model", "ema", "image_shape", "epoch")
+# What a latent model's checkpoint (config model.autoencoder) adds: which autoencoder, at which scale.
+LATENT_KEYS = ("digest", "scale")
+# What resuming restores besides the weights (format 2 on): optimizer, loss scaler, RNGs, counters.
+RESUME_KEYS = (
+    "optimizer",
+    "scaler",
+    "generator",
+    "rng",
+    "step",
+    "batch_in_epoch",
+    "epoch_losses",
+    "epoch_skipped",
+    "bad_in_a_row",
+    "best_val_loss",
+)
 OTHER_CHECKPOINT = "use another checkpoint of the run (last.pt, best.pt, checkpoints/step-*.pt) or train again"
 CHANGED_CONFIG = f"the config stored with them was changed; {OTHER_CHECKPOINT}"  # weights no longer fit it
 
@@ -104,6 +120,28 @@ def check_training_keys(path: Path, payload: dict[str, Any]) -> None:
     if missing:
         raise KneegenError(
             f"{path} is not a kneegen checkpoint (no {', '.join(missing)}): give a last.pt or best.pt of a kneegen run"
+        )
+    model = payload["config"].get("model")
+    latent = payload.get("latent")
+    if (
+        isinstance(model, dict)
+        and model.get("autoencoder")
+        and not (isinstance(latent, dict) and all(key in latent for key in LATENT_KEYS))
+    ):
+        raise KneegenError(
+            f"{path} is not a complete kneegen latent diffusion checkpoint (no latent, the record of the autoencoder "
+            f"it was trained with); {OTHER_CHECKPOINT}"
+        )
+
+
+def check_resume_keys(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse, naming them, the training state a checkpoint lacks, before resuming reads any of it."""
+    check_training_keys(path, payload)
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing:
+        raise KneegenError(
+            f"{path} is not a complete kneegen checkpoint to resume (no {', '.join(missing)}): resume from another "
+            "checkpoint of the run, or start a new run (this one can still be sampled)"
         )
 
 
