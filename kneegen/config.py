@@ -214,13 +214,13 @@ def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, A
     overrides = overrides or {}
     given: dict[str, Any] = {}
     for dotted, value in overrides.items():
-        set_dotted(given, dotted, value)
+        set_dotted(given, dotted, value, "the command line")
     given_config = from_dict(RunConfig, given, "the command line", prefix="")
     for key in RANGES.keys() & overrides.keys():
         check_bound(key, get_dotted(given_config, key), RANGES[key], "the command line")
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
-        set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value, source)
     config = from_dict(RunConfig, raw, source, prefix="")
     check_ranges(config, source)
     return config
@@ -463,7 +463,7 @@ def repeated_key(node: yaml.Node, prefix: str, visited: set[int]) -> tuple[str, 
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=3e-4` → ("train.lr", 3e-4); the value is read as YAML so lists work too."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    if not sep or not all(part.strip() for part in key.split(".")):
         raise KneegenError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
     try:
         return key.strip(), yaml.safe_load(value) if value.strip() else ""
@@ -474,14 +474,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         ) from None
 
 
-def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str = "config") -> None:
     """Put `value` at `a.b.c` in a nested dict, creating the sections on the way."""
     *sections, leaf = dotted.split(".")
     node = raw
     for section in sections:
         child = node.setdefault(section, {})
         if not isinstance(child, dict):
-            raise KneegenError(f"config key {dotted!r}: {section!r} is a value, not a section")
+            raise KneegenError(
+                f"{source}: '{section}' is a value ({child!r}), not a section of keys, so --set {dotted} cannot go in "
+                f"it: make {section} a mapping of keys, or leave it out"
+            )
         node = child
     node[leaf] = value
 
@@ -531,11 +534,18 @@ def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
-            raise KneegenError(f"{source}: {key} must be a list, e.g. [1, 2, 2]; got {value!r}")
+            raise KneegenError(f"{source}: {key} must be a list, e.g. {list_example(item_type)}; got {value!r}")
         return [coerce(item_type, item, source, key) for item in value]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"config field {key}: union types are not supported")
     return coerce_scalar(expected, value, source, key)
+
+
+def list_example(item_type: Any) -> str:
+    """A list of `item_type` as YAML writes it: [shift, intensity] for choices, [1, 2, 2] for numbers."""
+    if typing.get_origin(item_type) is Literal:
+        return f"[{', '.join(map(str, typing.get_args(item_type)[:2]))}]"
+    return "[1, 2, 2]" if item_type is int else "[]"
 
 
 def coerce_scalar(expected: type, value: Any, source: str, key: str) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 from kneegen.config import RunConfig, SampleConfig, config_from_mapping, set_dotted
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.distillation import distillation_rounds, root_epochs
+from kneegen.engine.plugins import check_overrides
 from kneegen.engine.samplers import DISTILLED
 from kneegen.engine.training import TrainState
 from kneegen.errors import KneegenError
@@ -116,6 +117,7 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     for dotted, value in derived.items():
         set_dotted(raw, dotted, value)
     cfg = config_from_mapping(raw, str(teacher), overrides)
+    check_overrides(overrides, cfg.model.arch)
     distill = cfg.distill
     if student_of and distill.teacher_steps != student_of:
         raise KneegenError(

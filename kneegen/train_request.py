@@ -10,6 +10,7 @@ from typing import Any
 from kneegen.config import RunConfig, config_from_mapping, load_config
 from kneegen.engine.checkpoint import checkpoint_config
 from kneegen.engine.device import resolve_compute
+from kneegen.engine.plugins import check_overrides
 from kneegen.engine.training import TrainState
 from kneegen.errors import KneegenError
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
@@ -79,6 +80,7 @@ def plan_training(request: TrainRequest) -> TrainPlan:
         elif not config.exists() and str(config) in recipe_names():
             config = recipe_path(str(config))
         cfg = load_config(config, overrides)
+    check_overrides(overrides, cfg.model.arch)
     return TrainPlan(cfg, run_dir, resume, checkpoint, note)
 
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kneegen.commands.choices import DEVICES
-from kneegen.ema_snapshots import choose_ema_length, snapshot_run
+from kneegen.ema_snapshots import choose_ema_length, posthoc_path, snapshot_run
 from kneegen.engine.device import resolve_compute
 from kneegen.errors import KneegenError
 from kneegen.progress import console
@@ -49,11 +49,15 @@ def ema(
 
 
 def parse_lengths(text: str) -> list[float]:
-    """ "0.05,0.1" → [0.05, 0.1]; the range is checked where each length is used."""
+    """ "0.05,0.1" → [0.05, 0.1]; the range is checked where each length is used. A length given
+    twice (0.05,0.050), or two that name one ema-σ.pt, is mixed and scored once."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         values = []
     if not values:
         raise KneegenError(f"--lengths {text!r}: give EMA lengths as fractions of training, e.g. 0.05,0.1")
-    return values
+    distinct: dict[str, float] = {}
+    for value in values:
+        distinct.setdefault(posthoc_path(Path(), value).name, value)
+    return list(distinct.values())
