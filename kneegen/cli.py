@@ -39,6 +39,8 @@ debugging = {"on": False}  # set by --debug for this invocation
 # The exceptions of the click that Typer parses with: its own copy since Typer 0.2x, the click package before.
 click_errors = sys.modules[typer.BadParameter.__module__]
 NEGATIVE_NUMBER = re.compile(r"-\d+")  # `generate -3`: click reads it as an option
+# How torch says an allocation failed (a RuntimeError): on a GPU, or on the CPU (DefaultCPUAllocator).
+TORCH_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -166,8 +168,8 @@ def describe(error: Exception) -> str:
         return f"{error.filename} not found: check the path"
     if isinstance(error, OSError):
         return f"{error.filename or 'input/output'}: {error.strerror or error}: check the path and the disk"
-    if isinstance(error, MemoryError):
-        return "out of memory: lower the image size, batch size or number of images asked for"
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and TORCH_OUT_OF_MEMORY.search(str(error))):
+        return "out of memory: lower the image size, batch size, model size (model.*) or number of images asked for"
     if isinstance(error, yaml.YAMLError):
         return f"not valid YAML ({error.__class__.__name__}): check the --set value or the config file"
     return (

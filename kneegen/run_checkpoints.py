@@ -88,10 +88,11 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     """Refuse a checkpoint too old to resume, and a config that would change the network, the
     process, or (mid-epoch) the meaning of the saved position in the data; return the other
     train keys that changed (lr, epochs, …), as ", with train.lr 0.001 → 0.0005" for the log."""
-    if payload["format_version"] < 2:
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version < 2:
+        format_name = f"checkpoint format {version}" if version is not None else "no checkpoint format version"
         raise KneegenError(
-            f"{path} has checkpoint format {payload['format_version']}, which cannot be resumed exactly: "
-            f"sample from it, or start a new run"
+            f"{path} has {format_name}, which cannot be resumed exactly: sample from it, or start a new run"
         )
     check_resume_keys(path, payload)
     saved = to_dict(resolve_plugins(from_dict(RunConfig, payload["config"], source=str(path), prefix=""), str(path)))

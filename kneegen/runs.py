@@ -102,6 +102,8 @@ def resolve_checkpoint(argument: Path | None, root: Path = RUNS_ROOT) -> Path:
         return best_or_last(argument)
     if argument.exists() or len(argument.parts) > 1:
         return argument
+    if newest_run_dir(root) is None:
+        raise KneegenError(f"checkpoint {argument} not found, and no run under {root}/ holds it: check the path")
     candidate = latest_run(root) / argument
     if not candidate.exists():
         raise KneegenError(

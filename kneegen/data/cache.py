@@ -101,19 +101,38 @@ def open_cache(root: Path) -> PreparedData:
             f"{root / MANIFEST_FILE} is damaged or not a kneegen cache manifest: prepare the data again "
             f"(kneegen prepare SRC --out {root} --overwrite)"
         )
+    again = f"prepare the data again (kneegen prepare SRC --out {root} --overwrite)"
+    version = manifest.get("version")
+    if isinstance(version, int) and version > CACHE_VERSION:
+        raise KneegenError(
+            f"{root / MANIFEST_FILE} has cache version {version}, newer than this kneegen understands "
+            f"({CACHE_VERSION}): upgrade kneegen, or {again}"
+        )
     try:
         images = np.load(root / IMAGES_FILE, mmap_mode="r")
     except (OSError, ValueError, EOFError):
-        raise KneegenError(
-            f"{root / IMAGES_FILE} is missing or damaged: prepare the data again "
-            f"(kneegen prepare SRC --out {root} --overwrite)"
-        ) from None
-    if images.ndim != 3 or len(images) != manifest.get("split_ranges", {}).get("test", [0, len(images)])[1]:
-        raise KneegenError(
-            f"{root / IMAGES_FILE} does not match {MANIFEST_FILE}: prepare the data again "
-            f"(kneegen prepare SRC --out {root} --overwrite)"
-        )
+        raise KneegenError(f"{root / IMAGES_FILE} is missing or damaged: {again}") from None
+    if images.dtype not in (np.uint8, np.uint16) or not matches_manifest(images, manifest):
+        raise KneegenError(f"{root / IMAGES_FILE} does not match {MANIFEST_FILE}: {again}")
     return PreparedData(root, images, manifest)
+
+
+def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
+    """Whether the (N, H, W) array is the one the manifest describes: its split ranges cover it
+    end to end, train then val then test, and its size and depth are the manifest's."""
+    ranges = manifest.get("split_ranges")
+    if images.ndim != 3 or not isinstance(ranges, dict) or not {"train", "val"} <= ranges.keys():
+        return False
+    start = 0
+    for name in ("train", "val", "test"):
+        span = ranges.get(name, [start, start])
+        if not (isinstance(span, list) and len(span) == 2 and span[0] == start and type(span[1]) is int):
+            return False
+        if span[1] < start:
+            return False
+        start = span[1]
+    described = {"image_shape": list(images.shape[1:]), "dtype": str(images.dtype)}
+    return start == len(images) and all(manifest.get(key, value) == value for key, value in described.items())
 
 
 def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> None:

@@ -94,7 +94,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise unreadable(path, exc) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KneegenError(f"{path} is not a kneegen checkpoint: give a last.pt or best.pt from a kneegen run")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise KneegenError(f"{path} is damaged (its format_version is {version!r}, not a number); {OTHER_CHECKPOINT}")
+    if version > FORMAT_VERSION:
         raise KneegenError(
             f"{path} has checkpoint format {payload['format_version']}, newer than this kneegen "
             f"understands ({FORMAT_VERSION}): upgrade kneegen"
@@ -117,6 +120,15 @@ def check_training_keys(path: Path, payload: dict[str, Any]) -> None:
     missing = [key for key in TRAINING_KEYS if key not in payload]
     if "config" in payload and not isinstance(payload["config"], dict):
         missing.insert(0, "config")
+    if "model" in payload and not isinstance(payload["model"], dict):
+        missing.append("model weights")
+    if payload.get("ema") is not None and not isinstance(payload["ema"], dict):
+        missing.append("EMA weights")
+    shape = payload.get("image_shape")
+    if "image_shape" in payload and not (
+        isinstance(shape, (list, tuple)) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)
+    ):
+        missing.append("image_shape (H, W)")
     if missing:
         raise KneegenError(
             f"{path} is not a kneegen checkpoint (no {', '.join(missing)}): give a last.pt or best.pt of a kneegen run"
