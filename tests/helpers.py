@@ -7,9 +7,12 @@ them live in conftest.py. pytest puts tests/ on sys.path (`pythonpath` in pyproj
 from __future__ import annotations
 
 import copy
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
@@ -83,3 +86,24 @@ def one_line_error(result: Result, *named: str) -> str:
     for thing in named:
         assert thing in lines[0], lines[0]
     return lines[0]
+
+
+def install_plugin(
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    group: str,
+    entry_points: str,
+    module: str,
+    source: str,
+    dist: str = "",
+) -> None:
+    """A package `dist` (default: `module`) on sys.path, as pip would install it: its entry points
+    in `group` (lines "name = module:object") and the module's `source`, imported afresh."""
+    dist = dist or module
+    dist_info = folder / f"{dist}-0.1.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(f"[{group}]\n{entry_points}\n")
+    (folder / f"{module}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, module, raising=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from kneegen.engine.checkpoint import save_checkpoint
 from kneegen.engine.network import network_settings
 from kneegen.errors import KneegenError
 
-from helpers import invoke, one_line_error, tiny_run_dict
+from helpers import install_plugin, invoke, one_line_error, tiny_run_dict
 
 VAE = {"factor": 4, "latent_channels": 4, "channels": 8, "crop": 16}
 
@@ -104,12 +103,13 @@ def test_kneegen_alone_still_prints_its_help():
 
 
 def test_a_plugin_commands_usage_errors_and_exits_are_its_own_not_a_bug(tmp_path, monkeypatch):
-    dist_info = tmp_path / "strictplugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: strictplugin\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[kneegen.commands]\nstrict = strictplugin_mod:strict\n")
-    (tmp_path / "strictplugin_mod.py").write_text(
-        textwrap.dedent('''
+    install_plugin(
+        tmp_path,
+        monkeypatch,
+        "kneegen.commands",
+        "strict = strictplugin_mod:strict",
+        "strictplugin_mod",
+        '''
         import typer
 
         def strict(level: int = typer.Option(1, help="1 to 3.")) -> None:
@@ -117,10 +117,9 @@ def test_a_plugin_commands_usage_errors_and_exits_are_its_own_not_a_bug(tmp_path
             if level > 3:
                 raise typer.BadParameter("at most 3", param_hint="'--level'")
             raise typer.Exit(level)
-    ''')
+    ''',
+        dist="strictplugin",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "strictplugin_mod", raising=False)
     one_line_error(invoke("strict", "--levl", 2), "kneegen strict: no such option: --levl")
     line = one_line_error(invoke("strict", "--level", 5), "kneegen strict: invalid value for '--level': at most 3")
     assert "a bug" not in line

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from kneegen.cli import build_app
 
-from helpers import invoke, tiny_run_dict
+from helpers import install_plugin, invoke, tiny_run_dict
 
 PHANTOM = 40  # default 20 slices per knee: 2 patients, 20 train + 20 val images
 TWO_PATIENT_SPLIT = ("--val-fraction", 0.5, "--test-fraction", 0)
@@ -576,14 +575,13 @@ def test_console_script_samples_the_same_image_as_the_in_process_cli(in_workspac
 
 
 def test_third_party_commands_are_found_through_entry_points(tmp_path, monkeypatch):
-    dist_info = tmp_path / "fakeplugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugin\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[kneegen.commands]\nhello = fakeplugin_mod:hello\nboom = fakeplugin_mod:boom\n"
-    )
-    (tmp_path / "fakeplugin_mod.py").write_text(
-        textwrap.dedent('''
+    install_plugin(
+        tmp_path,
+        monkeypatch,
+        "kneegen.commands",
+        "hello = fakeplugin_mod:hello\nboom = fakeplugin_mod:boom",
+        "fakeplugin_mod",
+        '''
         import typer
         from kneegen.errors import KneegenError
 
@@ -594,10 +592,9 @@ def test_third_party_commands_are_found_through_entry_points(tmp_path, monkeypat
         def boom() -> None:
             """Fail the way a user error fails."""
             raise KneegenError("fakeplugin needs --wings")
-    ''')
+    ''',
+        dist="fakeplugin",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "fakeplugin_mod", raising=False)
     app = build_app()
     runner = CliRunner()
     listing = runner.invoke(app, ["--help"])

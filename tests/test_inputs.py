@@ -5,8 +5,6 @@ clear line."""
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,8 @@ from kneegen.data.options import PrepareOptions
 from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
 from kneegen.errors import KneegenError
+
+from helpers import install_plugin
 
 SIDE = 8  # pixels of the toy slices, and the cache's size, so fitting leaves them as they are
 SLICES_PER_PATIENT = 20  # 2 patients: 40 inputs, enough for prepare to share them among processes
@@ -46,17 +46,6 @@ KNEE_READER = """
 """
 
 
-def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dist: str, entry_points: str, module: str) -> None:
-    """A package `dist` whose `<dist>_mod` module is listed under [kneegen.inputs], found on sys.path."""
-    dist_info = tmp_path / f"{dist}-0.1.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[kneegen.inputs]\n{entry_points}\n")
-    (tmp_path / f"{dist}_mod.py").write_text(textwrap.dedent(module))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, f"{dist}_mod", raising=False)
-
-
 def write_knees(src: Path) -> dict[str, np.ndarray]:
     """Two patients' `.knee` slices, one broken file and one file no reader claims."""
     rng = np.random.default_rng(0)
@@ -80,7 +69,15 @@ def one_clean_line(result) -> str:
 
 
 def test_a_plugin_reader_adds_an_input_kind_read_in_worker_processes(tmp_path, monkeypatch):
-    install_plugin(tmp_path / "site", monkeypatch, "kneeformat", "knee = kneeformat_mod:KNEE", KNEE_READER)
+    install_plugin(
+        tmp_path / "site",
+        monkeypatch,
+        "kneegen.inputs",
+        "knee = kneeformat_mod:KNEE",
+        "kneeformat_mod",
+        KNEE_READER,
+        dist="kneeformat",
+    )
     src = tmp_path / "src"
     src.mkdir()
     written = write_knees(src)
@@ -101,7 +98,15 @@ def test_a_plugin_reader_adds_an_input_kind_read_in_worker_processes(tmp_path, m
 
 
 def test_kneegen_prepare_reads_a_plugin_input_kind_from_the_command_line(tmp_path, monkeypatch):
-    install_plugin(tmp_path / "site", monkeypatch, "kneecli", "knee = kneecli_mod:KNEE", KNEE_READER)
+    install_plugin(
+        tmp_path / "site",
+        monkeypatch,
+        "kneegen.inputs",
+        "knee = kneecli_mod:KNEE",
+        "kneecli_mod",
+        KNEE_READER,
+        dist="kneecli",
+    )
     src = tmp_path / "src"
     src.mkdir()
     written = write_knees(src)
@@ -122,7 +127,15 @@ def test_two_readers_claiming_one_suffix_are_refused_naming_both(tmp_path, monke
 
         PNGS = InputReader("pngs", read_image, suffixes=(".PNG",))
     """
-    install_plugin(tmp_path / "site", monkeypatch, "pngrival", "pngs = pngrival_mod:PNGS", rival)
+    install_plugin(
+        tmp_path / "site",
+        monkeypatch,
+        "kneegen.inputs",
+        "pngs = pngrival_mod:PNGS",
+        "pngrival_mod",
+        rival,
+        dist="pngrival",
+    )
     with pytest.raises(KneegenError, match=r"'image' \(kneegen\) and 'pngs' \(pngrival\) both claim files \.PNG"):
         load_readers()
     src = tmp_path / "src"
@@ -140,7 +153,9 @@ def test_the_longest_claimed_suffix_wins(tmp_path, monkeypatch):
 
         GZ = InputReader("gz", read_image, suffixes=(".gz",))
     """
-    install_plugin(tmp_path / "site", monkeypatch, "gzreader", "gz = gzreader_mod:GZ", gzip)
+    install_plugin(
+        tmp_path / "site", monkeypatch, "kneegen.inputs", "gz = gzreader_mod:GZ", "gzreader_mod", gzip, dist="gzreader"
+    )
     readers = load_readers()
     assert readers.for_file(Path("knee.NII.GZ")).name == "nifti"
     assert readers.for_file(Path("notes.tar.gz")).name == "gz"
@@ -154,7 +169,15 @@ def test_a_plugin_reader_that_fails_to_import_is_one_line_naming_it(tmp_path, mo
 
         READER = None
     """
-    install_plugin(tmp_path / "site", monkeypatch, "brokenreader", "broken = brokenreader_mod:READER", broken)
+    install_plugin(
+        tmp_path / "site",
+        monkeypatch,
+        "kneegen.inputs",
+        "broken = brokenreader_mod:READER",
+        "brokenreader_mod",
+        broken,
+        dist="brokenreader",
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.png").write_bytes(b"")

@@ -3,9 +3,6 @@ kneegen trains, resumes and samples it by name; checkpoints from before the regi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,7 +15,7 @@ from kneegen.errors import KneegenError
 from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 
-from helpers import tiny_config
+from helpers import install_plugin, tiny_config
 
 CPU = resolve_compute("cpu", "fp32")
 
@@ -59,20 +56,9 @@ NETWORK = Network(Toy, ToyConfig)
 """
 
 
-def install_plugin(folder: Path, monkeypatch: pytest.MonkeyPatch, entry: str, module: str, source: str) -> None:
-    """A package on sys.path with a `kneegen.networks` entry point, as pip would install it."""
-    dist_info = folder / f"{module}-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[kneegen.networks]\n{entry}\n")
-    (folder / f"{module}.py").write_text(source)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, module, raising=False)
-
-
 @pytest.mark.slow
 def test_a_plugin_network_trains_resumes_and_samples_by_name(prepared, tmp_path, monkeypatch):
-    install_plugin(tmp_path, monkeypatch, "toy = toy_net:NETWORK", "toy_net", TOY_NETWORK)
+    install_plugin(tmp_path, monkeypatch, "kneegen.networks", "toy = toy_net:NETWORK", "toy_net", TOY_NETWORK)
     assert "toy" in registered_networks()
     run_dir = tmp_path / "run"
     model = {"arch": "toy", "toy": {"width": 6}}
@@ -92,7 +78,12 @@ def test_a_plugin_network_trains_resumes_and_samples_by_name(prepared, tmp_path,
 
 def test_a_plugin_that_fails_to_load_is_named_in_one_line(tmp_path, monkeypatch):
     install_plugin(
-        tmp_path, monkeypatch, "broken = broken_net:NETWORK", "broken_net", "raise ImportError('no torch_geometric')\n"
+        tmp_path,
+        monkeypatch,
+        "kneegen.networks",
+        "broken = broken_net:NETWORK",
+        "broken_net",
+        "raise ImportError('no torch_geometric')\n",
     )
     with pytest.raises(KneegenError, match=r"network plugin 'broken' \(broken_net:NETWORK\).*no torch_geometric"):
         registered_networks()

@@ -335,22 +335,22 @@ def test_auto_spacing_follows_the_sampler():
 
 def test_a_plugin_package_adds_a_sampler_through_entry_points(tmp_path, monkeypatch):
     """A `kneegen.samplers` entry point is usable by name, from flags and from YAML."""
-    import sys
-
     from kneegen.config import load_config
     from kneegen.engine.plugins import resolve_plugins
 
-    dist_info = tmp_path / "halfddim-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: halfddim\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[kneegen.samplers]\nhalfddim = halfddim_mod:halfddim\n")
-    (tmp_path / "halfddim_mod.py").write_text(
+    from helpers import install_plugin
+
+    install_plugin(
+        tmp_path,
+        monkeypatch,
+        "kneegen.samplers",
+        "halfddim = halfddim_mod:halfddim",
+        "halfddim_mod",
         "from kneegen.engine.samplers import ddim\n\n"
         "def halfddim(denoise, x, timesteps, schedule, noise, on_step=None):\n"
-        "    return ddim(denoise, x, timesteps[::2], schedule, noise, on_step)\n"
+        "    return ddim(denoise, x, timesteps[::2], schedule, noise, on_step)\n",
+        dist="halfddim",
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "halfddim_mod", raising=False)
     schedule = Schedule("cosine", 1000)
     timesteps = sample_timesteps(1000, 20)
     plugin = generate(gaussian_denoiser(schedule), get_sampler("halfddim"), timesteps, schedule, [1, 2], SHAPE, CPU)
