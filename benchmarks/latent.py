@@ -19,6 +19,8 @@ The CPU kind and precision are printed first.
     ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/latent.py speed --precision fp32 --pixel-images 1
                                                                   # as an AVX2-only CPU would
     .venv/bin/python benchmarks/latent.py autoencoder --minutes 8 --factors 4 8
+    .venv/bin/python benchmarks/latent.py autoencoder --minutes 8 --factors 4 --name gn --set model.vae.norm=group
+                                                                  # a variant, in its own run dir
     .venv/bin/python benchmarks/latent.py latent --minutes 30
 """
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from kneegen.config import RunConfig, load_config
 from kneegen.data.cache import open_cache
@@ -248,9 +251,11 @@ def autoencoders(args: argparse.Namespace) -> None:
     judge, floor_fid = open_judge(args)
     print(RECONSTRUCTION_HEADER)
     rows = {"real": judge.held_out}
+    overrides = {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in args.set)}
     for factor in args.factors:
-        cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor})
-        checkpoint, minutes, epochs = train(cfg, args.work / f"autoencoder-f{factor}", args.minutes)
+        cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor, **overrides})
+        run_dir = args.work / f"autoencoder-f{factor}{'-' + args.name if args.name else ''}"
+        checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes)
         row, rows[f"f{factor}"] = reconstruction_row(judge, floor_fid, checkpoint, minutes, epochs, compute)
         print(row, flush=True)
     grid = image_grid([image for row in rows.values() for image in row[:6]], columns=6)
@@ -310,6 +315,10 @@ def main() -> None:
         command.add_argument("--held-out", type=float, default=0.45)
         command.add_argument("--samples", type=int, default=1000)
     commands.choices["autoencoder"].add_argument("--factors", type=int, nargs="+", default=[4, 8])
+    commands.choices["autoencoder"].add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override on the example, e.g. train.lr=2e-3"
+    )
+    commands.choices["autoencoder"].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
     commands.choices["latent"].add_argument("--autoencoder-share", type=float, default=0.3)
     args = parser.parse_args()
     if args.command == "speed":

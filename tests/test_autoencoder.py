@@ -9,7 +9,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from kneegen.config import load_config
 from kneegen.data.cache import open_cache
-from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
+from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, ChannelNorm, autoencoder_loss, latent_shape
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from kneegen.engine.training import create_state, epoch_steps, training_input_shape
@@ -113,3 +113,33 @@ def test_training_on_random_crops_lowers_the_reconstruction_loss_of_whole_held_o
     after = reconstruction_validation(state.network, val, compute, 10)
     assert after.loss < 0.7 * before.loss
     assert after.psnr > before.psnr + 2 and after.ssim > before.ssim
+
+
+@pytest.mark.parametrize("norm", ["channel", "group"])
+def test_only_the_channel_norm_encodes_a_region_whatever_lies_beyond_its_receptive_field(norm):
+    """What makes training on crops honest: with the per-pixel norm, a latent depends only on the
+    pixels within its receptive field (~30 pixels here), so a crop encodes as it does inside the
+    whole slice; GroupNorm's statistics span the image, so far-away content changes every latent."""
+    torch.manual_seed(0)
+    network = Autoencoder(AutoencoderConfig(factor=4, latent_channels=2, channels=8, norm=norm)).eval()
+    image = torch.rand(1, 1, 128, 128) * 2 - 1
+    far_changed = image.clone()
+    far_changed[..., 96:] = -1.0  # the right quarter made black background
+    with torch.no_grad():
+        near = network.encode(image)[..., :4], network.encode(far_changed)[..., :4]  # latent columns 0-3: pixels < 16
+    if norm == "channel":
+        torch.testing.assert_close(*near, rtol=0, atol=1e-6)
+    else:
+        assert (near[0] - near[1]).abs().max() > 1e-3
+
+
+def test_channel_norm_normalises_each_pixel_over_its_channels_in_channels_last_too():
+    layer = ChannelNorm(6)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 7.0))
+        layer.bias.fill_(0.5)
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    mean, var = x.mean(dim=1, keepdim=True), x.var(dim=1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * layer.weight.view(1, 6, 1, 1) + 0.5
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-5, atol=1e-5)

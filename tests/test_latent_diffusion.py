@@ -5,6 +5,7 @@ autoencoder, an autoencoder where a denoiser is expected, settings that only fit
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from kneegen.data import latent_cache
 from kneegen.data.cache import open_cache
 from kneegen.data.latent_cache import latent_folder, open_latents
 from kneegen.data.prepare import prepare_folder
+from kneegen.engine.autoencoder import ChannelNorm
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.latent import load_latent_space
@@ -294,3 +296,19 @@ def test_data_prepared_again_is_encoded_again_and_sizes_off_the_factor_are_refus
     with pytest.raises(KneegenError, match="do not fit latent diffusion .* prepare the data with --size 32x32"):
         run_training(latent_config(odd, autoencoder, tmp_path), tmp_path / "odd-run")
     assert not (tmp_path / "odd-run").exists() and not list(odd.glob("latents-*"))
+
+
+def test_an_autoencoder_checkpoint_from_before_the_channel_norm_loads_with_groupnorm(latent_setup, tmp_path):
+    """Format 2 checkpoints record no model.vae.norm: their autoencoders had GroupNorm, and must
+    keep it although the default is now the channel norm (the parameters have the same shapes)."""
+    _, autoencoder = latent_setup
+    payload = load_checkpoint(autoencoder)
+    assert payload["config"]["model"]["vae"]["norm"] == "channel"
+    old = copy.deepcopy(payload)
+    del old["config"]["model"]["vae"]["norm"]
+    torch.save({**old, "format_version": 2}, tmp_path / "old.pt")
+    space = load_latent_space(tmp_path / "old.pt", COMPUTE, "test")
+    norms = [module for module in space.autoencoder.modules() if isinstance(module, (ChannelNorm, torch.nn.GroupNorm))]
+    assert norms and all(isinstance(module, torch.nn.GroupNorm) for module in norms)
+    current = load_latent_space(autoencoder, COMPUTE, "test")
+    assert not any(isinstance(module, torch.nn.GroupNorm) for module in current.autoencoder.modules())

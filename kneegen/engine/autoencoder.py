@@ -2,15 +2,22 @@
 of latent diffusion.
 
 The encoder halves the resolution log2(f) times and gives a diagonal Gaussian per latent pixel
-(mean, log-variance); the decoder mirrors it. There is no attention, so the network is fully
-convolutional: it trains on random crops and encodes whole slices of any size that is a multiple
-of f. The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weight, all per
-image.
+(mean, log-variance); the decoder mirrors it. There is no attention, and the normalisation is
+per pixel (`ChannelNorm`), so every output depends only on the inputs within its receptive field:
+the network trains on random crops and encodes whole slices of any size that is a multiple of f
+as it encoded the crops. GroupNorm, the paper's normalisation, breaks that: its statistics span
+the whole input, and a knee slice is mostly black background while a crop of it often is not, so
+an autoencoder trained on crops with it reconstructed whole slices grey and framed (128² crops,
+8 minutes: reconstruction FID 99.3 and PSNR 27.4 dB with GroupNorm, 75.9 and 31.0 dB with the
+channel norm; README, "Latent diffusion at 256²"). `model.vae.norm: group` keeps it, as every
+autoencoder checkpoint before format 3 has it.
+The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weight, all per image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,7 @@ from kneegen.engine.ssim import ms_ssim
 from kneegen.errors import KneegenError
 
 GROUPS = 32  # GroupNorm groups (fewer when a layer has fewer channels)
+NORM_EPS = 1e-6  # ChannelNorm's ε (LayerNorm's, as in ConvNeXt)
 LOGVAR_RANGE = (-30.0, 20.0)  # as in the paper's code: keeps exp(logvar) finite in bf16/fp32
 
 
@@ -31,6 +39,7 @@ class AutoencoderConfig:
     latent_channels: int = 4
     channels: int = 64  # width at full resolution; doubles at each halving, up to 4×
     blocks_per_level: int = 1  # residual blocks at each resolution, in the encoder and the decoder
+    norm: Literal["channel", "group"] = "channel"  # per-pixel LayerNorm over channels, or GroupNorm (see module)
     crop: int = 128  # train on random crops of this side (0 = whole images); validation uses whole images
     ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
     kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
@@ -59,15 +68,30 @@ class AutoencoderConfig:
         return [self.channels * min(2**level, 4) for level in range(levels)]
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(GROUPS, channels), channels)
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel, with a learnt scale and shift per channel: the
+    statistics of one position only, so a crop is normalised as it is inside the whole image."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels_last = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous for channels_last inputs
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.layer_norm(channels_last, (x.shape[1],), weight, bias, NORM_EPS).permute(0, 3, 1, 2)
+
+
+def norm(channels: int, kind: str) -> nn.Module:
+    return ChannelNorm(channels) if kind == "channel" else nn.GroupNorm(min(GROUPS, channels), channels)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kind: str) -> None:
         super().__init__()
-        self.norm1, self.conv1 = norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2, self.conv2 = norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm1, self.conv1 = norm(in_channels, kind), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = norm(out_channels, kind), nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,13 +110,15 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         for level, width in enumerate(widths):
             previous = widths[max(level - 1, 0)]
-            layers += [ResBlock(previous if block == 0 else width, width) for block in range(cfg.blocks_per_level)]
+            layers += [
+                ResBlock(previous if block == 0 else width, width, cfg.norm) for block in range(cfg.blocks_per_level)
+            ]
             if level < len(widths) - 1:
                 layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))  # halve H and W
         self.levels = nn.Sequential(*layers)
-        self.middle = ResBlock(widths[-1], widths[-1])
+        self.middle = ResBlock(widths[-1], widths[-1], cfg.norm)
         self.head = nn.Sequential(
-            norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+            norm(widths[-1], cfg.norm), nn.SiLU(), nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,15 +132,19 @@ class Decoder(nn.Module):
         super().__init__()
         widths = cfg.widths()[::-1]  # coarsest first
         self.stem = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
-        self.middle = ResBlock(widths[0], widths[0])
+        self.middle = ResBlock(widths[0], widths[0], cfg.norm)
         layers: list[nn.Module] = []
         for level, width in enumerate(widths):
             previous = widths[max(level - 1, 0)]
-            layers += [ResBlock(previous if block == 0 else width, width) for block in range(cfg.blocks_per_level)]
+            layers += [
+                ResBlock(previous if block == 0 else width, width, cfg.norm) for block in range(cfg.blocks_per_level)
+            ]
             if level < len(widths) - 1:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
         self.levels = nn.Sequential(*layers)
-        self.head = nn.Sequential(norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], image_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            norm(widths[-1], cfg.norm), nn.SiLU(), nn.Conv2d(widths[-1], image_channels, 3, padding=1)
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return self.head(self.levels(self.middle(self.stem(z))))

@@ -27,7 +27,7 @@ from torch import nn
 from kneegen.errors import KneegenError
 
 FORMAT = "kneegen-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: autoencoders record model.vae.norm (before it, GroupNorm was the only one)
 TEMPORARY_SUFFIX = ".tmp"
 # What every training checkpoint (format 1 on) holds, and sampling, validating, distilling and
 # resuming read: the config to rebuild the network, its weights (EMA ones None without an EMA),
@@ -104,7 +104,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     if "model" in payload:
         check_training_keys(path, payload)
+    if version < 3:
+        record_group_norm(payload)
     return payload
+
+
+def record_group_norm(payload: dict[str, Any]) -> None:
+    """An autoencoder checkpoint written before `model.vae.norm` existed was trained with GroupNorm,
+    the only normalisation then; its config says so from here on, since the default is now another."""
+    model = payload.get("config", {}).get("model") if isinstance(payload.get("config"), dict) else None
+    if isinstance(model, dict) and model.get("arch") == "vae":
+        section = model.setdefault("vae", {})
+        if isinstance(section, dict):
+            section.setdefault("norm", "group")
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
