@@ -112,9 +112,10 @@ class DiffusionConfig:
         5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off. 5 chosen by benchmarks/defaults.py
     )
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
-    timestep_sampling: TimestepSampling = (
-        "uniform"  # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(−1.2, 1.2²) (EDM)
-    )
+    # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(P_mean, P_std²) (EDM)
+    timestep_sampling: TimestepSampling = "uniform"
+    lognormal_mean: float = -1.2  # P_mean: EDM's, for data of std 0.5; ln(0.6 · std) centres it on other data
+    lognormal_std: float = 1.2  # P_std
 
 
 @dataclass
@@ -238,6 +239,8 @@ RANGES: dict[str, Bounds] = {
     "diffusion.timesteps": (2, None, True, False),
     "diffusion.min_snr_gamma": AT_LEAST_0,
     "diffusion.offset_noise": AT_LEAST_0,
+    "diffusion.lognormal_mean": (-10, 10, True, True),  # ln σ: beyond ±10 every draw lands on the schedule's end
+    "diffusion.lognormal_std": POSITIVE,
     "train.epochs": AT_LEAST_1,
     "train.minutes": AT_LEAST_0,
     "train.batch_size": AT_LEAST_1,

@@ -12,10 +12,13 @@ from collections import deque
 import pytest
 import torch
 
+from kneegen.config import load_config
 from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.timesteps import HISTORY, LOGNORMAL_MEAN, LOGNORMAL_STD, UNIFORM_SHARE, TimestepSampler
+from kneegen.engine.timesteps import HISTORY, UNIFORM_SHARE, TimestepSampler
+from kneegen.engine.training import create_state
 from kneegen.metrics_log import read_metrics
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
@@ -201,30 +204,47 @@ def test_two_processes_draw_importance_sampled_t_like_one(prepared, tmp_path):
     ]
 
 
-def test_lognormal_draws_the_t_whose_noise_level_follows_edms_log_normal():
+@pytest.mark.parametrize(("mean", "std", "below_1"), [(-1.2, 1.2, 0.841), (-1.85, 1.2, 0.938), (-0.5, 0.8, 0.734)])
+def test_lognormal_draws_the_t_whose_noise_level_follows_the_configured_log_normal(mean, std, below_1):
     schedule = Schedule("cosine", 1000)
-    sampler = TimestepSampler(1000, "lognormal", schedule.log_sigmas())
+    sampler = TimestepSampler(1000, "lognormal", schedule.log_sigmas(), (mean, std))
     t, weights = sampler.draw(200_000, torch.Generator().manual_seed(0))
     assert torch.equal(weights, torch.ones(len(t)))
     log_sigma = 0.5 * torch.log((1 - schedule.alphas_cumprod[t]) / schedule.alphas_cumprod[t])
     # The nearest t moves ln σ by at most half a grid step, far below P_std; the tails are cut at the grid's ends.
-    assert log_sigma.mean().item() == pytest.approx(LOGNORMAL_MEAN, abs=0.02)
-    assert log_sigma.std().item() == pytest.approx(LOGNORMAL_STD, abs=0.02)
-    assert (log_sigma < 0).double().mean().item() == pytest.approx(0.84, abs=0.01)  # Φ(1.2 / 1.2)
+    assert log_sigma.mean().item() == pytest.approx(mean, abs=0.02)
+    assert log_sigma.std().item() == pytest.approx(std, abs=0.02)
+    assert (log_sigma < 0).double().mean().item() == pytest.approx(below_1, abs=0.01)  # Φ(−P_mean / P_std)
 
 
 def test_lognormal_picks_the_nearest_noise_level_and_repeats_for_a_seed():
     schedule = Schedule("linear", 1000)
-    sampler = TimestepSampler(1000, "lognormal", schedule.log_sigmas())
+    sampler = TimestepSampler(1000, "lognormal", schedule.log_sigmas(), (-1.2, 1.2))
     t, _ = sampler.draw(64, torch.Generator().manual_seed(3))
     again, _ = sampler.draw(64, torch.Generator().manual_seed(3))
     assert torch.equal(t, again)
     z = torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    wanted = LOGNORMAL_MEAN + LOGNORMAL_STD * z
+    wanted = -1.2 + 1.2 * z
     table = sampler.log_sigmas
     assert torch.equal(t, (table[None, :] - wanted[:, None]).abs().argmin(dim=1))
 
 
-def test_lognormal_needs_the_schedule():
+def test_lognormal_needs_the_schedule_and_its_parameters():
     with pytest.raises(ValueError, match="ln σ_t"):
-        TimestepSampler(1000, "lognormal")
+        TimestepSampler(1000, "lognormal", lognormal=(-1.2, 1.2))
+    with pytest.raises(ValueError, match="P_mean"):
+        TimestepSampler(1000, "lognormal", Schedule("cosine", 1000).log_sigmas())
+
+
+def test_training_draws_from_the_configs_log_normal_and_old_configs_keep_edms():
+    shape, cpu = (16, 16), Compute(torch.device("cpu"), None)
+    base = {"model.unet.channels": 8, "diffusion.timestep_sampling": "lognormal"}
+    shifted = create_state(load_config(None, {**base, "diffusion.lognormal_mean": -1.85}), shape, cpu)
+    edm = create_state(load_config(None, base), shape, cpu)  # a config without the keys, as before they existed
+    assert shifted.timestep_sampler.lognormal_params == (-1.85, 1.2) and edm.timestep_sampler.lognormal_params == (
+        -1.2,
+        1.2,
+    )
+    t_shifted, _ = shifted.timestep_sampler.draw(4096, torch.Generator().manual_seed(0))
+    t_edm, _ = edm.timestep_sampler.draw(4096, torch.Generator().manual_seed(0))
+    assert (t_shifted <= t_edm).all() and (t_shifted < t_edm).float().mean() > 0.9  # lower noise, draw for draw

@@ -10,8 +10,11 @@ H per-image losses seen at each t; until every t has H of them, t stays uniform.
 Log-normal t follows Karras et al. 2022 ("Elucidating the Design Space…", sec. 5): the noise level
 σ_t = √((1 − ᾱ_t) / ᾱ_t) is drawn as ln σ ~ N(P_mean, P_std²) and mapped to the nearest t. Uniform t
 on a cosine schedule spends much of training at σ > 5, where an image is all noise and little is
-learnt; the log-normal puts 84 % of the draws below σ = 1, where the structure and texture of an
-image are decided. Its weights are 1: the objective itself changes, as in EDM.
+learnt; the log-normal puts most draws below σ = 1, where the structure and texture of an image
+are decided. Its weights are 1: the objective itself changes, as in EDM. EDM's P_mean = −1.2 is
+ln(0.6 σ_data) for data of standard deviation σ_data = 0.5; knee slices in [-1, 1] are mostly
+dark background and vary far less (σ_data ≈ 0.26), so the recipes centre the draws on
+ln(0.6 · 0.26) ≈ −1.85 instead (`diffusion.lognormal_mean`; README, "Recipes by hardware").
 
 All draws come from the generator the caller passes, and the history is a plain state_dict, so
 processes that update it with the same losses draw the same t, and a resumed run draws on exactly.
@@ -26,23 +29,29 @@ from kneegen.config import TimestepSampling
 
 HISTORY = 10  # per-image losses kept per t (H; the paper's 10)
 UNIFORM_SHARE = 0.001  # ε of p = (1 − ε) p + ε / T: every t keeps being drawn, and weights stay ≤ 1 / ε
-LOGNORMAL_MEAN = -1.2  # P_mean of EDM (Karras et al. 2022, Table 1)
-LOGNORMAL_STD = 1.2  # P_std
 
 
 class TimestepSampler:
     """Draws the timesteps of a batch and their loss weights; keeps the loss history that
     importance sampling draws from (uniform t ignores it, and training does not update it)."""
 
-    def __init__(self, timesteps: int, kind: TimestepSampling, log_sigmas: Tensor | None = None) -> None:
-        """`log_sigmas` (T,) ln σ_t of the schedule (`Schedule.log_sigmas`), needed by the log-normal kind only."""
+    def __init__(
+        self,
+        timesteps: int,
+        kind: TimestepSampling,
+        log_sigmas: Tensor | None = None,
+        lognormal: tuple[float, float] | None = None,
+    ) -> None:
+        """`log_sigmas` (T,) ln σ_t of the schedule (`Schedule.log_sigmas`) and `lognormal` (P_mean,
+        P_std) are for the log-normal kind only."""
         self.timesteps = timesteps
         self.importance = kind == "importance"
         self.log_sigmas = None  # (T,) ln σ_t, increasing in t, for log-normal draws
+        self.lognormal_params = (0.0, 1.0)  # (P_mean, P_std) of those draws
         if kind == "lognormal":
-            if log_sigmas is None:
-                raise ValueError("log-normal timesteps need the schedule's ln σ_t")
-            self.log_sigmas = log_sigmas
+            if log_sigmas is None or lognormal is None:
+                raise ValueError("log-normal timesteps need the schedule's ln σ_t and (P_mean, P_std)")
+            self.log_sigmas, self.lognormal_params = log_sigmas, lognormal
         self.losses = torch.zeros((timesteps, HISTORY), dtype=torch.float64)  # (T, H) a ring of losses per t
         self.seen = torch.zeros(timesteps, dtype=torch.int64)  # (T,) losses pushed per t; ring slot = seen % H
 
@@ -69,7 +78,9 @@ class TimestepSampler:
 
     def lognormal(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """(B,) the t whose ln σ_t is nearest to ln σ ~ N(P_mean, P_std²)."""
-        log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        z = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        mean, std = self.lognormal_params
+        log_sigma = mean + std * z
         above = torch.searchsorted(self.log_sigmas, log_sigma).clamp(
             1, self.timesteps - 1
         )  # first t with ln σ_t ≥ ln σ

@@ -112,6 +112,7 @@ def create_state(
             cfg.diffusion.timesteps,
             cfg.diffusion.timestep_sampling,
             Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).log_sigmas(),
+            (cfg.diffusion.lognormal_mean, cfg.diffusion.lognormal_std),
         ),
     )
 
