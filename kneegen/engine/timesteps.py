@@ -13,8 +13,8 @@ on a cosine schedule spends much of training at σ > 5, where an image is all no
 learnt; the log-normal puts most draws below σ = 1, where the structure and texture of an image
 are decided. Its weights are 1: the objective itself changes, as in EDM. EDM's P_mean = −1.2 is
 ln(0.6 σ_data) for data of standard deviation σ_data = 0.5; knee slices in [-1, 1] are mostly
-dark background and vary far less (σ_data ≈ 0.26), so the recipes centre the draws on
-ln(0.6 · 0.26) ≈ −1.85 instead (`diffusion.lognormal_mean`; README, "Recipes by hardware").
+dark background and vary far less (σ_data ≈ 0.258), so the recipes centre the draws on
+ln(0.6 · 0.258) = −1.86 instead (`diffusion.lognormal_mean`; README, "Recipes by hardware").
 
 All draws come from the generator the caller passes, and the history is a plain state_dict, so
 processes that update it with the same losses draw the same t, and a resumed run draws on exactly.
