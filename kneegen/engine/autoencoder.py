@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from kneegen.engine.ssim import ms_ssim
 from kneegen.errors import KneegenError
 
+NormKind = Literal["channel", "group"]
 GROUPS = 32  # GroupNorm groups (fewer when a layer has fewer channels)
 NORM_EPS = 1e-6  # ChannelNorm's ε (LayerNorm's, as in ConvNeXt)
 LOGVAR_RANGE = (-30.0, 20.0)  # as in the paper's code: keeps exp(logvar) finite in bf16/fp32
@@ -39,7 +40,7 @@ class AutoencoderConfig:
     latent_channels: int = 4
     channels: int = 64  # width at full resolution; doubles at each halving, up to 4×
     blocks_per_level: int = 1  # residual blocks at each resolution, in the encoder and the decoder
-    norm: Literal["channel", "group"] = "channel"  # per-pixel LayerNorm over channels, or GroupNorm (see module)
+    norm: NormKind = "channel"  # per-pixel LayerNorm over channels, or GroupNorm (see module)
     crop: int = 128  # train on random crops of this side (0 = whole images); validation uses whole images
     ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
     kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
@@ -83,12 +84,12 @@ class ChannelNorm(nn.Module):
         return F.layer_norm(channels_last, (x.shape[1],), weight, bias, NORM_EPS).permute(0, 3, 1, 2)
 
 
-def norm(channels: int, kind: str) -> nn.Module:
+def norm(channels: int, kind: NormKind) -> nn.Module:
     return ChannelNorm(channels) if kind == "channel" else nn.GroupNorm(min(GROUPS, channels), channels)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, kind: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kind: NormKind) -> None:
         super().__init__()
         self.norm1, self.conv1 = norm(in_channels, kind), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2, self.conv2 = norm(out_channels, kind), nn.Conv2d(out_channels, out_channels, 3, padding=1)

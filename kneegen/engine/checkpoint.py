@@ -112,11 +112,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def record_group_norm(payload: dict[str, Any]) -> None:
     """An autoencoder checkpoint written before `model.vae.norm` existed was trained with GroupNorm,
     the only normalisation then; its config says so from here on, since the default is now another."""
-    model = payload.get("config", {}).get("model") if isinstance(payload.get("config"), dict) else None
-    if isinstance(model, dict) and model.get("arch") == "vae":
-        section = model.setdefault("vae", {})
-        if isinstance(section, dict):
-            section.setdefault("norm", "group")
+    config = payload.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and model.get("arch") == "vae" and isinstance(model.setdefault("vae", {}), dict):
+        model["vae"].setdefault("norm", "group")
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:

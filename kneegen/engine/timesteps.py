@@ -47,11 +47,11 @@ class TimestepSampler:
         self.timesteps = timesteps
         self.importance = kind == "importance"
         self.log_sigmas = None  # (T,) ln σ_t, increasing in t, for log-normal draws
-        self.lognormal_params = (0.0, 1.0)  # (P_mean, P_std) of those draws
+        self.lognormal_params = lognormal  # (P_mean, P_std) of those draws
         if kind == "lognormal":
             if log_sigmas is None or lognormal is None:
                 raise ValueError("log-normal timesteps need the schedule's ln σ_t and (P_mean, P_std)")
-            self.log_sigmas, self.lognormal_params = log_sigmas, lognormal
+            self.log_sigmas = log_sigmas
         self.losses = torch.zeros((timesteps, HISTORY), dtype=torch.float64)  # (T, H) a ring of losses per t
         self.seen = torch.zeros(timesteps, dtype=torch.int64)  # (T,) losses pushed per t; ring slot = seen % H
 
@@ -78,9 +78,8 @@ class TimestepSampler:
 
     def lognormal(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """(B,) the t whose ln σ_t is nearest to ln σ ~ N(P_mean, P_std²)."""
-        z = torch.randn(batch_size, generator=generator, dtype=torch.float64)
-        mean, std = self.lognormal_params
-        log_sigma = mean + std * z
+        mean, std = self.lognormal_params  # type: ignore[misc]  # set whenever log_sigmas is
+        log_sigma = mean + std * torch.randn(batch_size, generator=generator, dtype=torch.float64)
         above = torch.searchsorted(self.log_sigmas, log_sigma).clamp(
             1, self.timesteps - 1
         )  # first t with ln σ_t ≥ ln σ
