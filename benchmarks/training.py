@@ -39,7 +39,7 @@ from kneegen.config import ModelConfig, RunConfig, load_config
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.network import build_network
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.training import create_state, epoch_steps
+from kneegen.engine.training import create_state, epoch_steps, with_noise_centre
 from kneegen.recipes import recipe_for, recipe_path
 
 from quality import cpu_kind  # benchmarks/ is on sys.path when a script in it runs
@@ -132,6 +132,7 @@ def kneegen_steps(cfg: RunConfig, size: int, steps: int, compute: Compute) -> tu
     """kneegen's real training step on random images: one call = one optimizer step."""
     cfg.train.epochs = 1
     images = np.random.default_rng(0).integers(0, 256, (cfg.train.batch_size * (steps + 1), size, size), np.uint8)
+    cfg, _ = with_noise_centre(cfg, images)
     state = create_state(cfg, (size, size), compute)
     iterator = epoch_steps(state, images, Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps), cfg, compute)
     return state.network, lambda: next(iterator)

@@ -114,7 +114,8 @@ class DiffusionConfig:
     offset_noise: float = 0.0  # std of a per-image, per-channel constant added to ε; 0 = off
     # importance: t ∝ √E[L_t²] of recent losses (Improved DDPM); lognormal: ln σ_t ~ N(P_mean, P_std²) (EDM)
     timestep_sampling: TimestepSampling = "uniform"
-    lognormal_mean: float = -1.2  # P_mean: EDM's, for data of std 0.5; ln(0.6 · std) centres it on other data
+    # P_mean: EDM's −1.2 suits data of std 0.5; auto = ln(0.6 · std) of the training split (latents: std 1)
+    lognormal_mean: float | Literal["auto"] = -1.2
     lognormal_std: float = 1.2  # P_std
 
 
@@ -352,7 +353,9 @@ def check_distillation(config: RunConfig, source: str) -> None:
         )
 
 
-def check_bound(key: str, value: float, bounds: Bounds, source: str) -> None:
+def check_bound(key: str, value: float | str, bounds: Bounds, source: str) -> None:
+    if isinstance(value, str):  # a word a number key also takes (`auto`): resolved, and bounded, where it is used
+        return
     low, high, low_inclusive, high_inclusive = bounds
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
@@ -540,8 +543,27 @@ def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
             raise KneegenError(f"{source}: {key} must be a list, e.g. {list_example(item_type)}; got {value!r}")
         return [coerce(item_type, item, source, key) for item in value]
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"config field {key}: union types are not supported")
+        return coerce_either(typing.get_args(expected), value, source, key)
     return coerce_scalar(expected, value, source, key)
+
+
+def coerce_either(members: tuple[Any, ...], value: Any, source: str, key: str) -> Any:
+    """`value` as the first of a union's members (a number or a word like `auto`) that takes it;
+    the error names them all."""
+    for member in members:
+        try:
+            return coerce(member, value, source, key)
+        except KneegenError:
+            continue
+    described = " or ".join(describe_type(member) for member in members)
+    raise KneegenError(f"{source}: {key} must be {described}; got {value!r}")
+
+
+def describe_type(expected: Any) -> str:
+    """`float`, or `auto` for a Literal: how an error names what a key takes."""
+    if typing.get_origin(expected) is Literal:
+        return " or ".join(map(str, typing.get_args(expected)))
+    return expected.__name__
 
 
 def list_example(item_type: Any) -> str:

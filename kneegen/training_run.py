@@ -42,6 +42,7 @@ from kneegen.engine.training import (
     restore_state,
     steps_per_epoch,
     training_input_shape,
+    with_noise_centre,
 )
 from kneegen.engine.validation import (
     ValidationResult,
@@ -92,6 +93,7 @@ def run_training(
     val_images = data.split("val")[: cfg.train.val_images]
     if len(train_images) == 0 or len(val_images) == 0:
         raise KneegenError(f"{cfg.data}: the train or val split is empty; prepare the data again with more patients")
+    cfg, noise_note = with_noise_centre(cfg, train_images)
     train_conditions = known_conditions(data.split_conditions("train", cfg.model.conditions), cfg)
     val_conditions = data.split_conditions("val", cfg.model.conditions)
     dist = from_environment()
@@ -138,7 +140,7 @@ def run_training(
             save_config(cfg, run_dir / CONFIG)
         processes = f", {dist.world_size} processes" if dist.enabled else ""
         with quiet_unless(dist.is_main):
-            for line in (origin, memory_note):
+            for line in (origin, noise_note, memory_note):
                 if line:
                     console.print(line, highlight=False)
             where = (

@@ -10,9 +10,11 @@ from typer.testing import CliRunner
 
 from kneegen.cli import build_app
 from kneegen.config import load_config
+from kneegen.data.cache import open_cache
 from kneegen.engine.device import Compute
 from kneegen.engine.network import build_network
 from kneegen.engine.plugins import resolve_plugins
+from kneegen.engine.training import with_noise_centre
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
 from kneegen.recipes import recipe_for, recipe_names, recipe_path
@@ -78,7 +80,9 @@ def test_train_without_config_announces_the_recipe_for_this_cpu(prepared, tmp_pa
             "train.batch_size": 24,
         },
     )
-    assert resolve_plugins(recipe, "recipe") == load_config(run / "config.yaml")  # with the network's defaults
+    measured, note = with_noise_centre(resolve_plugins(recipe, "recipe"), open_cache(prepared).split("train"))
+    assert measured == load_config(run / "config.yaml")  # with the network's defaults and the data's noise centre
+    assert " ".join(note.split()) in " ".join(result.output.split())  # as the console wrapped it
 
 
 @pytest.mark.slow
@@ -107,19 +111,26 @@ def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "no --config" not in result.output
     (run,) = (tmp_path / "runs").iterdir()
-    assert load_config(run / "config.yaml") == resolve_plugins(
-        load_config(
-            recipe_path("cpu-bf16"),
-            {
-                "data": str(prepared),
-                "train.epochs": 1,
-                "precision": "fp32",
-                "train.val_images": 4,
-                "train.val_timesteps": 1,
-                "train.batch_size": 24,
-            },
-        ),
-        "recipe",
+    train_images = open_cache(prepared).split("train")
+    assert (
+        load_config(run / "config.yaml")
+        == with_noise_centre(
+            resolve_plugins(
+                load_config(
+                    recipe_path("cpu-bf16"),
+                    {
+                        "data": str(prepared),
+                        "train.epochs": 1,
+                        "precision": "fp32",
+                        "train.val_images": 4,
+                        "train.val_timesteps": 1,
+                        "train.batch_size": 24,
+                    },
+                ),
+                "recipe",
+            ),
+            train_images,
+        )[0]
     )
 
 

@@ -7,18 +7,23 @@ alike."""
 from __future__ import annotations
 
 import io
+import math
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 
 from kneegen.config import load_config
+from kneegen.data.cache import open_cache
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE
+from kneegen.engine.pixels import model_range_std
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.timesteps import HISTORY, UNIFORM_SHARE, TimestepSampler
-from kneegen.engine.training import create_state
+from kneegen.engine.training import create_state, with_noise_centre
+from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
@@ -248,3 +253,42 @@ def test_training_draws_from_the_configs_log_normal_and_old_configs_keep_edms():
     t_shifted, _ = shifted.timestep_sampler.draw(4096, torch.Generator().manual_seed(0))
     t_edm, _ = edm.timestep_sampler.draw(4096, torch.Generator().manual_seed(0))
     assert (t_shifted <= t_edm).all() and (t_shifted < t_edm).float().mean() > 0.9  # lower noise, draw for draw
+
+
+def test_auto_centres_the_log_normal_on_the_training_images_spread():
+    """ln(0.6 σ_data), EDM's centre: images half black and half white span [-1, 1] with σ = 1
+    exactly, a quarter white σ = √3/2; a latent model's σ_data is 1 (latents are scaled to it)."""
+    halves = np.zeros((4, 8, 8), np.uint8)
+    halves[:, :, 4:] = 255
+    quarters = np.zeros((4, 8, 8), np.uint8)
+    quarters[:, :, 6:] = 255
+    auto = load_config(None, {"diffusion.lognormal_mean": "auto", "data": "somewhere"})
+    cfg, note = with_noise_centre(auto, halves)
+    assert cfg.diffusion.lognormal_mean == round(math.log(0.6), 3) and "ln(0.6 × 1.000)" in note
+    cfg, _ = with_noise_centre(auto, quarters)
+    assert cfg.diffusion.lognormal_mean == round(math.log(0.6 * math.sqrt(3) / 2), 3)
+    latent = load_config(None, {"diffusion.lognormal_mean": "auto", "model.autoencoder": "vae.pt"})
+    assert with_noise_centre(latent, quarters)[0].diffusion.lognormal_mean == round(math.log(0.6), 3)
+    fixed = load_config(None, {"diffusion.lognormal_mean": -1.5})
+    assert with_noise_centre(fixed, quarters) == (fixed, "")
+
+
+def test_auto_refuses_images_without_spread_and_other_words():
+    with pytest.raises(KneegenError, match="all one value.*lognormal_mean=-1.2"):
+        with_noise_centre(load_config(None, {"diffusion.lognormal_mean": "auto"}), np.full((3, 8, 8), 40, np.uint8))
+    with pytest.raises(KneegenError, match="lognormal_mean must be float or auto; got 'middle'"):
+        load_config(None, {"diffusion.lognormal_mean": "middle"})
+    with pytest.raises(KneegenError, match="lognormal_mean = 12.0 must be"):
+        load_config(None, {"diffusion.lognormal_mean": 12})
+
+
+def test_a_run_records_the_centre_it_measured(prepared, tmp_path):
+    """The run dir's config holds the number, not `auto`: a resumed run draws the same levels
+    whatever the data has become."""
+    cfg = tiny_config(prepared, tmp_path, diffusion={"timestep_sampling": "lognormal", "lognormal_mean": "auto"})
+    cfg.train.epochs = 1
+    run_training(cfg, tmp_path / "run")
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    images = open_cache(prepared).split("train")
+    assert saved.diffusion.lognormal_mean == round(math.log(0.6 * model_range_std(images)), 3)
+    assert -3 < saved.diffusion.lognormal_mean < -0.5

@@ -14,7 +14,9 @@ learnt; the log-normal puts most draws below σ = 1, where the structure and tex
 are decided. Its weights are 1: the objective itself changes, as in EDM. EDM's P_mean = −1.2 is
 ln(0.6 σ_data) for data of standard deviation σ_data = 0.5; knee slices in [-1, 1] are mostly
 dark background and vary far less (σ_data ≈ 0.258), so the recipes centre the draws on
-ln(0.6 · 0.258) = −1.86 instead (`diffusion.lognormal_mean`; README, "Recipes by hardware").
+ln(0.6 · 0.258) = −1.86 instead. `diffusion.lognormal_mean: auto` (the recipes') measures the
+training split's standard deviation and centres on ln(0.6 σ_data) for whatever data is trained on
+(README, "Recipes by hardware").
 
 All draws come from the generator the caller passes, and the history is a plain state_dict, so
 processes that update it with the same losses draw the same t, and a resumed run draws on exactly.
@@ -22,13 +24,21 @@ processes that update it with the same losses draw the same t, and a resumed run
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from kneegen.config import TimestepSampling
 
 HISTORY = 10  # per-image losses kept per t (H; the paper's 10)
+EDM_CENTRE = 0.6  # EDM's P_mean = ln(0.6 σ_data): −1.2 for its σ_data = 0.5
 UNIFORM_SHARE = 0.001  # ε of p = (1 − ε) p + ε / T: every t keeps being drawn, and weights stay ≤ 1 / ε
+
+
+def centred_lognormal_mean(data_std: float) -> float:
+    """P_mean for data of standard deviation `data_std`: EDM's centre relative to the data's spread."""
+    return math.log(EDM_CENTRE * data_std)
 
 
 class TimestepSampler:

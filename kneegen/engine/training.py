@@ -13,6 +13,7 @@ in `kneegen.engine.distributed`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -34,10 +35,10 @@ from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.ema import EMA
 from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
-from kneegen.engine.pixels import stored_shape, to_network_input
+from kneegen.engine.pixels import model_range_std, stored_shape, to_network_input
 from kneegen.engine.posthoc_ema import STORED_SIGMA_RELS, PowerEMA
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.timesteps import TimestepSampler
+from kneegen.engine.timesteps import TimestepSampler, centred_lognormal_mean
 from kneegen.errors import KneegenError
 
 EPOCH_SEED_STRIDE = 1_000_003  # separates the per-epoch shuffling seeds of different run seeds
@@ -82,6 +83,27 @@ class StepResult:
     lr: float
     images: int  # in the global batch
     skipped: bool  # the loss or a gradient was not finite: the weights were left as they were
+
+
+def with_noise_centre(cfg: RunConfig, train_images: np.ndarray) -> tuple[RunConfig, str]:
+    """`cfg` with `diffusion.lognormal_mean: auto` made a number, ln(0.6 σ_data), and a line that says
+    so ("" when it was a number). σ_data is the training split's standard deviation in [-1, 1]; a
+    latent model's is 1, since its latents are scaled to unit variance. The number is what the run
+    dir's config and the checkpoints record, so a resumed or distilled run draws the same noise levels."""
+    if cfg.diffusion.lognormal_mean != "auto":
+        return cfg, ""
+    data_std = 1.0 if cfg.model.autoencoder else model_range_std(train_images)
+    if not data_std > 0:
+        raise KneegenError(
+            f"diffusion.lognormal_mean auto: the training images of {cfg.data} are all one value, so they have no "
+            "spread to centre the noise levels on: set a number, e.g. --set diffusion.lognormal_mean=-1.2"
+        )
+    centre = round(centred_lognormal_mean(data_std), 3)
+    diffusion = dataclasses.replace(cfg.diffusion, lognormal_mean=centre)
+    where = "latents' (unit variance)" if cfg.model.autoencoder else "training images'"
+    return dataclasses.replace(cfg, diffusion=diffusion), (
+        f"diffusion.lognormal_mean auto: {centre:g} = ln(0.6 × {data_std:.3f}), the {where} standard deviation"
+    )
 
 
 def create_state(
