@@ -43,6 +43,25 @@ def small_pixel_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SMALL_PIXEL_LIMIT)
 
 
+# 0. Links to nothing
+
+
+def test_a_link_to_nothing_is_skipped_and_counted_with_its_target(small_src, tmp_path):
+    (small_src / "moved.png").symlink_to(tmp_path / "other-disk" / "slice.png")
+    summary = prepare_folder(small_src, tmp_path / "out", options())
+    assert summary.images == 20
+    assert (
+        dict(summary.skipped)["moved.png"] == f"a link to {tmp_path / 'other-disk' / 'slice.png'}, which is not there"
+    )
+
+
+def test_strict_stops_at_a_link_to_nothing_naming_it(small_src, tmp_path):
+    (small_src / "moved.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(KneegenError, match=r"moved\.png: a link to .*gone\.png, which is not there .*--strict"):
+        prepare_folder(small_src, tmp_path / "out", options(strict=True))
+    assert not (tmp_path / "out").exists()
+
+
 # 1. Images over Pillow's pixel limit
 
 
@@ -121,6 +140,16 @@ def test_a_source_folder_with_phantom_is_refused_before_anything_is_written(smal
     )
     assert str(small_src) in line and "--phantom" in line and "conflict" in line
     assert not (tmp_path / "ph").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("slices, extra, enough", [(1, [], "60"), (19, ["--test-fraction", "0"], "40")])
+def test_a_phantom_too_small_to_split_is_refused_before_it_is_written(tmp_path, slices, extra, enough):
+    """Written first, it would stay behind and block the next try until --overwrite."""
+    phantom_dir = tmp_path / "ph"
+    args = ("prepare", "--phantom", slices, "--size", 16, "--phantom-dir", phantom_dir, "--out", tmp_path / "out")
+    line = one_line_error(invoke(*args, *extra))
+    assert f"--phantom {slices}:" in line and f"give --phantom {enough} or more" in line
+    assert not phantom_dir.exists() and not (tmp_path / "out").exists()
 
 
 # 4. Room on the disk

@@ -87,7 +87,7 @@ def prepare(
         refuse_nested(phantom_dir, out, "--phantom-dir")
         refuse_to_clobber(out, overwrite)
         check_writable(out)
-        src = make_phantom(phantom, phantom_dir, seed, overwrite)
+        src = make_phantom(phantom, phantom_dir, seed, overwrite, options.fractions)
     if src is None:
         raise KneegenError("give a folder of slices or volumes (kneegen prepare SRC) or --phantom N for synthetic data")
     with progress_once_started("reading") as on_progress:

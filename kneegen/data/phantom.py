@@ -38,6 +38,7 @@ AKOA_HEIGHT, AKOA_WIDTH = 228, 260
 FIRST_PATIENT_ID = 9_000_000
 PATIENT_ID_RANGE = 1_000_000  # OAI ids are seven digits starting with 9
 SIDES = ("LEFT", "RIGHT")
+SLICES_PER_VOLUME = 20  # slices of one patient's knee the phantom writes
 PNG_COMPRESS_LEVEL = 1  # noisy slices barely compress; level 1 halves the save time
 
 # Tissue signal as a fraction of full scale (DESS water excitation: fat suppressed).
@@ -136,7 +137,7 @@ class PlannedVolume(NamedTuple):
     slices: int  # how many of the volume's slices are written
 
 
-def phantom_plan(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> list[PlannedVolume]:
+def phantom_plan(n_images: int, seed: int = 0, slices_per_volume: int = SLICES_PER_VOLUME) -> list[PlannedVolume]:
     """The volumes `write_phantom` writes for these arguments: known before any file is written,
     so a folder can record every name it is about to receive."""
     n_volumes = -(-n_images // slices_per_volume)
@@ -147,7 +148,7 @@ def phantom_plan(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> l
     return [PlannedVolume(FIRST_PATIENT_ID + int(o), str(side), c) for o, side, c in zip(offsets, sides, counts)]
 
 
-def phantom_file_names(n_images: int, seed: int = 0, slices_per_volume: int = 20) -> list[str]:
+def phantom_file_names(n_images: int, seed: int = 0, slices_per_volume: int = SLICES_PER_VOLUME) -> list[str]:
     return [
         phantom_file_name(v.patient_id, v.side, index)
         for v in phantom_plan(n_images, seed, slices_per_volume)
@@ -159,7 +160,7 @@ def write_phantom(
     out_dir: Path,
     n_images: int,
     seed: int = 0,
-    slices_per_volume: int = 20,
+    slices_per_volume: int = SLICES_PER_VOLUME,
     on_volume: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Write exactly n_images AKOA-named PNG slices, one volume per patient, into out_dir.

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kneegen.data.disk import check_room_for, full_disk_error, is_disk_full
-from kneegen.data.phantom import AKOA_HEIGHT, AKOA_WIDTH, phantom_file_names, write_phantom
+from kneegen.data.phantom import AKOA_HEIGHT, AKOA_WIDTH, SLICES_PER_VOLUME, phantom_file_names, write_phantom
+from kneegen.data.splits import SplitFractions, split_counts
 from kneegen.errors import KneegenError
 from kneegen.progress import progress_bar
 
@@ -22,16 +23,34 @@ SHOWN = 3  # foreign files named in the refusal
 PNG_BYTES_AT_LEAST = AKOA_HEIGHT * AKOA_WIDTH // 2  # a noisy slice's PNG: about 3/4 of its pixels' bytes
 
 
-def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool) -> Path:
+def make_phantom(n_images: int, folder: Path, seed: int, overwrite: bool, fractions: SplitFractions) -> Path:
     """`prepare --phantom N`: the phantom's slices in `folder`, with a progress bar; refuses a
-    folder holding anything but an earlier phantom before writing (and before the bar starts)."""
+    folder holding anything but an earlier phantom, too little room, and too few patients for
+    the split `fractions` before writing (and before the bar starts)."""
     replaced = files_written_before(folder, overwrite)
     freed = sum((folder / name).stat().st_size for name in replaced if (folder / name).is_file())
     needed = max(0, n_images * PNG_BYTES_AT_LEAST - freed)
     check_room_for(folder, needed, "--phantom-dir", f"the phantom ({n_images} slices)", "a smaller --phantom N")
+    check_phantom_splits(n_images, fractions)
     with progress_bar() as progress:
         task = progress.add_task("phantom", total=n_images, status="")
         return write_phantom_folder(folder, n_images, seed, replaced, on_volume=lambda n: progress.advance(task, n))
+
+
+def check_phantom_splits(n_images: int, fractions: SplitFractions) -> None:
+    """Refuse, before a slice is written, a phantom with too few patients (one per
+    `SLICES_PER_VOLUME` slices) to give every split one: the folder would be left behind by a
+    prepare that cannot succeed, and block the next try until --overwrite."""
+    wanted = [name for name, value in fractions.as_dict().items() if value > 0]
+    patients = -(-n_images // SLICES_PER_VOLUME)
+    if all(split_counts(patients, fractions)[name] for name in wanted):
+        return
+    enough = len(wanted) * SLICES_PER_VOLUME  # split_counts gives each split one patient once there are as many
+    raise KneegenError(
+        f"--phantom {n_images}: {patients} patient(s) of {SLICES_PER_VOLUME} slices cannot fill the "
+        f"{', '.join(wanted)} splits: give --phantom {enough} or more"
+        + ("; or set --test-fraction 0" if "test" in wanted else "")
+    )
 
 
 def write_phantom_folder(

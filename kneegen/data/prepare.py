@@ -48,6 +48,9 @@ def prepare_folder(
     refuse_to_clobber(out, overwrite)
     options.check()
     items, ignored = find_inputs(src)
+    missing = [path for path, _ in ignored if not path.exists()]
+    if options.strict and missing:
+        raise KneegenError(f"{missing[0]}: {dangling_link(missing[0])} (without --strict it would be skipped)")
     refuse_links_into(out, [item.path for item in items] + [path for path, _ in ignored], src)
     check_room_for(out, len(items) * options.size[0] * options.size[1])  # one 8-bit slice per input, at least
 
@@ -127,6 +130,9 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     items = [input_item(folder, reader, src) for folder, reader in folders.items()]
     ignored = []
     for path in files:
+        if not path.exists():
+            ignored.append((path, dangling_link(path)))
+            continue
         part_of = readers.for_folder_of(path)
         if part_of is not None:
             if folders[path.parent] is not part_of:  # two folder kinds in one folder: the first file's wins
@@ -146,7 +152,8 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
 def walk_files(src: Path) -> list[Path]:
     """Every file under `src`, following symlinked folders (data is often linked in from another
     disk) but entering each real folder once, so a link back up cannot loop. Hidden files and
-    folders (`.DS_Store`, `.git`, the phantom's marker) are not inputs and are left out."""
+    folders (`.DS_Store`, `.git`, the phantom's marker) are not inputs and are left out. A link to a file that is
+    not there is kept, so that it is reported as skipped rather than vanish from the count."""
     files: list[Path] = []
     seen: set[str] = set()
     for root, folders, names in os.walk(src, followlinks=True):
@@ -156,8 +163,18 @@ def walk_files(src: Path) -> list[Path]:
             continue
         seen.add(real)
         folders[:] = [f for f in folders if not f.startswith(".")]
-        files += [Path(root, name) for name in names if not name.startswith(".") and Path(root, name).is_file()]
+        files += [Path(root, name) for name in names if not name.startswith(".") and is_file_or_link(Path(root, name))]
     return sorted(files)
+
+
+def is_file_or_link(path: Path) -> bool:
+    """A file, or a symlink that is not a folder (a link to nothing among them)."""
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
+
+
+def dangling_link(path: Path) -> str:
+    """Why a link to nothing is skipped: its target, so the user can find the disk it was on."""
+    return f"a link to {os.readlink(path)}, which is not there"
 
 
 def input_item(path: Path, reader: InputReader, src: Path) -> Item:
