@@ -22,6 +22,8 @@ The CPU kind and precision are printed first.
     .venv/bin/python benchmarks/latent.py autoencoder --minutes 8 --factors 4 --name gn --set model.vae.norm=group
                                                                   # a variant, in its own run dir
     .venv/bin/python benchmarks/latent.py latent --minutes 30
+    .venv/bin/python benchmarks/latent.py latent --minutes 30 --set KEY=VALUE --samplers dpm++2m-sde:25 …
+                                                                  # a variant, scored with several samplers
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 from kneegen.viz import image_grid, save_png
 
-from quality import Judge, cpu_kind, features_of, prepare_phantom  # benchmarks/ on sys.path
+from quality import Judge, cpu_kind, features_of, prepare_phantom, sampler_choice  # benchmarks/ on sys.path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SIZE = 256
@@ -246,14 +248,18 @@ def open_judge(args: argparse.Namespace) -> tuple[Judge, float]:
     return judge, floor.fid
 
 
+def overrides_of(settings: list[str]) -> dict[str, object]:
+    """--set KEY=VALUE … as config overrides, each value read as YAML."""
+    return {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in settings)}
+
+
 def autoencoders(args: argparse.Namespace) -> None:
     compute = resolve_compute("cpu", "auto")
     judge, floor_fid = open_judge(args)
     print(RECONSTRUCTION_HEADER)
     rows = {"real": judge.held_out}
-    overrides = {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in args.set)}
     for factor in args.factors:
-        cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor, **overrides})
+        cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor, **overrides_of(args.set)})
         run_dir = args.work / f"autoencoder-f{factor}{'-' + args.name if args.name else ''}"
         checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes)
         row, rows[f"f{factor}"] = reconstruction_row(judge, floor_fid, checkpoint, minutes, epochs, compute)
@@ -272,7 +278,9 @@ def latent_budget(args: argparse.Namespace) -> None:
         vae_cfg, args.work / "autoencoder", args.minutes * args.autoencoder_share
     )
     left = args.minutes - (time.perf_counter() - started) / 60
-    latent_cfg = example("latent-256", data=str(judge.data), **{"model.autoencoder": str(autoencoder)})
+    latent_cfg = example(
+        "latent-256", data=str(judge.data), **{"model.autoencoder": str(autoencoder), **overrides_of(args.set)}
+    )
     # The budget includes encoding the cache: run_training encodes before its clock starts, so
     # encode first and take its time off the diffusion's share.
     encode_started = time.perf_counter()
@@ -282,17 +290,21 @@ def latent_budget(args: argparse.Namespace) -> None:
     total = (time.perf_counter() - started) / 60
     print(RECONSTRUCTION_HEADER)
     print(reconstruction_row(judge, floor_fid, autoencoder, vae_minutes, vae_epochs, compute)[0])
-    scores, images, described = judge.samples(checkpoint.parent / "last.pt")
     print(
         f"autoencoder {vae_minutes:.1f} min ({vae_epochs} epochs), diffusion {latent_minutes:.1f} min "
-        f"({latent_epochs} epochs), {total:.1f} min in all; sampled with {described}"
+        f"({latent_epochs} epochs), {total:.1f} min in all"
     )
-    print(
-        f"FID {scores.fid:.2f} (floor {floor_fid:.2f}, ×{scores.fid / floor_fid:.2f}), KID {scores.kid:.4f}, "
-        f"precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
-        f"likely copies {scores.copies:.1%}, {scores.seconds_per_image:.3f} s/image"
-    )
-    grid = image_grid([*judge.held_out[:8], *images[:8]], columns=8)
+    first_images = None
+    for text in args.samplers or [None]:
+        scores, images, described = judge.samples(checkpoint.parent / "last.pt", sampler_choice(text) if text else None)
+        first_images = images if first_images is None else first_images
+        print(
+            f"sampled with {described}: FID {scores.fid:.2f} (floor {floor_fid:.2f}, ×{scores.fid / floor_fid:.2f}), "
+            f"KID {scores.kid:.4f}, precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
+            f"likely copies {scores.copies:.1%}, {scores.seconds_per_image:.3f} s/image",
+            flush=True,
+        )
+    grid = image_grid([*judge.held_out[:8], *first_images[:8]], columns=8)
     save_png(grid, args.work / "latent_samples.png", {"rows": "held-out slices, latent samples"})
     print(f"grid (held-out above, samples below): {args.work / 'latent_samples.png'}")
 
@@ -315,8 +327,20 @@ def main() -> None:
         command.add_argument("--held-out", type=float, default=0.45)
         command.add_argument("--samples", type=int, default=1000)
     commands.choices["autoencoder"].add_argument("--factors", type=int, nargs="+", default=[4, 8])
-    commands.choices["autoencoder"].add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override on the example, e.g. train.lr=2e-3"
+    for name in ("autoencoder", "latent"):
+        commands.choices[name].add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override on the example, e.g. train.lr=2e-3",
+        )
+    commands.choices["latent"].add_argument(
+        "--samplers",
+        nargs="+",
+        default=[],
+        help="score the latent model with each (benchmarks/quality.py's NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE"
+        "[:SIGMA_MAX]]]]); default: its own sampler",
     )
     commands.choices["autoencoder"].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
     commands.choices["latent"].add_argument("--autoencoder-share", type=float, default=0.3)
