@@ -34,6 +34,7 @@ AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
 ConditionName = Literal["side", "position"]  # kneegen/data/conditions.py
 DistillMethod = Literal["progressive"]  # kneegen/engine/distillation.py
+TeacherSolver = Literal["ddim", "dpm++2m"]  # how round 0's teacher takes its two steps (engine/distillation.py)
 
 
 @dataclass
@@ -185,6 +186,7 @@ class DistillConfig:
     teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
     autoguidance_sigma_max: float = 1.0  # ... at noise levels σ ≤ this (default: the teacher's own)
+    teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction
 
 
 @dataclass

@@ -136,7 +136,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
         f"{rounds} round{'s' * (rounds > 1)} of {distill.method} distillation from {distill.teacher_steps} "
-        f"DDIM steps (each round halves them){guided}, over {cfg.train.epochs} epochs"
+        f"{'DDIM' if distill.teacher_solver == 'ddim' else 'DPM-Solver++(2M)'} steps (each round halves them)"
+        f"{guided}, over {cfg.train.epochs} epochs"
     )
     return cfg, origin
 

@@ -18,7 +18,7 @@ from kneegen.distill_request import distillation_config
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.distillation import CLEAN, start_distillation, two_step_target
-from kneegen.engine.samplers import ImageNoise, ddim, get_sampler, timesteps_for, trailing_timesteps
+from kneegen.engine.samplers import ImageNoise, ddim, dpm_solver_pp, get_sampler, timesteps_for, trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
 from kneegen.engine.validation import distillation_validation
@@ -62,21 +62,25 @@ def smooth_denoiser(schedule: Schedule):
 
 
 @pytest.mark.parametrize("t, middle, following", [(999, 874, 749), (499, 374, 249), (249, 124, CLEAN)])
-def test_one_ddim_step_to_the_two_step_target_lands_where_the_teachers_two_ddim_steps_land(t, middle, following):
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m"])
+def test_one_ddim_step_to_the_two_step_target_lands_where_the_teachers_two_steps_land(t, middle, following, solver):
+    """The teacher's two steps are the project's own sampler's: DDIM, or DPM-Solver++(2M), whose
+    second step adds its multistep term."""
     schedule = Schedule("cosine", 1000)
     teacher = smooth_denoiser(schedule)
     x_t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     column = torch.full((3,), t)
-    target = two_step_target(teacher, x_t, column, (torch.full((3,), middle), torch.full((3,), following)), schedule)
+    grid_after = (torch.full((3,), middle), torch.full((3,), following))
+    target = two_step_target(teacher, x_t, column, grid_after, schedule, second_order=solver == "dpm++2m")
 
-    def landing(denoise, timesteps: list[int]) -> torch.Tensor:
-        """Where DDIM (the project's sampler) from x_t over `timesteps` lands at `following`."""
+    def landing(denoise, timesteps: list[int], sampler=ddim) -> torch.Tensor:
+        """Where `sampler` from x_t over `timesteps` lands at `following`."""
         if following == CLEAN:
-            return ddim(
+            return sampler(
                 denoise, x_t, timesteps, schedule, ImageNoise([0], torch.device("cpu"))
             )  # its last step goes to clean
         seen: list[torch.Tensor] = []
-        ddim(
+        sampler(
             denoise,
             x_t,
             [*timesteps, following],
@@ -90,10 +94,27 @@ def test_one_ddim_step_to_the_two_step_target_lands_where_the_teachers_two_ddim_
         alpha, sigma = schedule.alpha_sigma(s, x)
         return target, (x - alpha * target) / sigma
 
-    two_steps = landing(teacher, [t, middle])
+    two_steps = landing(teacher, [t, middle], ddim if solver == "ddim" else dpm_solver_pp)
     one_step = landing(student, [t])
     assert torch.allclose(one_step, two_steps, atol=1e-9)
+    if following != CLEAN:  # the multistep term changes the landing (at the clean end both return x̂_0)
+        other = landing(teacher, [t, middle], dpm_solver_pp if solver == "ddim" else ddim)
+        assert not torch.allclose(one_step, other, atol=1e-4)
     assert not torch.allclose(teacher(x_t, column)[0], target, atol=1e-3)  # the target is no single-step x̂_0
+
+
+def test_the_second_order_target_of_a_mixed_batch_is_each_images_own():
+    """Training draws a t per image: the multistep term takes each image's grid points."""
+    schedule = Schedule("cosine", 1000)
+    teacher = smooth_denoiser(schedule)
+    x_t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t, middle, following = torch.tensor([999, 499, 249]), torch.tensor([874, 374, 124]), torch.tensor([749, 249, CLEAN])
+    mixed = two_step_target(teacher, x_t, t, (middle, following), schedule, second_order=True)
+    for i in range(3):
+        alone = two_step_target(
+            teacher, x_t[i : i + 1], t[i : i + 1], (middle[i : i + 1], following[i : i + 1]), schedule, True
+        )
+        assert torch.allclose(mixed[i : i + 1], alone, atol=1e-12)
 
 
 def test_the_distilled_sampler_takes_eta_as_ddim_does_on_its_own_grid():

@@ -15,6 +15,10 @@ noise (sec. 4 of the paper); the loss is on x̂_0 with weight max(SNR_t, 1), the
 A teacher that samples with autoguidance (Karras et al. 2024) teaches its guided steps: round 0's
 targets come from its network and its guide (`distill.autoguidance`), so the students learn the
 guided sampler in one network call per step, as Meng et al. 2023 distil classifier-free guidance.
+
+Round 0's teacher may integrate to second order for free (`distill.teacher_solver: dpm++2m`): its
+second step adds DPM-Solver++(2M)'s multistep term from the first step's x̂_0. Measured: the
+student gains 1.3–1.6 FID of ~59, within a seed's spread (README, "Few-step sampling").
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kneegen.config import Prediction, RunConfig
+from kneegen.config import Prediction, RunConfig, TeacherSolver
 from kneegen.engine.checkpoint import load_training_checkpoint, load_weights
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.loss import per_image_loss
-from kneegen.engine.samplers import Denoiser, trailing_timesteps
+from kneegen.engine.samplers import Denoiser, second_order_term, trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.errors import KneegenError
 
@@ -63,6 +67,8 @@ class Distillation:
     guide: nn.Module | None = None  # round 0's teacher's autoguidance guide (train.guide_at), frozen
     autoguidance: float = 1.0  # its w: round 0's teacher steps as the teacher samples, the students learn that
     autoguidance_sigma_max: float = math.inf  # ... and the noise levels it guides at
+    # Round 0's two steps: plain DDIM, or the second with DPM-Solver++(2M)'s term.
+    teacher_solver: TeacherSolver = "ddim"
 
     @property
     def student_steps(self) -> int:
@@ -111,7 +117,8 @@ class Distillation:
             autoguidance=self.autoguidance,
             autoguidance_sigma_max=self.autoguidance_sigma_max,
         )
-        target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule)
+        second_order = self.round == 0 and self.teacher_solver == "dpm++2m"  # later teachers step as they learnt
+        target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
         return per_image_loss(x0, target.clone(), "l2")  # clone: out of inference mode, autograd may keep it
 
@@ -191,6 +198,7 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         guide=guide,
         autoguidance=distill.autoguidance,
         autoguidance_sigma_max=distill.autoguidance_sigma_max,
+        teacher_solver=distill.teacher_solver,
     ), payload
 
 
@@ -202,13 +210,22 @@ def root_epochs(payload: dict) -> int:
 
 
 def two_step_target(
-    teacher: Denoiser, x_t: Tensor, t: Tensor, middle_and_next: tuple[Tensor, Tensor], schedule: Schedule
+    teacher: Denoiser,
+    x_t: Tensor,
+    t: Tensor,
+    middle_and_next: tuple[Tensor, Tensor],
+    schedule: Schedule,
+    second_order: bool = False,
 ) -> Tensor:
     """x̃ of Alg. 2: the x̂_0 with which ONE DDIM step t → s lands on the teacher's TWO steps t → t′ → s.
 
     A DDIM step is x_s = α_s x̂_0 + σ_s ε̂ with ε̂ = (x_t − α_t x̂_0) / σ_t; solving
     x″ = α_s x̃ + (σ_s/σ_t)(x_t − α_t x̃) for x̃ gives x̃ = (x″ − (σ_s/σ_t) x_t) / (α_s − (σ_s/σ_t) α_t),
-    which is the teacher's x̂_0 at t′ when s is the clean end (α_s = 1, σ_s = 0)."""
+    which is the teacher's x̂_0 at t′ when s is the clean end (α_s = 1, σ_s = 0).
+
+    With `second_order` the second step is DPM-Solver++(2M)'s (dpm_solver_pp over t, t′, s): the
+    first step's x̂_0 is its history, so the teacher integrates the ODE to second order for no
+    extra network call (its last step, to the clean end, stays x̂_0 itself)."""
     middle, following = middle_and_next
     # 1. The teacher's first DDIM step, t → t′.
     x0, eps = teacher(x_t, t)
@@ -218,7 +235,22 @@ def two_step_target(
     x0_mid, eps_mid = teacher(x_mid, middle)
     alpha_s, sigma_s = schedule.alpha_sigma(following, x_t)
     x_s = alpha_s * x0_mid + sigma_s * eps_mid
+    if second_order:
+        x_s = x_s + multistep_term(x0_mid, x0, t, middle, following, alpha_s, schedule)
     # 3. The student's x̂_0 for one step t → s to land on x_s.
     alpha_t, sigma_t = schedule.alpha_sigma(t, x_t)
     ratio = sigma_s / sigma_t
     return (x_s - ratio * x_t) / (alpha_s - ratio * alpha_t)
+
+
+def multistep_term(
+    x0: Tensor, x0_previous: Tensor, t: Tensor, middle: Tensor, following: Tensor, alpha_s: Tensor, schedule: Schedule
+) -> Tensor:
+    """DPM-Solver++(2M)'s second-order term for the steps t′ → s of a batch, each image on its own
+    grid points; zero where s is the clean end, where the solver returns x̂_0 itself."""
+    lam = schedule.log_snrs.to(x0.device)
+    step = lam[following.clamp(min=0)] - lam[middle]  # h of t′ → s (in λ, per image)
+    before = lam[middle] - lam[t]  # h′ of t → t′
+    per_image = (following >= 0).to(torch.float64).view(-1, *[1] * (x0.dim() - 1))
+    ratio, phi = (step / before).view_as(per_image), torch.expm1(-step).view_as(per_image)
+    return second_order_term(x0, x0_previous, ratio, alpha_s, phi).mul(per_image).to(x0.dtype)

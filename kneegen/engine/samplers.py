@@ -172,8 +172,8 @@ def dpm_solver_pp(
         # 2. Higher orders add finite differences of earlier x̂_0 in λ, when there are some.
         if order >= 2 and history:
             x0_1, h_1 = history[-1]
-            d1_0 = (x0 - x0_1) / (h_1 / h)
             if order >= 3 and len(history) >= 2:
+                d1_0 = (x0 - x0_1) / (h_1 / h)
                 x0_2, h_2 = history[-2]
                 r0, r1 = h_1 / h, h_2 / h
                 d1_1 = (x0_1 - x0_2) / r1
@@ -183,10 +183,19 @@ def dpm_solver_pp(
                 x_next = x_next + alpha_s * (phi / h + 1) * d1 - alpha_s * ((phi + h) / h**2 - 0.5) * d2
             else:
                 # 2b. Second order (the midpoint form): D = x̂_0 + (x̂_0 − x̂_0') / (2 r).
-                x_next = x_next - 0.5 * alpha_s * phi * d1_0
+                x_next = x_next + second_order_term(x0, x0_1, h / h_1, alpha_s, phi)
         x = x_next
         history.append((x0, h))
     return x
+
+
+def second_order_term(
+    x0: Tensor, x0_previous: Tensor, ratio: Tensor | float, alpha_s: Tensor | float, phi: Tensor | float
+) -> Tensor:
+    """What DPM-Solver++(2M) adds to a first-order (DDIM) step t → s of size h in λ:
+    −½ α_s (e^{−h} − 1) (x̂_0 − x̂_0′) · h / h′, x̂_0′ being the data prediction one step earlier
+    (h′ before t in λ). `ratio` is h / h′ and `phi` e^{−h} − 1 (tensors broadcast per image)."""
+    return -0.5 * alpha_s * phi * (x0 - x0_previous) * ratio
 
 
 def dpm_solver_pp_sde(
