@@ -9,7 +9,14 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from kneegen.config import load_config
 from kneegen.data.cache import open_cache
-from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, ChannelNorm, autoencoder_loss, latent_shape
+from kneegen.engine.autoencoder import (
+    Autoencoder,
+    AutoencoderConfig,
+    ChannelNorm,
+    autoencoder_loss,
+    latent_shape,
+    spectral_distance,
+)
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from kneegen.engine.training import create_state, epoch_steps, training_input_shape
@@ -61,6 +68,32 @@ def test_loss_is_zero_for_a_perfect_reconstruction_and_the_kl_has_its_closed_for
     torch.testing.assert_close(autoencoder_loss(x, x, mean, logvar, cfg), expected)
 
 
+def test_spectral_distance_has_its_closed_form_and_ignores_where_a_texture_lies():
+    # A constant image c has one nonzero orthonormal DFT coefficient, c·√(HW), among H·(W/2 + 1).
+    constant, black = torch.full((1, 1, 8, 12), 0.5), torch.zeros(1, 1, 8, 12)
+    expected = 0.5 * (8 * 12) ** 0.5 / (8 * 7)
+    torch.testing.assert_close(spectral_distance(black, constant), torch.tensor([expected]))
+    texture, _ = noisy_pairs((2, 1, 16, 16))
+    shifted = torch.roll(texture, shifts=(3, 5), dims=(2, 3))
+    torch.testing.assert_close(spectral_distance(shifted, texture), torch.zeros(2), atol=1e-6, rtol=0)
+    assert ((shifted - texture).abs().mean(dim=(1, 2, 3)) > 0.3).all()  # where L1 sees only error
+    smoothed = torch.nn.functional.avg_pool2d(texture, 3, stride=1, padding=1)
+    assert (spectral_distance(smoothed, texture) > 0.1).all()  # the power a blur removes is missed
+
+
+def test_spectral_weight_adds_its_term_and_trains_with_finite_gradients_from_black():
+    x, y = noisy_pairs((2, 1, 16, 16))
+    zeros = torch.zeros(2, 4, 4, 4)
+    plain, spectral = AutoencoderConfig(), AutoencoderConfig(spectral_weight=2.0)
+    torch.testing.assert_close(
+        autoencoder_loss(y, x, zeros, zeros, spectral) - autoencoder_loss(y, x, zeros, zeros, plain),
+        2.0 * spectral_distance(y, x),
+    )
+    black = torch.zeros(2, 1, 16, 16, requires_grad=True)  # every amplitude 0, where |z| has no slope
+    autoencoder_loss(black, black.detach(), zeros, zeros, spectral).sum().backward()
+    assert torch.isfinite(black.grad).all()
+
+
 @pytest.mark.parametrize("factor", [4, 8])
 def test_latents_are_the_image_over_f_per_side_and_decode_back_on_non_square_slices(factor):
     cfg = AutoencoderConfig(factor=factor, latent_channels=3, channels=8)
@@ -74,7 +107,8 @@ def test_latents_are_the_image_over_f_per_side_and_decode_back_on_non_square_sli
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("factor", 3), ("latent_channels", 0), ("crop", 30), ("crop", 8), ("kl_weight", -1.0)]
+    ("key", "value"),
+    [("factor", 3), ("latent_channels", 0), ("crop", 30), ("crop", 8), ("kl_weight", -1.0), ("spectral_weight", -0.5)],
 )
 def test_impossible_settings_are_refused_by_key(key, value):
     with pytest.raises(KneegenError, match=f"model.vae.{key}"):

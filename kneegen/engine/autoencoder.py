@@ -11,7 +11,11 @@ an autoencoder trained on crops with it reconstructed whole slices grey and fram
 8 minutes: reconstruction FID 99.3 and PSNR 27.4 dB with GroupNorm, 75.9 and 31.0 dB with the
 channel norm; README, "Latent diffusion at 256²"). `model.vae.norm: group` keeps it, as every
 autoencoder checkpoint before format 3 has it.
-The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weight, all per image.
+The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weight, all per image,
+and optionally a distance between amplitude spectra (`spectral_weight`): L1 and SSIM reward the
+mean of what the latent cannot pin down, so fine noise-like texture comes back smoothed; the
+amplitude spectrum asks for that texture's power at each frequency without asking for its phase
+(the idea of Jiang et al. 2021's focal frequency loss, unweighted).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class AutoencoderConfig:
     crop: int = 128  # train on random crops of this side (0 = whole images); validation uses whole images
     ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
     kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
+    spectral_weight: float = 0.0  # weight of the amplitude-spectrum distance (`spectral_distance`); 0 = off
 
     def check(self) -> None:
         if self.factor not in (2, 4, 8, 16):
@@ -56,7 +61,7 @@ class AutoencoderConfig:
                 f"model.vae.crop = {self.crop} must be 0 (whole images) or a multiple of "
                 f"factor {self.factor} of at least 16"
             )
-        for key in ("ssim_weight", "kl_weight"):
+        for key in ("ssim_weight", "kl_weight", "spectral_weight"):
             if getattr(self, key) < 0:
                 raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 0")
 
@@ -188,11 +193,22 @@ def latent_shape(cfg: AutoencoderConfig, image_shape: tuple[int, int]) -> tuple[
 def autoencoder_loss(
     reconstruction: Tensor, target: Tensor, mean: Tensor, logvar: Tensor, cfg: AutoencoderConfig
 ) -> Tensor:
-    """Per image (B,): mean |x̂ − x| + ssim_weight·(1 − MS-SSIM) + kl_weight·KL(q(z|x) ‖ N(0, I))
-    summed over the latent and divided by the image's pixels (so kl_weight means what it means
-    in the paper, whose reconstruction term is a per-pixel sum)."""
+    """Per image (B,): mean |x̂ − x| + ssim_weight·(1 − MS-SSIM) + spectral_weight·(amplitude-spectrum
+    distance) + kl_weight·KL(q(z|x) ‖ N(0, I)) summed over the latent and divided by the image's
+    pixels (so kl_weight means what it means in the paper, whose reconstruction term is a per-pixel sum)."""
     reconstruction = reconstruction.float()
     l1 = (reconstruction - target).abs().mean(dim=(1, 2, 3))
     structural = 1.0 - ms_ssim(reconstruction, target) if cfg.ssim_weight else torch.zeros_like(l1)
+    spectral = spectral_distance(reconstruction, target) if cfg.spectral_weight else torch.zeros_like(l1)
     kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
-    return l1 + cfg.ssim_weight * structural + cfg.kl_weight * kl / target[0].numel()
+    return l1 + cfg.ssim_weight * structural + cfg.spectral_weight * spectral + cfg.kl_weight * kl / target[0].numel()
+
+
+def spectral_distance(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """Per image (B,): the mean over channels and frequencies of ||F x̂| − |F x||, F the orthonormal
+    2-D DFT (so a frequency's amplitude is in pixel units, as L1 is). Blind to phase: a texture of
+    the right power scores 0 wherever its grains lie, and so does any circular shift of x."""
+    amplitudes = torch.fft.rfft2(
+        torch.stack([reconstruction, target]).float(), norm="ortho"
+    ).abs()  # (2, B, C, H, W/2+1)
+    return (amplitudes[0] - amplitudes[1]).abs().mean(dim=(1, 2, 3))
