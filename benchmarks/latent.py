@@ -21,6 +21,9 @@ The CPU kind and precision are printed first.
     .venv/bin/python benchmarks/latent.py autoencoder --minutes 8 --factors 4 8
     .venv/bin/python benchmarks/latent.py autoencoder --minutes 8 --factors 4 --name gn --set model.vae.norm=group
                                                                   # a variant, in its own run dir
+    .venv/bin/python benchmarks/latent.py autoencoder --epochs 7 --factors 4 --name s1 --set model.vae.spectral_weight=1
+                                                                  # exactly 7 epochs: paired on a busy machine
+    .venv/bin/python benchmarks/latent.py autoencoder --score runs/bench-latent/autoencoder/best.pt
     .venv/bin/python benchmarks/latent.py latent --minutes 30
     .venv/bin/python benchmarks/latent.py latent --minutes 30 --set KEY=VALUE --samplers dpm++2m-sde:25 …
                                                                   # a variant, scored with several samplers
@@ -29,6 +32,7 @@ The CPU kind and precision are printed first.
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import subprocess
 import sys
@@ -192,11 +196,12 @@ def speed(precision: str, pixel_images: int) -> None:
     print(f"\npeak memory training latent-256 at batch {own_batch}: {peak:,.0f} MiB")
 
 
-def train(cfg: RunConfig, run_dir: Path, minutes: float) -> tuple[Path, float, int]:
-    """(best.pt, minutes taken, epochs) of `cfg` trained for a wall-clock budget."""
+def train(cfg: RunConfig, run_dir: Path, minutes: float, epochs: int = 0) -> tuple[Path, float, int]:
+    """(best.pt, minutes taken, epochs) of `cfg` trained for a wall-clock budget, or for exactly
+    `epochs` when given (paired comparisons, unaffected by what else the machine runs)."""
     if run_dir.exists():
         sys.exit(f"{run_dir} exists: remove it or give another --work, so every run starts from scratch")
-    cfg.train.minutes, cfg.train.epochs = minutes, 100_000
+    cfg.train.minutes, cfg.train.epochs = (0.0, epochs) if epochs else (minutes, 100_000)
     started = time.perf_counter()
     epochs = run_training(cfg, run_dir).epoch
     return run_dir / "best.pt", (time.perf_counter() - started) / 60, epochs
@@ -258,10 +263,14 @@ def autoencoders(args: argparse.Namespace) -> None:
     judge, floor_fid = open_judge(args)
     print(RECONSTRUCTION_HEADER)
     rows = {"real": judge.held_out}
-    for factor in args.factors:
+    for checkpoint in args.score:
+        epochs = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
+        row, rows[checkpoint.parent.name] = reconstruction_row(judge, floor_fid, checkpoint, math.nan, epochs, compute)
+        print(f"{row}  {checkpoint}", flush=True)
+    for factor in args.factors if not args.score else []:
         cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor, **overrides_of(args.set)})
         run_dir = args.work / f"autoencoder-f{factor}{'-' + args.name if args.name else ''}"
-        checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes)
+        checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes, args.epochs)
         row, rows[f"f{factor}"] = reconstruction_row(judge, floor_fid, checkpoint, minutes, epochs, compute)
         print(row, flush=True)
     grid = image_grid([image for row in rows.values() for image in row[:6]], columns=6)
@@ -343,6 +352,12 @@ def main() -> None:
         "[:SIGMA_MAX]]]]); default: its own sampler",
     )
     commands.choices["autoencoder"].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
+    commands.choices["autoencoder"].add_argument(
+        "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
+    )
+    commands.choices["autoencoder"].add_argument(
+        "--score", type=Path, nargs="+", default=[], help="score these autoencoder checkpoints instead of training"
+    )
     commands.choices["latent"].add_argument("--autoencoder-share", type=float, default=0.3)
     args = parser.parse_args()
     if args.command == "speed":
