@@ -263,11 +263,11 @@ def autoencoders(args: argparse.Namespace) -> None:
     judge, floor_fid = open_judge(args)
     print(RECONSTRUCTION_HEADER)
     rows = {"real": judge.held_out}
-    for checkpoint in args.score:
+    for checkpoint in args.score:  # already trained: no training below
         epochs = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
         row, rows[checkpoint.parent.name] = reconstruction_row(judge, floor_fid, checkpoint, math.nan, epochs, compute)
         print(f"{row}  {checkpoint}", flush=True)
-    for factor in args.factors if not args.score else []:
+    for factor in [] if args.score else args.factors:
         cfg = example("autoencoder-256", data=str(judge.data), **{"model.vae.factor": factor, **overrides_of(args.set)})
         run_dir = args.work / f"autoencoder-f{factor}{'-' + args.name if args.name else ''}"
         checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes, args.epochs)

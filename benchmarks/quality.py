@@ -148,9 +148,9 @@ SCREEN_AXES: dict[str, dict[str, Any]] = {  # name fragment → overrides on the
         "diffusion.lognormal_mean": -1.2
     },  # EDM's P_mean (made for data of std 0.5; the recipes until 2026-12-04)
     "pm186": {"diffusion.lognormal_mean": -1.86},  # ln(0.6 · 0.258): EDM's centre for the slices' std
-    "ps10": {"diffusion.lognormal_std": 1.0},  # P_std: narrower log-normal noise levels (EDM2's)
-    "ps06": {"diffusion.lognormal_std": 0.6},
+    "ps06": {"diffusion.lognormal_std": 0.6},  # P_std: narrower log-normal noise levels (1.0: EDM2's)
     "ps08": {"diffusion.lognormal_std": 0.8},
+    "ps10": {"diffusion.lognormal_std": 1.0},
     "ps14": {"diffusion.lognormal_std": 1.4},
     "minsnr5": {"diffusion.min_snr_gamma": 5.0},
     "ode": {"sample.sampler": "dpm++2m", "sample.steps": 25},
