@@ -27,6 +27,8 @@ The CPU kind and precision are printed first.
     .venv/bin/python benchmarks/latent.py latent --minutes 30
     .venv/bin/python benchmarks/latent.py latent --minutes 30 --set KEY=VALUE --samplers dpm++2m-sde:25 …
                                                                   # a variant, scored with several samplers
+    .venv/bin/python benchmarks/latent.py latent --minutes 30 --autoencoder-set KEY=VALUE
+                                                                  # another autoencoder recipe
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def latent_budget(args: argparse.Namespace) -> None:
     compute = resolve_compute("cpu", "auto")
     judge, floor_fid = open_judge(args)
     started = time.perf_counter()
-    vae_cfg = example("autoencoder-256", data=str(judge.data))
+    vae_cfg = example("autoencoder-256", data=str(judge.data), **overrides_of(args.autoencoder_set))
     autoencoder, vae_minutes, vae_epochs = train(
         vae_cfg, args.work / "autoencoder", args.minutes * args.autoencoder_share
     )
@@ -359,6 +361,13 @@ def main() -> None:
         "--score", type=Path, nargs="+", default=[], help="score these autoencoder checkpoints instead of training"
     )
     commands.choices["latent"].add_argument("--autoencoder-share", type=float, default=0.3)
+    commands.choices["latent"].add_argument(
+        "--autoencoder-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override on the autoencoder's example, e.g. model.vae.adversarial_weight=0.5",
+    )
     args = parser.parse_args()
     if args.command == "speed":
         speed(args.precision, args.pixel_images)

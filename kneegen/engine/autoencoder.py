@@ -15,7 +15,8 @@ The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weigh
 and optionally a distance between amplitude spectra (`spectral_weight`): L1 and SSIM reward the
 mean of what the latent cannot pin down, so fine noise-like texture comes back smoothed; the
 amplitude spectrum asks for that texture's power at each frequency without asking for its phase
-(the idea of Jiang et al. 2021's focal frequency loss, unweighted).
+(the idea of Jiang et al. 2021's focal frequency loss, unweighted). A patch discriminator may
+judge the reconstructions too (`adversarial_weight`, engine/adversary.py), as the paper's does.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ class AutoencoderConfig:
     ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
     kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
     spectral_weight: float = 0.0  # weight of the amplitude-spectrum distance (`spectral_distance`); 0 = off
+    adversarial_weight: float = 0.0  # weight of a patch discriminator's judgement (engine/adversary.py); 0 = none
+    adversarial_start: int = 1  # the epoch from which the discriminator trains and judges (0 = the first)
+    discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
 
     def check(self) -> None:
         if self.factor not in (2, 4, 8, 16):
             raise KneegenError(f"model.vae.factor = {self.factor} must be 2, 4, 8 or 16")
-        for key in ("latent_channels", "channels", "blocks_per_level"):
+        for key in ("latent_channels", "channels", "blocks_per_level", "discriminator_channels"):
             if getattr(self, key) < 1:
                 raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 1")
         if self.crop and (self.crop < 16 or self.crop % self.factor):
@@ -61,7 +65,7 @@ class AutoencoderConfig:
                 f"model.vae.crop = {self.crop} must be 0 (whole images) or a multiple of "
                 f"factor {self.factor} of at least 16"
             )
-        for key in ("ssim_weight", "kl_weight", "spectral_weight"):
+        for key in ("ssim_weight", "kl_weight", "spectral_weight", "adversarial_weight", "adversarial_start"):
             if getattr(self, key) < 0:
                 raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 0")
 
@@ -176,6 +180,10 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
+
+    def last_layer(self) -> Tensor:
+        """The decoder's output weight, where the adversarial term is balanced against the others."""
+        return self.decoder.head[-1].weight
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(reconstruction, mean, log-variance) with z = mean + σ·`noise` (the reparameterisation;

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kneegen.config import RunConfig, TrainConfig
+from kneegen.engine.adversary import SMALLEST_SIDE, Adversary, make_adversary
 from kneegen.engine.augment import augment
 from kneegen.engine.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, latent_shape
 from kneegen.engine.checkpoint import CHANGED_CONFIG, load_weights
@@ -69,6 +70,7 @@ class TrainState:
     end_step: int = 0  # where the LR schedule ends, once a time budget has fixed it (train.cooldown); 0 = train.epochs
     distillation: Distillation | None = None  # a `kneegen distill` run's teacher and rounds
     guide: nn.Module | None = None  # on rank 0, with train.guide_at: the EMA weights as they were then
+    adversary: Adversary | None = None  # an autoencoder's patch discriminator (model.vae.adversarial_weight)
 
     @property
     def eval_network(self) -> nn.Module:
@@ -116,6 +118,7 @@ def create_state(
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
+    adversary = make_autoencoder_adversary(network, image_shape, cfg.train, compute, dist)  # before dropout seeds
     ema = make_ema(network, cfg.train) if dist.is_main else None
     keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
     power_emas = [PowerEMA(network, sigma_rel) for sigma_rel in STORED_SIGMA_RELS] if keeps_snapshots else []
@@ -136,6 +139,34 @@ def create_state(
             Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps).log_sigmas(),
             (cfg.diffusion.lognormal_mean, cfg.diffusion.lognormal_std),
         ),
+        adversary=adversary,
+    )
+
+
+def make_autoencoder_adversary(
+    network: nn.Module, image_shape: tuple[int, int], train: TrainConfig, compute: Compute, dist: Distributed
+) -> Adversary | None:
+    """An autoencoder's patch discriminator when `model.vae.adversarial_weight` asks for one (its
+    weights drawn after the network's, from the same seeded global RNG, so in every process alike)."""
+    if not isinstance(network, Autoencoder) or not network.cfg.adversarial_weight:
+        return None
+    settings = network.cfg
+    side = min(crop_side(settings, length) for length in image_shape)
+    if side < SMALLEST_SIDE:
+        raise KneegenError(
+            f"model.vae.adversarial_weight: the discriminator judges patches of inputs at least {SMALLEST_SIDE} px "
+            f"a side, and this autoencoder trains on {side} px: set model.vae.crop to {SMALLEST_SIDE} or more "
+            "(on images that large), or model.vae.adversarial_weight to 0"
+        )
+    channels = network.encoder.stem.in_channels
+    return make_adversary(
+        channels,
+        settings.discriminator_channels,
+        settings.adversarial_weight,
+        settings.adversarial_start,
+        train.lr,
+        compute,
+        dist,
     )
 
 
@@ -183,6 +214,7 @@ def state_payload(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
         "end_step": state.end_step,
         "distillation": state.distillation.state_dict() if state.distillation is not None else None,
         "guide": state.guide.state_dict() if state.guide is not None else None,
+        "adversary": state.adversary.state_dict() if state.adversary is not None else None,
     }
 
 
@@ -217,6 +249,8 @@ def restore_state(
     state.end_step = payload.get("end_step", 0)  # absent before train.cooldown
     if state.distillation is not None:
         state.distillation.load_state_dict(payload["distillation"])
+    if state.adversary is not None and payload.get("adversary") is not None:  # absent: not asked for until now
+        state.adversary.load_state_dict(payload["adversary"])
     if payload.get("guide") is not None and dist.is_main:  # absent before train.guide_at; rank 0 keeps it
         keep_guide(state)
         state.guide.load_state_dict(payload["guide"])
@@ -375,6 +409,8 @@ def epoch_steps(
         grad_norm = torch.nn.utils.clip_grad_norm_(state.network.parameters(), train.grad_clip or math.inf).item()
         mean_loss = dist.sum(loss_sum) / len(index)
         skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
+        if state.adversary is not None and state.adversary.pending:
+            state.adversary.step(lr, len(index), dist, skipped)  # learns from this step's crops (unless skipped)
         if not skipped:
             state.scaler.step(state.optimizer)
             for average in ([state.ema] if state.ema is not None else []) + state.power_emas:
@@ -451,13 +487,15 @@ def diffusion_batch(
 
 def autoencoder_batch(state: TrainState, images: np.ndarray, index: np.ndarray, compute: Compute) -> LossOf:
     """Draw a random crop of each image of the global batch `index` and the posterior's noise;
-    return the autoencoder loss of any of its rows (weight 1)."""
+    return the autoencoder loss of any of its rows (weight 1), with the adversarial term once the
+    discriminator is active (so the logged training loss then differs from the validation loss)."""
     settings: AutoencoderConfig = state.network.cfg  # type: ignore[assignment]
     height, width = images.shape[1:]
     side_y, side_x = (crop_side(settings, side) for side in (height, width))
     tops = torch.randint(0, height - side_y + 1, (len(index),), generator=state.generator).tolist()
     lefts = torch.randint(0, width - side_x + 1, (len(index),), generator=state.generator).tolist()
     noise_all = torch.randn((len(index), *latent_shape(settings, (side_y, side_x))), generator=state.generator)
+    adversary = state.adversary
 
     def loss_of(part: np.ndarray) -> tuple[Tensor, Tensor]:
         crops = np.stack([images[index[i], tops[i] : tops[i] + side_y, lefts[i] : lefts[i] + side_x] for i in part])
@@ -465,6 +503,9 @@ def autoencoder_batch(state: TrainState, images: np.ndarray, index: np.ndarray, 
         with compute.autocast():
             reconstruction, mean, logvar = state.train_network(x0, to_device(noise_all[part], compute.device))
         per_image = autoencoder_loss(reconstruction, x0, mean, logvar, settings)
+        if adversary is not None and adversary.active(state.epoch):
+            last_layer = state.network.last_layer()  # type: ignore[operator]
+            per_image = per_image + adversary.generator_term(x0, reconstruction, per_image, last_layer)
         return per_image, torch.ones_like(per_image)
 
     return loss_of
