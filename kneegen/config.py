@@ -33,7 +33,7 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
 ConditionName = Literal["side", "position"]  # kneegen/data/conditions.py
-DistillMethod = Literal["progressive"]  # kneegen/engine/distillation.py
+DistillMethod = Literal["progressive", "consistency"]  # kneegen/engine/distillation.py
 TeacherSolver = Literal["ddim", "dpm++2m"]  # how round 0's teacher takes its two steps (engine/distillation.py)
 
 
@@ -181,9 +181,9 @@ class DistillConfig:
     what the `teacher` checkpoint samples in many; off while `teacher` is empty."""
 
     teacher: str = ""  # the teacher checkpoint (stored absolute); "" = an ordinary training run
-    method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps
+    method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps; or consistency
     steps: int = 4  # the student's network calls per image
-    teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds
+    teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds (consistency: its grid)
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
     autoguidance_sigma_max: float = 1.0  # ... at noise levels σ ≤ this (default: the teacher's own)
     teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction

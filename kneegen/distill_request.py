@@ -96,6 +96,11 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     raw = payload.get("config") or {}
     teacher_epochs = root_epochs(payload)
     student_of = (payload.get("distillation") or {}).get("steps")  # distilling a student further
+    if (payload.get("distillation") or {}).get("method") == "consistency":
+        raise KneegenError(
+            f"{teacher} is a consistency student, which samples in any number of steps: sample it with "
+            "--steps N (1 is its fewest) instead of distilling it further"
+        )
     sample = raw.get("sample") or {}  # the teacher's, as checked when it trained
     guided = float(sample.get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
     guided_below = float(sample.get("autoguidance_sigma_max", SampleConfig.autoguidance_sigma_max))
@@ -126,18 +131,27 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         )
     if not student_of:
         check_teacher_steps(cfg, teacher, given="distill.teacher_steps" in overrides)
-    rounds = distillation_rounds(distill.teacher_steps, distill.steps)
+    rounds = distillation_rounds(distill.teacher_steps, distill.steps)  # consistency trains as long, in one stage
     if "train.epochs" not in overrides:
         cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
     guided = ""
     if distill.autoguidance != 1.0:
         below = f" at σ ≤ {distill.autoguidance_sigma_max:g}" if math.isfinite(distill.autoguidance_sigma_max) else ""
         guided = f", autoguided with w {distill.autoguidance:g}{below}"
+    if distill.method == "consistency":
+        how = (
+            f"consistency distillation along the teacher's {distill.teacher_steps} DDIM steps{guided} (it samples "
+            f"in any number of steps, {distill.steps} by default)"
+        )
+    else:
+        how = (
+            f"{rounds} round{'s' * (rounds > 1)} of progressive distillation from {distill.teacher_steps} "
+            f"{'DDIM' if distill.teacher_solver == 'ddim' else 'DPM-Solver++(2M)'} steps (each round halves them)"
+            f"{guided}"
+        )
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
-        f"{rounds} round{'s' * (rounds > 1)} of {distill.method} distillation from {distill.teacher_steps} "
-        f"{'DDIM' if distill.teacher_solver == 'ddim' else 'DPM-Solver++(2M)'} steps (each round halves them)"
-        f"{guided}, over {cfg.train.epochs} epochs"
+        f"{how}, over {cfg.train.epochs} epochs"
     )
     return cfg, origin
 

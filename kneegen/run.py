@@ -46,4 +46,5 @@ class Run:
             self.latent,
             steps,
             state.guide,
+            state.distillation.method if state.distillation is not None else None,
         )

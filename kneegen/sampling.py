@@ -24,7 +24,7 @@ from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.pixels import to_uint8
-from kneegen.engine.samplers import DISTILLED, StepCallback, generate, get_sampler, timesteps_for
+from kneegen.engine.samplers import CONSISTENCY, DISTILLED, StepCallback, generate, get_sampler, timesteps_for
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import TrainedModel
 from kneegen.errors import KneegenError
@@ -78,7 +78,7 @@ def choose_sampler(
     chosen = name or sample.sampler
     default_steps = model.schedule.timesteps if chosen == "ddpm" else sample.steps
     if chosen == DISTILLED:
-        default_steps = distilled_steps(model, steps)
+        chosen, default_steps = distilled_sampler(model, steps)
     if spacing is not None and spacing not in get_args(Spacing):
         raise KneegenError(f"--spacing {spacing}: choose one of {', '.join(get_args(Spacing))}")
     if steps is not None and steps < 1:
@@ -114,14 +114,17 @@ def autoguidance_of(model: TrainedModel, asked: float | None) -> float:
     return model.config.sample.autoguidance if asked is None else asked
 
 
-def distilled_steps(model: TrainedModel, asked: int | None) -> int:
-    """The steps a distilled checkpoint learnt, which its sampler runs; refused for any other
-    checkpoint or step count."""
+def distilled_sampler(model: TrainedModel, asked: int | None) -> tuple[str, int]:
+    """What `distilled` means for this checkpoint, and its default steps: a progressive student's
+    DDIM on the one grid it learnt (another count refused), a consistency student's multistep
+    consistency sampling (any count); refused for a checkpoint that was not distilled."""
     if model.distilled_steps is None:
         raise KneegenError(
             f"--sampler {DISTILLED}: {model.source} is no distilled student (kneegen distill makes one): "
             f"choose another sampler"
         )
+    if model.distill_method == "consistency":
+        return CONSISTENCY, model.distilled_steps
     if asked is not None and asked != model.distilled_steps:
         further = f" (kneegen distill {model.source} --steps {asked})" if asked < model.distilled_steps else ""
         raise KneegenError(
@@ -129,7 +132,7 @@ def distilled_steps(model: TrainedModel, asked: int | None) -> int:
             f"sampler runs: give --steps {model.distilled_steps}, distil it to fewer{further}, or choose another "
             "--sampler"
         )
-    return model.distilled_steps
+    return DISTILLED, model.distilled_steps
 
 
 def sample_batches(

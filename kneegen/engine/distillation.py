@@ -19,6 +19,13 @@ guided sampler in one network call per step, as Meng et al. 2023 distil classifi
 Round 0's teacher may integrate to second order for free (`distill.teacher_solver: dpm++2m`): its
 second step adds DPM-Solver++(2M)'s multistep term from the first step's x̂_0. Measured: the
 student gains 1.3–1.6 FID of ~59, within a seed's spread (README, "Few-step sampling").
+
+`distill.method: consistency` trains instead in one stage a consistency model (Song et al. 2023,
+"Consistency Models", Alg. 2, consistency distillation): on the teacher's grid of N steps, the
+student's x̂_0 at (x_t, t) is pulled towards its own x̂_0, without gradient, where the teacher's one
+deterministic step t → s lands (at the clean end, towards the teacher's x̂_0 itself). Consistent
+along the teacher's ODE, its x̂_0 from any point of a trajectory is the trajectory's end, so it
+samples in any number of steps (`consistency` sampler: x̂_0, fresh noise to the next level, …).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kneegen.config import Prediction, RunConfig, TeacherSolver
+from kneegen.config import DistillMethod, Prediction, RunConfig, TeacherSolver
 from kneegen.engine.checkpoint import load_training_checkpoint, load_weights
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
@@ -69,13 +76,27 @@ class Distillation:
     autoguidance_sigma_max: float = math.inf  # ... and the noise levels it guides at
     # Round 0's two steps: plain DDIM, or the second with DPM-Solver++(2M)'s term.
     teacher_solver: TeacherSolver = "ddim"
+    method: DistillMethod = "progressive"
+    student: nn.Module | None = None  # consistency: the network being trained, whose own x̂_0 is its target
+    steps: int = 0  # consistency: the steps its sampler takes by default (it takes any)
 
     @property
     def student_steps(self) -> int:
-        """N of the current round: the steps its student learns to sample in."""
+        """The steps the student samples in: progressive, N of the current round, the only count
+        it learns; consistency, the default of a sampler that takes any."""
+        if self.method == "consistency":
+            return self.steps
         return self.teacher_steps >> (self.round + 1)
 
+    @property
+    def grid_steps(self) -> int:
+        """The steps of the grid the student's timesteps are drawn from: progressive, its own;
+        consistency, the teacher's, whose one step each pair of neighbours is."""
+        return self.teacher_steps if self.method == "consistency" else self.student_steps
+
     def describe_round(self) -> str:
+        if self.method == "consistency":
+            return f"consistency on the teacher's {self.teacher_steps} steps"
         return f"round {self.round + 1}/{self.rounds}: {self.student_steps} steps"
 
     def round_end(self, total_steps: int) -> int:
@@ -93,10 +114,11 @@ class Distillation:
         return self.round_start, max(1, end - self.round_start)
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(B,) student timesteps, uniform over its grid, and (B,) fp32 loss weights max(SNR_t, 1)."""
-        grid = torch.tensor(trailing_timesteps(self.schedule.timesteps, self.student_steps))
+        """(B,) student timesteps, uniform over its grid (`grid_steps`), and (B,) fp32 loss weights:
+        max(SNR_t, 1) for progressive students, 1 for consistency (Song et al.'s λ ≡ 1)."""
+        grid = torch.tensor(trailing_timesteps(self.schedule.timesteps, self.grid_steps))
         t = grid[torch.randint(0, len(grid), (batch,), generator=generator)]
-        return t, self.weight(t)
+        return t, torch.ones(batch) if self.method == "consistency" else self.weight(t)
 
     def weight(self, t: Tensor) -> Tensor:
         """(B,) fp32 loss weights max(SNR_t, 1): the x̂_0 error counts as an ε error would at low
@@ -105,7 +127,8 @@ class Distillation:
 
     def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
         """(B,) squared error between the student's x̂_0 (from its network `output` at (x_t, t)) and
-        the teacher's two-step target x̃."""
+        its target: the teacher's two-step x̃ (progressive), or its own x̂_0 one teacher step on
+        (consistency)."""
         teacher = make_denoiser(
             self.teacher,
             self.schedule,
@@ -117,10 +140,30 @@ class Distillation:
             autoguidance=self.autoguidance,
             autoguidance_sigma_max=self.autoguidance_sigma_max,
         )
-        second_order = self.round == 0 and self.teacher_solver == "dpm++2m"  # later teachers step as they learnt
-        target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
+        if self.method == "consistency":
+            target = self.consistency_target(teacher, x_t, t, conditions)
+        else:
+            second_order = self.round == 0 and self.teacher_solver == "dpm++2m"  # later teachers step as learnt
+            target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
         return per_image_loss(x0, target.clone(), "l2")  # clone: out of inference mode, autograd may keep it
+
+    def consistency_target(self, teacher: Denoiser, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
+        """The student's own x̂_0 where the teacher's step from (x_t, t) lands, in eval mode (as it
+        samples) and without gradient, its training mode given back after."""
+        assert self.student is not None  # set by start_distillation for this method
+        was_training = self.student.training
+        student = make_denoiser(self.student, self.schedule, self.prediction, self.compute, conditions, clip=self.clip)
+        try:
+            return one_step_consistency_target(teacher, student, x_t, t, self.next_on_grid(t), self.schedule)
+        finally:
+            self.student.train(was_training)
+
+    def next_on_grid(self, t: Tensor) -> Tensor:
+        """(B,) the timestep after each t on the grid of `grid_steps`, CLEAN after the last."""
+        grid = trailing_timesteps(self.schedule.timesteps, self.grid_steps) + [CLEAN]
+        position = {value: i for i, value in enumerate(grid[:-1])}
+        return torch.tensor([grid[position[value] + 1] for value in t.tolist()], device=t.device)
 
     def teacher_grid_after(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """For each student timestep t: the teacher's midpoint t′ and the student's next step s."""
@@ -145,6 +188,7 @@ class Distillation:
             "round": self.round,
             "round_start": self.round_start,
             "steps": self.student_steps,
+            "method": self.method,
             "trained_epochs": self.trained_epochs,
         }
 
@@ -183,7 +227,8 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         guide = copy.deepcopy(teacher)
         guide.load_state_dict(payload["guide"])
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    rounds = distillation_rounds(distill.teacher_steps, distill.steps)
+    consistency = distill.method == "consistency"
+    rounds = 1 if consistency else distillation_rounds(distill.teacher_steps, distill.steps)
     clip = not cfg.model.autoencoder
     trained_epochs = root_epochs(payload)
     return Distillation(
@@ -199,6 +244,9 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         autoguidance=distill.autoguidance,
         autoguidance_sigma_max=distill.autoguidance_sigma_max,
         teacher_solver=distill.teacher_solver,
+        method=distill.method,
+        student=network if consistency else None,
+        steps=distill.steps,
     ), payload
 
 
@@ -254,3 +302,21 @@ def multistep_term(
     per_image = (following >= 0).to(torch.float64).view(-1, *[1] * (x0.dim() - 1))
     ratio, phi = (step / before).view_as(per_image), torch.expm1(-step).view_as(per_image)
     return second_order_term(x0, x0_previous, ratio, alpha_s, phi).mul(per_image).to(x0.dtype)
+
+
+def one_step_consistency_target(
+    teacher: Denoiser, student: Denoiser, x_t: Tensor, t: Tensor, following: Tensor, schedule: Schedule
+) -> Tensor:
+    """Consistency distillation's target for the student at (x_t, t) (Song et al. 2023, Alg. 2):
+    x_s = α_s x̂_0 + σ_s ε̂ is the teacher's deterministic DDIM step t → s (its Euler step of the
+    probability-flow ODE), and the target is the student's x̂_0 at (x_s, s): the same trajectory's
+    end as seen from one step nearer to it. Where s is the clean end the boundary condition
+    f(x, 0) = x makes it x_s, the teacher's x̂_0 itself."""
+    x0, eps = teacher(x_t, t)
+    alpha_s, sigma_s = schedule.alpha_sigma(following, x_t)
+    x_s = alpha_s * x0 + sigma_s * eps  # (B, C, H, W): x̂_0 where s is the clean end (α = 1, σ = 0)
+    clean = (following < 0).view(-1, *[1] * (x_t.dim() - 1))
+    if clean.all():
+        return x_s
+    own, _ = student(x_s, following.clamp(min=0))
+    return torch.where(clean, x_s, own)

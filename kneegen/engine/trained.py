@@ -30,6 +30,7 @@ class TrainedModel:
     latent: LatentSpace | None = None  # a latent model's autoencoder: samples are its decoded latents
     distilled_steps: int | None = None  # a distilled student's: the steps of the `distilled` sampler it learnt
     guide: nn.Module | None = None  # the run's autoguidance guide (train.guide_at), once training has kept it
+    distill_method: str | None = None  # a distilled student's `distill.method`: a consistency student takes any steps
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -67,7 +68,8 @@ def load_trained_model(path: Path, compute: Compute) -> TrainedModel:
     schedule = Schedule(config.diffusion.schedule, config.diffusion.timesteps)
     distilled = payload.get("distillation")
     steps = int(distilled["steps"]) if distilled else None
-    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent, steps, guide)
+    method = str(distilled.get("method", "progressive")) if distilled else None  # absent before consistency
+    return TrainedModel(network, schedule, config, image_shape, payload["epoch"], path, latent, steps, guide, method)
 
 
 def latent_space_of(payload: dict[str, Any], config: RunConfig, compute: Compute, path: Path) -> LatentSpace:
