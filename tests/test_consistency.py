@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from kneegen.distill_request import distillation_config
 from kneegen.engine.checkpoint import load_checkpoint
@@ -19,8 +18,8 @@ from kneegen.engine.samplers import ImageNoise, consistency, ddim, get_sampler, 
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
 
-from helpers import invoke, one_line_error, tiny_run_dict
-from test_distillation import smooth_denoiser
+from helpers import invoke, one_line_error
+from test_distillation import distil_in_workspace, smooth_denoiser
 
 COMPUTE = resolve_compute("cpu", "fp32")
 CPU = torch.device("cpu")
@@ -110,15 +109,7 @@ def test_the_consistency_loss_pulls_the_student_towards_its_own_next_step(traine
 def consistent(tmp_path_factory) -> Path:
     """A workspace where a tiny teacher trained, then `kneegen distill --method consistency --steps 2`."""
     root = tmp_path_factory.mktemp("consistency")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        prepared = invoke("prepare", "--phantom", 40, "--size", 32, "--val-fraction", 0.5, "--test-fraction", 0)
-        assert prepared.exit_code == 0, prepared.output
-        (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_run_dict("data/prepared", train={"epochs": 4})))
-        trained = invoke("train", "--config", "tiny.yaml", "--run-dir", "runs/teacher")
-        assert trained.exit_code == 0, trained.output
-        result = invoke("distill", "--method", "consistency", "--steps", 2, "--run-dir", "runs/student")
-        assert result.exit_code == 0, result.output
+    distil_in_workspace(root, "--method", "consistency", "--steps", 2, "--run-dir", "runs/student")
     return root
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from typer.testing import Result
 
 from kneegen.config import load_config, to_dict
 from kneegen.data.cache import open_cache
@@ -204,6 +205,16 @@ def distilled(tmp_path_factory) -> Path:
     """A workspace where `kneegen prepare` and `train` ran, then `kneegen distill --steps 2` with
     every default (the teacher is the latest run's best.pt); returns the workspace."""
     root = tmp_path_factory.mktemp("distill")
+    result = distil_in_workspace(root, "--steps", 2, "--run-dir", "runs/student")
+    assert "into a 2-step student: 3 rounds of progressive distillation from 16 DDIM steps" in " ".join(
+        result.output.split()
+    )
+    return root
+
+
+def distil_in_workspace(root: Path, *distill_args) -> Result:
+    """In `root`: `kneegen prepare` a small phantom, `train` a tiny teacher for 4 epochs into
+    runs/teacher, then `kneegen distill *distill_args` (the teacher by default); its result."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         prepared = invoke("prepare", "--phantom", 40, "--size", 32, "--val-fraction", 0.5, "--test-fraction", 0)
@@ -211,12 +222,9 @@ def distilled(tmp_path_factory) -> Path:
         (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_run_dict("data/prepared", train={"epochs": 4})))
         trained = invoke("train", "--config", "tiny.yaml", "--run-dir", "runs/teacher")
         assert trained.exit_code == 0, trained.output
-        result = invoke("distill", "--steps", 2, "--run-dir", "runs/student")
+        result = invoke("distill", *distill_args)
         assert result.exit_code == 0, result.output
-        assert "into a 2-step student: 3 rounds of progressive distillation from 16 DDIM steps" in " ".join(
-            result.output.split()
-        )
-    return root
+    return result
 
 
 def test_distill_writes_a_run_whose_config_says_what_it_distilled(distilled):
