@@ -114,11 +114,13 @@ class Distillation:
         return self.round_start, max(1, end - self.round_start)
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(B,) student timesteps, uniform over its grid (`grid_steps`), and (B,) fp32 loss weights:
-        max(SNR_t, 1) for progressive students, 1 for consistency (Song et al.'s λ ≡ 1)."""
+        """(B,) student timesteps, uniform over its grid (`grid_steps`), and (B,) fp32 loss weights
+        max(SNR_t, 1). For consistency too: with Song et al.'s λ ≡ 1 the large x̂_0 errors of high
+        noise levels outweighed the rest and the student lost even the last step, whose target is
+        the teacher's own x̂_0 (x̂_0 error there 5× the teacher's, samples pure noise; README)."""
         grid = torch.tensor(trailing_timesteps(self.schedule.timesteps, self.grid_steps))
         t = grid[torch.randint(0, len(grid), (batch,), generator=generator)]
-        return t, torch.ones(batch) if self.method == "consistency" else self.weight(t)
+        return t, self.weight(t)
 
     def weight(self, t: Tensor) -> Tensor:
         """(B,) fp32 loss weights max(SNR_t, 1): the x̂_0 error counts as an ε error would at low
