@@ -13,13 +13,12 @@ import torch
 from kneegen.distill_request import distillation_config
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.distillation import CLEAN, one_step_consistency_target, start_distillation
+from kneegen.engine.distillation import CLEAN, one_step_consistency_target
 from kneegen.engine.samplers import ImageNoise, consistency, ddim, get_sampler, timesteps_for
 from kneegen.engine.schedule import Schedule
-from kneegen.engine.trained import load_trained_model
 
 from helpers import invoke, one_line_error
-from test_distillation import distil_in_workspace, smooth_denoiser
+from test_distillation import distil_in_workspace, fit_one_batch, smooth_denoiser
 
 COMPUTE = resolve_compute("cpu", "fp32")
 CPU = torch.device("cpu")
@@ -84,24 +83,9 @@ def test_the_consistency_loss_pulls_the_student_towards_its_own_next_step(traine
         trained_run / "best.pt", {"distill.steps": 2, "distill.teacher_steps": 8, "distill.method": "consistency"}
     )
     assert "consistency distillation along the teacher's 8 DDIM steps" in " ".join(origin.split())
-    student = load_trained_model(trained_run / "best.pt", COMPUTE).network.train().requires_grad_(True)
-    distillation, _ = start_distillation(student, cfg, COMPUTE)
+    distillation, t, weight, history = fit_one_batch(cfg, trained_run / "best.pt", 40)
     assert distillation.rounds == 1 and distillation.student_steps == 2
-    generator = torch.Generator().manual_seed(0)
-    t, weight = distillation.draw(8, generator)
     assert set(t.tolist()) <= {999, 874, 749, 624, 499, 374, 249, 124} and torch.equal(weight, distillation.weight(t))
-    x_t = distillation.schedule.add_noise(
-        torch.rand(8, 1, 32, 32, generator=generator) * 2 - 1, torch.randn(8, 1, 32, 32, generator=generator), t
-    )
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    history = []
-    for _ in range(40):
-        loss = (distillation.loss(student(x_t, t), x_t, t, None) * weight).mean()
-        assert student.training  # the target's evaluation gives the training mode back
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
     assert history[-1] < 0.8 * history[0], history  # the target moves with the student: a slower fall
 
 

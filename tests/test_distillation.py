@@ -13,12 +13,12 @@ import torch
 import yaml
 from typer.testing import Result
 
-from kneegen.config import load_config, to_dict
+from kneegen.config import RunConfig, load_config, to_dict
 from kneegen.data.cache import open_cache
 from kneegen.distill_request import distillation_config
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.distillation import CLEAN, start_distillation, two_step_target
+from kneegen.engine.distillation import CLEAN, Distillation, start_distillation, two_step_target
 from kneegen.engine.samplers import ImageNoise, ddim, dpm_solver_pp, get_sampler, timesteps_for, trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
@@ -136,7 +136,18 @@ def test_the_distillation_loss_pulls_the_students_step_onto_its_teachers_two(tra
     """Gradient steps on the loss of one fixed batch: the student's x̂_0 must close a good part of its gap
     to the two-step target (a sign or weighting error would not)."""
     cfg, _ = distillation_config(trained_run / "best.pt", {"distill.steps": 4, "distill.teacher_steps": 8})
-    student = load_trained_model(trained_run / "best.pt", COMPUTE).network.train().requires_grad_(True)
+    _, _, _, history = fit_one_batch(cfg, trained_run / "best.pt", 30)
+    assert history[-1] < 0.6 * history[0], history
+
+
+def fit_one_batch(
+    cfg: RunConfig, teacher: Path, steps: int
+) -> tuple[Distillation, torch.Tensor, torch.Tensor, list[float]]:
+    """A student started from `teacher`, `steps` Adam steps on the weighted distillation loss of one
+    fixed batch of 8 random images: its distillation, the batch's t and weights, the loss of each
+    step. The student must still be in training mode after each loss (a target evaluated in eval
+    mode gives it back)."""
+    student = load_trained_model(teacher, COMPUTE).network.train().requires_grad_(True)
     distillation, _ = start_distillation(student, cfg, COMPUTE)
     generator = torch.Generator().manual_seed(0)
     t, weight = distillation.draw(8, generator)
@@ -145,13 +156,14 @@ def test_the_distillation_loss_pulls_the_students_step_onto_its_teachers_two(tra
     )
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     history = []
-    for _ in range(30):
+    for _ in range(steps):
         loss = (distillation.loss(student(x_t, t), x_t, t, None) * weight).mean()
+        assert student.training
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         history.append(loss.item())
-    assert history[-1] < 0.6 * history[0], history
+    return distillation, t, weight, history
 
 
 def test_a_distillation_run_trains_a_student_closer_to_its_teacher_on_held_out_slices(trained_run, prepared, tmp_path):

@@ -169,13 +169,11 @@ class Distillation:
 
     def teacher_grid_after(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """For each student timestep t: the teacher's midpoint t′ and the student's next step s."""
-        student = trailing_timesteps(self.schedule.timesteps, self.student_steps) + [CLEAN]
+        student = trailing_timesteps(self.schedule.timesteps, self.student_steps)
         teacher = trailing_timesteps(self.schedule.timesteps, 2 * self.student_steps)
-        position = {value: i for i, value in enumerate(student[:-1])}
-        index = [position[value] for value in t.tolist()]
-        middle = torch.tensor([teacher[2 * i + 1] for i in index], device=t.device)
-        following = torch.tensor([student[i + 1] for i in index], device=t.device)
-        return middle, following
+        position = {value: i for i, value in enumerate(student)}
+        middle = torch.tensor([teacher[2 * position[value] + 1] for value in t.tolist()], device=t.device)
+        return middle, self.next_on_grid(t)
 
     def begin_next_round(self, network: nn.Module, step: int) -> None:
         """The student's weights become the next round's teacher (and its student's start)."""
