@@ -187,6 +187,10 @@ class DistillConfig:
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
     autoguidance_sigma_max: float = 1.0  # ... at noise levels σ ≤ this (default: the teacher's own)
     teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction
+    adversarial_weight: float = (
+        0.0  # a patch discriminator's judgement of the student's x̂_0 (engine/adversary.py); 0 = none
+    )
+    discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
 
 
 @dataclass
@@ -278,6 +282,8 @@ RANGES: dict[str, Bounds] = {
     "distill.steps": AT_LEAST_1,
     "distill.autoguidance": (1, MAX_GUIDANCE, True, True),
     "distill.autoguidance_sigma_max": (0, None, False, False),
+    "distill.adversarial_weight": AT_LEAST_0,
+    "distill.discriminator_channels": AT_LEAST_1,
 }
 UNBOUNDED = {"sample.autoguidance_sigma_max", "distill.autoguidance_sigma_max"}  # where .inf means "no limit"
 

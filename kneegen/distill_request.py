@@ -149,6 +149,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
             f"{'DDIM' if distill.teacher_solver == 'ddim' else 'DPM-Solver++(2M)'} steps (each round halves them)"
             f"{guided}"
         )
+    if distill.adversarial_weight:
+        how += f", its x̂_0 judged by a patch discriminator at weight {distill.adversarial_weight:g}"
     origin = (
         f"distilling {teacher} (from {teacher_epochs} epochs of training) into a {distill.steps}-step student: "
         f"{how}, over {cfg.train.epochs} epochs"

@@ -157,7 +157,7 @@ def fit_one_batch(
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     history = []
     for _ in range(steps):
-        loss = (distillation.loss(student(x_t, t), x_t, t, None) * weight).mean()
+        loss = (distillation.loss(student(x_t, t), x_t, t, None)[0] * weight).mean()
         assert student.training
         optimizer.zero_grad()
         loss.backward()

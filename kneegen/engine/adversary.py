@@ -1,5 +1,5 @@
-"""The autoencoder's adversary: a patch discriminator (Isola et al. 2017's PatchGAN, as Esser et
-al. 2021 and Rombach et al. 2022 train their autoencoders with it).
+"""A patch discriminator (Isola et al. 2017's PatchGAN) for the autoencoder, as Esser et al. 2021 and
+Rombach et al. 2022 train theirs, and for a distillation's student, as Sauer et al. 2023 (ADD) do.
 
 L1, MS-SSIM and the amplitude spectrum all score a reconstruction against its own slice, so
 whatever the latent cannot pin down comes back as a smooth average of what it could be. A
@@ -8,9 +8,15 @@ looks like a patch of a real slice, so the decoder is asked for texture of the d
 for its mean. Its hinge loss and the adaptive weight that balances its gradient against the
 reconstruction loss's at the decoder's last layer are Esser et al.'s (sec. 3.2, eq. 7).
 
-The discriminator trains only while an autoencoder trains (`model.vae.adversarial_weight` > 0,
-from epoch `adversarial_start`): it is kept in the training state and in checkpoints, so a
-resumed run continues it exactly, and it is not part of the autoencoder that latent runs load.
+A distillation's regression losses have the same failing: where the student cannot follow its
+teacher exactly, its x̂_0 drifts towards a blurred mean. With `distill.adversarial_weight` the
+discriminator judges the student's x̂_0 against the clean training images, balanced against the
+distillation loss by the same adaptive weight taken at x̂_0 itself (any network has one).
+
+The discriminator trains only while its generator does (`model.vae.adversarial_weight` > 0 from
+epoch `adversarial_start`, or `distill.adversarial_weight` > 0): it is kept in the training state
+and in checkpoints, so a resumed run continues it exactly, and it is not part of what sampling or
+latent runs load.
 """
 
 from __future__ import annotations
@@ -74,9 +80,10 @@ def generator_loss(fake_logits: Tensor) -> Tensor:
 
 
 def adaptive_weight(reconstruction_loss: Tensor, adversarial_loss: Tensor, last_layer: Tensor) -> Tensor:
-    """λ = ‖∇_w L_rec‖ / (‖∇_w L_adv‖ + ε) at the decoder's last weight w (Esser et al. eq. 7):
-    the adversarial gradient is made as large as the reconstruction's wherever training stands,
-    so one `adversarial_weight` means the same early (large reconstruction errors) and late."""
+    """λ = ‖∇_w L_rec‖ / (‖∇_w L_adv‖ + ε) at a tensor w both losses pass through (Esser et al. eq. 7
+    take the decoder's last weight): the adversarial gradient is made as large as the
+    reconstruction's wherever training stands, so one `adversarial_weight` means the same early
+    (large reconstruction errors) and late."""
     reconstruction_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
     adversarial_grad = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)[0]
     weight = reconstruction_grad.norm() / (adversarial_grad.norm() + GRADIENT_EPS)
@@ -104,8 +111,8 @@ class Adversary:
         self, real: Tensor, reconstruction: Tensor, reconstruction_loss: Tensor, last_layer: Tensor
     ) -> Tensor:
         """Per image (B,): weight · λ · the generator loss of `reconstruction`, whose gradient
-        reaches the autoencoder only (the discriminator's own weights are frozen outside `step`);
-        the crops are kept for the discriminator's step."""
+        reaches the generator only (the discriminator's own weights are frozen outside `step`);
+        λ is balanced at `last_layer`. The images are kept for the discriminator's step."""
         with self.compute.autocast():
             fake_logits = self.network(reconstruction)  # (B, 1, h, w)
         adversarial = generator_loss(fake_logits)

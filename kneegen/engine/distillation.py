@@ -127,10 +127,10 @@ class Distillation:
         noise, and no less than itself at high noise (the paper's truncated-SNR weighting)."""
         return self.schedule.snr(t).clamp(min=1.0).float()
 
-    def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
+    def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> tuple[Tensor, Tensor]:
         """(B,) squared error between the student's x̂_0 (from its network `output` at (x_t, t)) and
         its target: the teacher's two-step x̃ (progressive), or its own x̂_0 one teacher step on
-        (consistency)."""
+        (consistency); and that x̂_0 (B, C, H, W), which a discriminator may judge too."""
         teacher = make_denoiser(
             self.teacher,
             self.schedule,
@@ -148,7 +148,7 @@ class Distillation:
             second_order = self.round == 0 and self.teacher_solver == "dpm++2m"  # later teachers step as learnt
             target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
-        return per_image_loss(x0, target.clone(), "l2")  # clone: out of inference mode, autograd may keep it
+        return per_image_loss(x0, target.clone(), "l2"), x0  # clone: out of inference mode, autograd may keep it
 
     def consistency_target(self, teacher: Denoiser, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
         """The student's own x̂_0 where the teacher's step from (x_t, t) lands, in eval mode (as it

@@ -118,7 +118,7 @@ def create_state(
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
-    adversary = make_autoencoder_adversary(network, image_shape, cfg.train, compute, dist)  # before dropout seeds
+    adversary = make_run_adversary(network, image_shape, channels, cfg, compute, dist)  # before dropout seeds
     ema = make_ema(network, cfg.train) if dist.is_main else None
     keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
     power_emas = [PowerEMA(network, sigma_rel) for sigma_rel in STORED_SIGMA_RELS] if keeps_snapshots else []
@@ -143,31 +143,30 @@ def create_state(
     )
 
 
-def make_autoencoder_adversary(
-    network: nn.Module, image_shape: tuple[int, int], train: TrainConfig, compute: Compute, dist: Distributed
+def make_run_adversary(
+    network: nn.Module, image_shape: tuple[int, int], channels: int, cfg: RunConfig, compute: Compute, dist: Distributed
 ) -> Adversary | None:
-    """An autoencoder's patch discriminator when `model.vae.adversarial_weight` asks for one (its
-    weights drawn after the network's, from the same seeded global RNG, so in every process alike)."""
-    if not isinstance(network, Autoencoder) or not network.cfg.adversarial_weight:
+    """A patch discriminator when the run asks for one: an autoencoder's (`model.vae.adversarial_weight`,
+    judging reconstructed crops) or a distillation's (`distill.adversarial_weight`, judging the
+    student's x̂_0). Its weights are drawn after the network's, from the same seeded global RNG, so
+    in every process alike."""
+    if isinstance(network, Autoencoder) and network.cfg.adversarial_weight:
+        vae = network.cfg
+        key, side = "model.vae", min(crop_side(vae, length) for length in image_shape)
+        weight, start, width = vae.adversarial_weight, vae.adversarial_start, vae.discriminator_channels
+        fix = f"set model.vae.crop to {SMALLEST_SIDE} or more (on images that large)"
+    elif cfg.distill.teacher and cfg.distill.adversarial_weight:
+        side, key = min(image_shape), "distill"
+        weight, start, width = cfg.distill.adversarial_weight, 0, cfg.distill.discriminator_channels
+        fix = f"distil a model of inputs {SMALLEST_SIDE} px a side or more"
+    else:
         return None
-    settings = network.cfg
-    side = min(crop_side(settings, length) for length in image_shape)
     if side < SMALLEST_SIDE:
         raise KneegenError(
-            f"model.vae.adversarial_weight: the discriminator judges patches of inputs at least {SMALLEST_SIDE} px "
-            f"a side, and this autoencoder trains on {side} px: set model.vae.crop to {SMALLEST_SIDE} or more "
-            "(on images that large), or model.vae.adversarial_weight to 0"
+            f"{key}.adversarial_weight: the discriminator judges patches of inputs at least {SMALLEST_SIDE} px "
+            f"a side, and this run trains on {side} px: {fix}, or set {key}.adversarial_weight to 0"
         )
-    channels = network.encoder.stem.in_channels
-    return make_adversary(
-        channels,
-        settings.discriminator_channels,
-        settings.adversarial_weight,
-        settings.adversarial_start,
-        train.lr,
-        compute,
-        dist,
-    )
+    return make_adversary(channels, width, weight, start, cfg.train.lr, compute, dist)
 
 
 def make_ema(network: nn.Module, train: TrainConfig) -> EMA | PowerEMA | None:
@@ -478,7 +477,11 @@ def diffusion_batch(
         with compute.autocast():
             prediction = call_network(state.train_network, x_t, t, c)
         if distillation is not None:
-            return distillation.loss(prediction, x_t, t, c), weight
+            per_image, student_x0 = distillation.loss(prediction, x_t, t, c)
+            if state.adversary is not None:  # its term is not to be weighted by max(SNR, 1): divided back out
+                judged = state.adversary.generator_term(x0, student_x0, weight * per_image, student_x0)
+                per_image = per_image + judged / weight
+            return per_image, weight
         target = schedule.target(x0, noise, t, diffusion.prediction)
         return per_image_loss(prediction, target, diffusion.loss), weight
 

@@ -102,7 +102,7 @@ def distillation_validation(
             x_t = distillation.schedule.add_noise(x0, noise, t)
             with compute.autocast():
                 output = call_network(network, x_t.to(memory_format=compute.memory_format), t, c)
-            losses = (distillation.loss(output, x_t, t, c) * distillation.weight(t)).double().cpu()  # (B,)
+            losses = (distillation.loss(output, x_t, t, c)[0] * distillation.weight(t)).double().cpu()  # (B,)
             totals.index_add_(0, position, losses)
             counts.index_add_(0, position, torch.ones_like(losses))
     per_point = (totals / counts.clamp(min=1)).tolist()
