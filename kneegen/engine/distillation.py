@@ -26,6 +26,9 @@ student's x̂_0 at (x_t, t) is pulled towards its own x̂_0, without gradient, w
 deterministic step t → s lands (at the clean end, towards the teacher's x̂_0 itself). Consistent
 along the teacher's ODE, its x̂_0 from any point of a trajectory is the trajectory's end, so it
 samples in any number of steps (`consistency` sampler: x̂_0, fresh noise to the next level, …).
+
+Either method's student may also be judged by a patch discriminator (`distill.adversarial_weight`,
+engine/adversary.py), which is why `Distillation.loss` hands back the x̂_0 it scored.
 """
 
 from __future__ import annotations
