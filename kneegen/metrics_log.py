@@ -40,6 +40,7 @@ class MetricsLog:
         "grad_norm",
         "images_per_s",
         "skipped_steps",
+        "discriminator_loss",
     )
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
@@ -110,6 +111,7 @@ def epoch_record(
         "train_loss": mean_of_good(state.epoch_losses, state.epoch_skipped),
         "train_losses": [finite_or_none(loss) for loss in state.epoch_losses],
         "skipped_steps": len(state.epoch_skipped),
+        "discriminator_loss": state.adversary.epoch_loss() if state.adversary is not None else None,
         "val_loss": validation.loss if validation else None,
         "val_buckets": dict(zip(validation.bucket_timesteps, validation.bucket_losses)) if validation else None,
         "val_psnr": validation.psnr if validation else None,

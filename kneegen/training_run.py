@@ -339,6 +339,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 val_text += f", FID {quality.fid:.1f}, KID {quality.kid:.4f}" if quality else ""
                 train_text = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
                 skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""
+                if record["discriminator_loss"] is not None:
+                    train_text += f" (discriminator {record['discriminator_loss']:.3f})"
                 progress.console.print(
                     f"epoch {epoch}: loss {train_text}{val_text}, lr {record['lr']:.2g}, "
                     f"{record['images_per_s']:.1f} img/s, peak memory {record['peak_memory_mb']:.0f} MiB{skipped}"

@@ -1,6 +1,7 @@
 """A distillation's discriminator (`distill.adversarial_weight`): its term reaches the student and
-not itself, it learns alongside the student and is kept in the checkpoints, so a distillation
-resumed mid-way continues exactly, and inputs too small to judge are refused by key."""
+not itself, it learns alongside the student with its loss logged per epoch, it is kept in the
+checkpoints, so a distillation resumed mid-epoch continues exactly (its logged loss too), and
+inputs too small to judge are refused by key."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kneegen.engine.distributed import SINGLE
 from kneegen.engine.trained import load_trained_model
 from kneegen.engine.training import create_state
 from kneegen.errors import KneegenError
+from kneegen.metrics_log import epoch_records, read_metrics
 from kneegen.runs import step_checkpoints
 from kneegen.training_run import run_training
 
@@ -62,6 +64,11 @@ def test_a_judged_distillation_trains_its_discriminator_and_another_student(trai
     assert judged["adversary"]["optimizer"]["state"] and plain["adversary"] is None
     assert judged["adversary"]["network"]["layers.0.weight"].shape[:2] == (8, 1)  # 8 channels, judging 1
     assert any(not torch.equal(judged["model"][k], plain["model"][k]) for k in plain["model"])
+    judged_log, plain_log = (
+        epoch_records(read_metrics(tmp_path / name / "metrics.jsonl")) for name in ("judged", "plain")
+    )
+    assert all(0 <= r["discriminator_loss"] < 2.5 for r in judged_log)  # the mean hinge loss: 2 = undecided
+    assert all(r["discriminator_loss"] is None for r in plain_log)
 
 
 @pytest.mark.slow

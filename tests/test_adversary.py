@@ -116,11 +116,14 @@ def test_an_adversarial_autoencoder_run_resumed_mid_way_continues_with_the_losse
     adversarial_run(prepared, tmp_path, straight, epochs=3)
     adversarial_run(prepared, tmp_path, halves, epochs=2)  # one epoch plain, one judged
     adversarial_run(prepared, tmp_path, halves, epochs=3, resume=True)
-    losses = [[r["train_losses"], r["val_loss"]] for r in epoch_records(read_metrics(straight / "metrics.jsonl"))]
-    resumed = [[r["train_losses"], r["val_loss"]] for r in epoch_records(read_metrics(halves / "metrics.jsonl"))]
+    keys = ("train_losses", "val_loss", "discriminator_loss")
+    losses = [[r[k] for k in keys] for r in epoch_records(read_metrics(straight / "metrics.jsonl"))]
+    resumed = [[r[k] for k in keys] for r in epoch_records(read_metrics(halves / "metrics.jsonl"))]
     assert resumed == losses
+    judged = [loss for _, _, loss in losses]
+    assert judged[0] is None and all(0 <= loss < 2.5 for loss in judged[1:])  # judging from the second epoch
     checkpoint = torch.load(straight / "last.pt", weights_only=True)
-    assert set(checkpoint["adversary"]) == {"network", "optimizer", "scaler"}
+    assert set(checkpoint["adversary"]) == {"network", "optimizer", "scaler", "epoch_losses"}
     assert checkpoint["adversary"]["optimizer"]["state"]  # the discriminator has stepped
 
 

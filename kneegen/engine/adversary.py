@@ -103,6 +103,13 @@ class Adversary:
     weight: float  # model.vae.adversarial_weight
     start_epoch: int  # model.vae.adversarial_start
     pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)  # its mean hinge loss of each step of this epoch
+
+    def epoch_loss(self) -> float | None:
+        """The mean of this epoch's hinge losses, for metrics.jsonl: 2 = undecided, 0 = telling every
+        patch apart; None before its first step."""
+        finite = [loss for loss in self.epoch_losses if math.isfinite(loss)]
+        return sum(finite) / len(finite) if finite else None
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch
@@ -141,6 +148,7 @@ class Adversary:
                 self.scaler.scale(per_image.sum() * (dist.world_size / batch_images)).backward()
             loss_sum += per_image.detach().sum()
         mean_loss = dist.sum(loss_sum) / batch_images
+        self.epoch_losses.append(mean_loss)
         if math.isfinite(mean_loss):
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -152,6 +160,7 @@ class Adversary:
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "epoch_losses": list(self.epoch_losses),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -159,6 +168,7 @@ class Adversary:
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])  # type: ignore[arg-type]
+        self.epoch_losses = list(state.get("epoch_losses", []))  # type: ignore[call-overload]  # older checkpoints lack it
 
 
 def make_adversary(

@@ -367,6 +367,8 @@ def epoch_steps(
     total_steps = state.end_step or train.epochs * len(batches)
     if state.batch_in_epoch == 0:
         state.epoch_losses, state.epoch_skipped = [], []
+        if state.adversary is not None:
+            state.adversary.epoch_losses = []
     state.train_network.train()
     for index in batches[state.batch_in_epoch :]:
         # 0. A distillation run whose round is over hands the student on as the next round's teacher.
