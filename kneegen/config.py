@@ -187,9 +187,7 @@ class DistillConfig:
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
     autoguidance_sigma_max: float = 1.0  # ... at noise levels σ ≤ this (default: the teacher's own)
     teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction
-    adversarial_weight: float = (
-        0.0  # a patch discriminator's judgement of the student's x̂_0 (engine/adversary.py); 0 = none
-    )
+    adversarial_weight: float = 0.0  # a patch discriminator judges the student's x̂_0 (engine/adversary.py); 0 = none
     discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
 
 

@@ -100,8 +100,8 @@ class Adversary:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     compute: Compute
-    weight: float  # model.vae.adversarial_weight
-    start_epoch: int  # model.vae.adversarial_start
+    weight: float  # model.vae.adversarial_weight, or distill.adversarial_weight
+    start_epoch: int  # model.vae.adversarial_start; a distillation's judges from the start (0)
     pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)  # its mean hinge loss of each step of this epoch
 
