@@ -103,13 +103,12 @@ class Adversary:
     weight: float  # model.vae.adversarial_weight, or distill.adversarial_weight
     start_epoch: int  # model.vae.adversarial_start; a distillation's judges from the start (0)
     pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)  # its mean hinge loss of each step of this epoch
+    epoch_losses: list[float] = field(default_factory=list)  # its mean hinge loss of each step it took this epoch
 
     def epoch_loss(self) -> float | None:
         """The mean of this epoch's hinge losses, for metrics.jsonl: 2 = undecided, 0 = telling every
         patch apart; None before its first step."""
-        finite = [loss for loss in self.epoch_losses if math.isfinite(loss)]
-        return sum(finite) / len(finite) if finite else None
+        return sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch
@@ -148,8 +147,8 @@ class Adversary:
                 self.scaler.scale(per_image.sum() * (dist.world_size / batch_images)).backward()
             loss_sum += per_image.detach().sum()
         mean_loss = dist.sum(loss_sum) / batch_images
-        self.epoch_losses.append(mean_loss)
         if math.isfinite(mean_loss):
+            self.epoch_losses.append(mean_loss)
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.network.requires_grad_(False)
