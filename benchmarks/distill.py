@@ -14,12 +14,16 @@ deterministic DDIM on the students' (trailing) grid at 4 steps and at the first 
 the sampler the first round learns from. Each student samples as `kneegen sample` would: its own
 `distilled` sampler, steps and η (1 by default; 0 with `--set sample.eta=0` on distill, or score
 `ddim:4:0:trailing` with `benchmarks/quality.py --score`).
+With `--method consistency` or `dmd` (one-stage students that sample in fewer steps themselves)
+one student is distilled for the first count and scored at every count with its own sampler.
 A grid of the same seeds: real | teacher-25 | student-4 | student-1.
 
     .venv/bin/python benchmarks/distill.py --minutes 8                    # ~45 min on 2 cores
     .venv/bin/python benchmarks/distill.py --teacher runs/bench_distill/teacher/last.pt
     .venv/bin/python benchmarks/distill.py --minutes 0.3 --phantom 120 --held-out 0.5 --samples 24 \\
         --work runs/bench_distill_smoke                                  # a smoke run
+    .venv/bin/python benchmarks/distill.py --teacher runs/bench_distill/demo-seed0/last.pt --method dmd \
+        --set train.lr=5e-5 distill.fake_score_updates=5                 # distribution matching
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
+from kneegen.config import DistillMethod, parse_override
 from kneegen.distill_request import DistillRequest, start_distillation_run
+from kneegen.engine.samplers import DISTILLED
 from kneegen.metrics_log import read_metrics
 from kneegen.sampling import SamplerChoice
 
@@ -46,12 +53,13 @@ from quality import (
 )  # benchmarks/ on sys.path
 
 
-def distil(teacher: Path, steps: int, run_dir: Path) -> tuple[Path, float]:
-    """`kneegen distill TEACHER --steps N` with its defaults; (the student's checkpoint, wall seconds)."""
+def distil(teacher: Path, steps: int, run_dir: Path, settings: dict[str, object]) -> tuple[Path, float]:
+    """`kneegen distill TEACHER --steps N --set K=V…` (`settings`, `distill.method` among them) with
+    its defaults otherwise; (the student's checkpoint, wall seconds)."""
     if run_dir.exists():
         sys.exit(f"{run_dir} exists: remove it or give another --work")
     started = time.perf_counter()
-    start_distillation_run(DistillRequest(teacher, {"distill.steps": steps}, run_dir))
+    start_distillation_run(DistillRequest(teacher, {**settings, "distill.steps": steps}, run_dir))
     return run_dir / "last.pt", time.perf_counter() - started
 
 
@@ -66,6 +74,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="the teacher's training budget")
     parser.add_argument("--teacher", type=Path, default=None, help="a trained teacher (of --work's data) instead")
     parser.add_argument("--students", type=int, nargs="+", default=[4, 2, 1], help="student steps, each from the last")
+    parser.add_argument("--method", choices=get_args(DistillMethod), default="progressive", help="distill.method")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="further distill settings")
     add_judge_arguments(parser, Path("runs/bench_distill"))
     args = parser.parse_args()
     if sorted(args.students, reverse=True) != args.students or len(set(args.students)) != len(args.students):
@@ -82,13 +92,18 @@ def main() -> None:
         teacher, teacher_seconds = args.teacher, training_seconds(args.teacher)
     print(f"teacher {teacher}: {teacher_seconds / 60:.1f} min of training", flush=True)
 
-    # 2. The students, each distilled from the one before.
+    # 2. The students, each distilled from the one before; a one-stage method's one student,
+    #    sampled at every count.
+    settings = {"distill.method": args.method, **dict(parse_override(text) for text in args.set)}
     students: list[tuple[int, Path, float]] = []
     source = teacher
-    for steps in args.students:
-        source, seconds = distil(source, steps, args.work / f"student-{steps}")
+    for steps in args.students if args.method == "progressive" else args.students[:1]:
+        source, seconds = distil(source, steps, args.work / f"student-{args.method}-{steps}", settings)
         students.append((steps, source, seconds))
         print(f"student {steps} steps: distilled in {seconds / 60:.1f} min", flush=True)
+    scored: list[tuple[int, Path, SamplerChoice | None]] = [(steps, source, None) for steps, source, _ in students]
+    if args.method != "progressive":
+        scored += [(steps, source, SamplerChoice(DISTILLED, steps)) for steps in args.students[1:]]
 
     # 3. Every sampler on the same seeds.
     rows: list[tuple[str, Scores, str]] = []
@@ -111,8 +126,8 @@ def main() -> None:
         if label.startswith("teacher default"):
             grid["teacher-25"] = images
         print(f"  {label}: FID {scores.fid:.2f}; {how}", flush=True)
-    for steps, checkpoint, _ in students:
-        scores, images, how = judge.samples(checkpoint)  # its own sampler: distilled, its steps and η
+    for steps, checkpoint, choice in scored:
+        scores, images, how = judge.samples(checkpoint, choice)  # None: its own sampler, steps and η
         rows.append((f"student, {steps} step{'s' * (steps > 1)}", scores, how))
         grid[f"student-{steps}"] = images
         print(f"  student {steps}: FID {scores.fid:.2f}; {how}", flush=True)
@@ -145,6 +160,10 @@ def main() -> None:
     total = sum(seconds for _, _, seconds in students)
     print(f"all students: {total / 60:.1f} min, {total / teacher_seconds:.0%} of the teacher's training time")
     print("sampling: " + "; ".join(f"{label}: {how}" for label, _, how in rows))
+    print(
+        f"method: {args.method}"
+        + "".join(f", {key} {value}" for key, value in settings.items() if key != "distill.method")
+    )
     print(f"grid (same seeds): {args.work / 'grid.png'}, rows real | teacher-25 | student-4 | student-1")
     print("reproduce: .venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]))
 

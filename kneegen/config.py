@@ -33,7 +33,7 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 AugmentKind = Literal["shift", "intensity", "flip"]  # kneegen/engine/augment.py
 TimestepSampling = Literal["uniform", "importance", "lognormal"]  # kneegen/engine/timesteps.py
 ConditionName = Literal["side", "position"]  # kneegen/data/conditions.py
-DistillMethod = Literal["progressive", "consistency"]  # kneegen/engine/distillation.py
+DistillMethod = Literal["progressive", "consistency", "dmd"]  # engine/distillation.py, engine/fake_score.py
 TeacherSolver = Literal["ddim", "dpm++2m"]  # how round 0's teacher takes its two steps (engine/distillation.py)
 
 
@@ -181,7 +181,7 @@ class DistillConfig:
     what the `teacher` checkpoint samples in many; off while `teacher` is empty."""
 
     teacher: str = ""  # the teacher checkpoint (stored absolute); "" = an ordinary training run
-    method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps; or consistency
+    method: DistillMethod = "progressive"  # Salimans & Ho 2022: each round halves the DDIM steps; or consistency, dmd
     steps: int = 4  # the student's network calls per image
     teacher_steps: int = 16  # the first teacher's DDIM steps: steps × 2^rounds (consistency: its grid)
     autoguidance: float = 1.0  # round 0's teacher steps autoguided by this w (default: the teacher's own)
@@ -189,6 +189,11 @@ class DistillConfig:
     teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction
     adversarial_weight: float = 0.0  # a patch discriminator judges the student's x̂_0 (engine/adversary.py); 0 = none
     discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
+    fake_score_updates: int = 1  # dmd: the fake score's optimiser steps per student step (engine/fake_score.py)
+    regression_weight: float = (
+        0.0  # dmd: its first step regressed on the teacher's ODE images (engine/teacher_pairs.py)
+    )
+    regression_pairs: int = 1024  # dmd: how many noise → image pairs the teacher draws for it, once
 
 
 @dataclass
@@ -282,6 +287,9 @@ RANGES: dict[str, Bounds] = {
     "distill.autoguidance_sigma_max": (0, None, False, False),
     "distill.adversarial_weight": AT_LEAST_0,
     "distill.discriminator_channels": AT_LEAST_1,
+    "distill.fake_score_updates": AT_LEAST_1,
+    "distill.regression_weight": AT_LEAST_0,
+    "distill.regression_pairs": AT_LEAST_1,
 }
 UNBOUNDED = {"sample.autoguidance_sigma_max", "distill.autoguidance_sigma_max"}  # where .inf means "no limit"
 

@@ -96,10 +96,12 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     raw = payload.get("config") or {}
     teacher_epochs = root_epochs(payload)
     student_of = (payload.get("distillation") or {}).get("steps")  # distilling a student further
-    if (payload.get("distillation") or {}).get("method") == "consistency":
+    method = (payload.get("distillation") or {}).get("method")
+    if method in ("consistency", "dmd"):  # one-stage students: no grid to halve, and fewer steps already theirs
+        counts = "any number of steps" if method == "consistency" else "its own steps or any count that divides them"
         raise KneegenError(
-            f"{teacher} is a consistency student, which samples in any number of steps: sample it with "
-            "--steps N (1 is its fewest) instead of distilling it further"
+            f"{teacher} is a {method} student, which samples in {counts}: sample it with --steps N (1 is its "
+            "fewest) instead of distilling it further"
         )
     sample = raw.get("sample") or {}  # the teacher's, as checked when it trained
     guided = float(sample.get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
@@ -138,7 +140,17 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
     if distill.autoguidance != 1.0:
         below = f" at σ ≤ {distill.autoguidance_sigma_max:g}" if math.isfinite(distill.autoguidance_sigma_max) else ""
         guided = f", autoguided with w {distill.autoguidance:g}{below}"
-    if distill.method == "consistency":
+    if distill.method == "dmd":
+        how = (
+            f"distribution matching on its own {distill.steps} steps{guided}, judged against a fake score "
+            f"updated {distill.fake_score_updates}× per step"
+        )
+        if distill.regression_weight:
+            how += (
+                f", its first step regressed at weight {distill.regression_weight:g} on the teacher's ODE images "
+                f"of {distill.regression_pairs} noises"
+            )
+    elif distill.method == "consistency":
         how = (
             f"consistency distillation along the teacher's {distill.teacher_steps} DDIM steps{guided} (it samples "
             f"in any number of steps, {distill.steps} by default)"

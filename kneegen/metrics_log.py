@@ -41,6 +41,7 @@ class MetricsLog:
         "images_per_s",
         "skipped_steps",
         "discriminator_loss",
+        "fake_score_loss",
     )
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
@@ -104,6 +105,7 @@ def window_record(state: TrainState, result: StepResult, window: int, images: in
 def epoch_record(
     state: TrainState, validation: ValidationResult | None, seconds: float, images: int, quality: SampleQuality | None
 ) -> dict[str, Any]:
+    fake_score = state.distillation.fake_score if state.distillation is not None else None
     return {
         "kind": "epoch",
         "epoch": state.epoch,
@@ -112,6 +114,7 @@ def epoch_record(
         "train_losses": [finite_or_none(loss) for loss in state.epoch_losses],
         "skipped_steps": len(state.epoch_skipped),
         "discriminator_loss": state.adversary.epoch_loss() if state.adversary is not None else None,
+        "fake_score_loss": fake_score.epoch_loss() if fake_score is not None else None,
         "val_loss": validation.loss if validation else None,
         "val_buckets": dict(zip(validation.bucket_timesteps, validation.bucket_losses)) if validation else None,
         "val_psnr": validation.psnr if validation else None,

@@ -117,13 +117,22 @@ def autoguidance_of(model: TrainedModel, asked: float | None) -> float:
 def distilled_sampler(model: TrainedModel, asked: int | None) -> tuple[str, int]:
     """What `distilled` means for this checkpoint, and its default steps: a progressive student's
     DDIM on the one grid it learnt (another count refused), a consistency student's multistep
-    consistency sampling (any count); refused for a checkpoint that was not distilled."""
+    consistency sampling (any count), a dmd student's on the grid it learnt or a coarser one
+    within it (a count that divides its steps); refused for a checkpoint that was not distilled."""
     if model.distilled_steps is None:
         raise KneegenError(
             f"--sampler {DISTILLED}: {model.source} is no distilled student (kneegen distill makes one): "
             f"choose another sampler"
         )
     if model.distill_method == "consistency":
+        return CONSISTENCY, model.distilled_steps
+    if model.distill_method == "dmd":
+        if asked is not None and model.distilled_steps % asked:
+            counts = [n for n in range(1, model.distilled_steps + 1) if model.distilled_steps % n == 0]
+            raise KneegenError(
+                f"--steps {asked}: {model.source} learnt the levels of {model.distilled_steps} steps, whose grid holds "
+                f"those of {', '.join(map(str, counts))} steps only: give one of them, or choose another --sampler"
+            )
         return CONSISTENCY, model.distilled_steps
     if asked is not None and asked != model.distilled_steps:
         further = f" (kneegen distill {model.source} --steps {asked})" if asked < model.distilled_steps else ""

@@ -27,7 +27,7 @@ from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snap
 from kneegen.engine.autoencoder import Autoencoder
 from kneegen.engine.checkpoint import remove_partial_writes
 from kneegen.engine.device import Compute, resolve_compute
-from kneegen.engine.distillation import start_distillation
+from kneegen.engine.distillation import Distillation, start_distillation
 from kneegen.engine.distributed import Distributed, check_world_fits, from_environment, process_group
 from kneegen.engine.latent import LatentSpace, check_latent_size, check_same_autoencoder, load_latent_space
 from kneegen.engine.memory import fit_batch_in_memory, plan_memory, processes_on_this_machine
@@ -109,7 +109,7 @@ def run_training(
             input_shape = latent.shape_of(data.image_shape)
         state = create_state(cfg, input_shape[1:], compute, dist, input_shape[0])
         if cfg.distill.teacher:
-            state.distillation, teacher = start_distillation(state.network, cfg, compute)
+            state.distillation, teacher = start_distillation(state.network, cfg, compute, dist)
             if latent is not None:
                 digest = (teacher.get("latent") or {}).get("digest", "none (a pixel model)")
                 check_same_autoencoder(latent, digest, cfg.distill.teacher)
@@ -150,6 +150,8 @@ def run_training(
                 f"training {cfg.model.arch} on {len(train_images)} images {data.image_shape[0]}x{data.image_shape[1]}"
                 f"{where} ({compute.describe()}{processes}), validating on {len(val_images)}; run dir {run_dir}"
             )
+            if state.distillation is not None and state.distillation.wants_anchor:
+                draw_anchor(state.distillation, input_shape, cfg.train.seed)
             try:
                 train_epochs(state, run)
             except torch.OutOfMemoryError:
@@ -181,6 +183,14 @@ def latent_splits(
     dist.barrier()
     splits = open_latents(data, space, compute)
     return splits["train"], splits["val"][: cfg.train.val_images]
+
+
+def draw_anchor(distillation: Distillation, input_shape: tuple[int, ...], seed: int) -> None:
+    """A dmd run's teacher pairs, drawn once before its first step with a progress bar (every
+    process draws the same ones; a resumed run has them from its checkpoint)."""
+    with progress_bar() as progress:
+        task = progress.add_task("teacher pairs", total=distillation.anchor_pairs, status="the regression anchor")
+        distillation.draw_anchor(input_shape, seed, lambda done: progress.update(task, completed=done))
 
 
 def validate_epoch(state: TrainState, run: Run) -> ValidationResult:
@@ -302,9 +312,10 @@ def train_epochs(state: TrainState, run: Run) -> None:
                     save_training_checkpoint(state, run)
                 if stop.requested:
                     save_training_checkpoint(state, run)
+                    command = "distill" if state.distillation is not None else "train"
                     raise Interrupted(
                         f"{stop.requested} at epoch {state.epoch + 1}, step {state.step}: saved {run.run_dir / LAST}; "
-                        f"continue with: kneegen train --resume --run-dir {run.run_dir}"
+                        f"continue with: kneegen {command} --resume --run-dir {run.run_dir}"
                     )
 
             # 2. Validation on rank 0 with the EMA weights, and the epoch record.
@@ -341,6 +352,8 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 skipped = f", {record['skipped_steps']} steps skipped" if record["skipped_steps"] else ""
                 if record["discriminator_loss"] is not None:
                     train_text += f" (discriminator {record['discriminator_loss']:.3f})"
+                if record["fake_score_loss"] is not None:
+                    train_text += f" (fake score {record['fake_score_loss']:.4f})"
                 progress.console.print(
                     f"epoch {epoch}: loss {train_text}{val_text}, lr {record['lr']:.2g}, "
                     f"{record['images_per_s']:.1f} img/s, peak memory {record['peak_memory_mb']:.0f} MiB{skipped}"

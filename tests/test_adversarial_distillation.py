@@ -20,12 +20,10 @@ from kneegen.engine.trained import load_trained_model
 from kneegen.engine.training import create_state
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import epoch_records, read_metrics
-from kneegen.runs import step_checkpoints
 from kneegen.training_run import run_training
 
-from helpers import invoke
 from test_distillation import COMPUTE
-from test_training_resume import losses
+from test_training_resume import distillation_cut_and_resumed, losses
 
 JUDGED = {"distill.adversarial_weight": 0.5, "distill.discriminator_channels": 8}
 
@@ -73,18 +71,8 @@ def test_a_judged_distillation_trains_its_discriminator_and_another_student(trai
 
 @pytest.mark.slow
 def test_a_judged_distillation_resumed_mid_way_continues_exactly(trained_run, tmp_path):
-    cfg = distillation(trained_run / "best.pt", **JUDGED)
-    run_training(cfg, tmp_path / "straight")
-    run_dir = tmp_path / "cut"
-    run_training(cfg, run_dir)
-    for path in [run_dir / "last.pt", run_dir / "best.pt"]:
-        path.unlink()
-    for path in step_checkpoints(run_dir):
-        if load_checkpoint(path)["step"] > 9:
-            path.unlink()
-    resumed = invoke("distill", "--resume-from", run_dir)
-    assert resumed.exit_code == 0, resumed.output
-    assert losses(run_dir) == losses(tmp_path / "straight")
+    straight, cut = distillation_cut_and_resumed(distillation(trained_run / "best.pt", **JUDGED), tmp_path, 9)
+    assert losses(cut) == losses(straight)
 
 
 def test_inputs_too_small_to_judge_are_refused_by_key(trained_run):

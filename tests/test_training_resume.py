@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kneegen.cli import build_app
+from kneegen.config import RunConfig
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
@@ -39,6 +40,23 @@ def losses(run_dir: Path) -> list[dict]:
     """Every metrics record without its machine measurements: the per-step losses, step windows,
     validation."""
     return [{k: v for k, v in r.items() if k not in MACHINE_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def distillation_cut_and_resumed(cfg: RunConfig, work: Path, after_step: int) -> tuple[Path, Path]:
+    """`cfg`'s distillation run straight into work/straight, and into work/cut with every checkpoint
+    after `after_step` deleted (last.pt and best.pt too) and then `kneegen distill --resume-from`
+    it; the two run dirs, whose metrics must be the same."""
+    run_training(cfg, work / "straight")
+    run_dir = work / "cut"
+    run_training(cfg, run_dir)
+    for path in [run_dir / "last.pt", run_dir / "best.pt"]:
+        path.unlink()
+    for path in step_checkpoints(run_dir):
+        if load_checkpoint(path)["step"] > after_step:
+            path.unlink()
+    resumed = CliRunner().invoke(build_app(), ["distill", "--resume-from", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    return work / "straight", run_dir
 
 
 def subprocess_env() -> dict[str, str]:

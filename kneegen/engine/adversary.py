@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kneegen.engine.companion import Companion
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 
@@ -90,25 +91,15 @@ def adaptive_weight(reconstruction_loss: Tensor, adversarial_loss: Tensor, last_
     return weight.clamp(*WEIGHT_RANGE).detach()
 
 
-@dataclass
-class Adversary:
-    """The discriminator, its optimiser and loss scaler; the real and reconstructed crops of the
-    current step's micro-batches, which its own step then trains on."""
+@dataclass(kw_only=True)
+class Adversary(Companion):
+    """The discriminator (with its optimiser and loss scaler, a Companion), and the real and
+    reconstructed crops of the current step's micro-batches, which its own step then trains on.
+    Its epoch loss is the mean hinge loss: 2 = undecided, 0 = telling every patch apart."""
 
-    network: PatchDiscriminator
-    train_network: nn.Module  # what a step calls: `network`, wrapped by DDP when data-parallel
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    compute: Compute
     weight: float  # model.vae.adversarial_weight, or distill.adversarial_weight
     start_epoch: int  # model.vae.adversarial_start; a distillation's judges from the start (0)
     pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)  # its mean hinge loss of each step it took this epoch
-
-    def epoch_loss(self) -> float | None:
-        """The mean of this epoch's hinge losses, for metrics.jsonl: 2 = undecided, 0 = telling every
-        patch apart; None before its first step."""
-        return sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch
@@ -154,21 +145,6 @@ class Adversary:
         self.network.requires_grad_(False)
         return mean_loss
 
-    def state_dict(self) -> dict[str, object]:
-        return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch_losses": list(self.epoch_losses),
-        }
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.network.load_state_dict(state["network"])  # type: ignore[arg-type]
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])  # type: ignore[arg-type]
-        self.epoch_losses = list(state.get("epoch_losses", []))  # type: ignore[call-overload]  # older checkpoints lack it
-
 
 def make_adversary(
     image_channels: int, channels: int, weight: float, start_epoch: int, lr: float, compute: Compute, dist: Distributed
@@ -178,4 +154,12 @@ def make_adversary(
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, betas=BETAS)
     train_network = dist.wrap(network)  # while its weights still ask for gradients, which DDP requires
     network.requires_grad_(False)
-    return Adversary(network, train_network, optimizer, compute.grad_scaler(), compute, weight, start_epoch)
+    return Adversary(
+        network=network,
+        train_network=train_network,
+        optimizer=optimizer,
+        scaler=compute.grad_scaler(),
+        compute=compute,
+        weight=weight,
+        start_epoch=start_epoch,
+    )

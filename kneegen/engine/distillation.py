@@ -27,7 +27,12 @@ deterministic step t → s lands (at the clean end, towards the teacher's x̂_0 
 along the teacher's ODE, its x̂_0 from any point of a trajectory is the trajectory's end, so it
 samples in any number of steps (`consistency` sampler: x̂_0, fresh noise to the next level, …).
 
-Either method's student may also be judged by a patch discriminator (`distill.adversarial_weight`,
+`distill.method: dmd` matches distributions instead (engine/fake_score.py, Yin et al. 2024): the
+student's x̂_0 on its own grid of N steps is moved where the teacher, diffusing it afresh, finds
+the data denser than a fake score trained on the student's samples does. It samples as a
+consistency student does: x̂_0, fresh noise to the next level of its grid, x̂_0 again.
+
+Any method's student may also be judged by a patch discriminator (`distill.adversarial_weight`,
 engine/adversary.py), which is why `Distillation.loss` hands back the x̂_0 it scored.
 """
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +51,13 @@ from kneegen.config import DistillMethod, Prediction, RunConfig, TeacherSolver
 from kneegen.engine.checkpoint import load_training_checkpoint, load_weights
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
+from kneegen.engine.distributed import SINGLE, Distributed
+from kneegen.engine.fake_score import FakeScore, MatchingDraws, distribution_matching_loss, draw_matching
 from kneegen.engine.loss import per_image_loss
+from kneegen.engine.optimizer import make_optimizer
 from kneegen.engine.samplers import Denoiser, second_order_term, trailing_timesteps
 from kneegen.engine.schedule import Schedule
+from kneegen.engine.teacher_pairs import TeacherPairs, draw_teacher_pairs
 from kneegen.errors import KneegenError
 
 CLEAN = -1  # the timestep after a grid's last one: ᾱ_{−1} = 1, the data itself
@@ -82,24 +92,36 @@ class Distillation:
     method: DistillMethod = "progressive"
     student: nn.Module | None = None  # consistency: the network being trained, whose own x̂_0 is its target
     steps: int = 0  # consistency: the steps its sampler takes by default (it takes any)
+    fake_score: FakeScore | None = None  # dmd: the denoiser of the student's own samples
+    regression_weight: float = 0.0  # dmd: of the first step's regression on the teacher's ODE pairs
+    anchor_pairs: int = 0  # dmd: how many pairs to draw
+    conditions: int = 0  # the model's conditions K: the pairs are drawn with all of them unknown
+    anchor: TeacherPairs | None = None  # dmd: those pairs, once drawn (or restored from a checkpoint)
+
+    @property
+    def single_stage(self) -> bool:
+        """Consistency and distribution matching train one student in one stage; progressive in rounds."""
+        return self.method != "progressive"
 
     @property
     def student_steps(self) -> int:
         """The steps the student samples in: progressive, N of the current round, the only count
         it learns; consistency, the default of a sampler that takes any."""
-        if self.method == "consistency":
+        if self.single_stage:
             return self.steps
         return self.teacher_steps >> (self.round + 1)
 
     @property
     def grid_steps(self) -> int:
-        """The steps of the grid the student's timesteps are drawn from: progressive, its own;
+        """The steps of the grid the student's timesteps are drawn from: progressive and dmd, its own;
         consistency, the teacher's, whose one step each pair of neighbours is."""
         return self.teacher_steps if self.method == "consistency" else self.student_steps
 
     def describe_round(self) -> str:
         if self.method == "consistency":
             return f"consistency on the teacher's {self.teacher_steps} steps"
+        if self.method == "dmd":
+            return f"distribution matching on {self.steps} steps"
         return f"round {self.round + 1}/{self.rounds}: {self.student_steps} steps"
 
     def round_end(self, total_steps: int) -> int:
@@ -125,15 +147,80 @@ class Distillation:
         t = grid[torch.randint(0, len(grid), (batch,), generator=generator)]
         return t, self.weight(t)
 
+    def draw_matching(
+        self,
+        t: Tensor,
+        shape: tuple[int, ...],
+        generator: torch.Generator,
+        updates: int | None = None,
+        anchored: bool = True,
+    ) -> MatchingDraws | None:
+        """dmd: the levels and noise of a global batch's distribution matching, with those of the
+        fake score's updates (`updates`, default its own count), and (`anchored`) a teacher pair for
+        each row at the first step T − 1 of the student's grid t (B,) when it has pairs; None for
+        other methods."""
+        if self.fake_score is None:
+            return None
+        updates = self.fake_score.updates if updates is None else updates
+        first = t == self.schedule.timesteps - 1
+        pairs = len(self.anchor) if self.anchor is not None and anchored else 0
+        return draw_matching(len(t), shape, updates, self.schedule.timesteps, generator, first, pairs)
+
+    @property
+    def wants_anchor(self) -> bool:
+        """Whether teacher pairs are asked for and not drawn yet (a resumed run has its own)."""
+        return self.method == "dmd" and self.regression_weight > 0 and self.anchor is None
+
+    def draw_anchor(self, image_shape: tuple[int, ...], seed: int, on_batch: Callable[[int], None]) -> None:
+        """The teacher's ODE images of `anchor_pairs` noises of the student's input shape (C, H, W)."""
+        unknown = torch.full((1, self.conditions), math.nan) if self.conditions else None
+        teacher = make_denoiser(
+            self.teacher,
+            self.schedule,
+            self.prediction,
+            self.compute,
+            unknown,
+            clip=self.clip,
+            guide=self.guide,
+            autoguidance=self.autoguidance,
+            autoguidance_sigma_max=self.autoguidance_sigma_max,
+        )
+        self.anchor = draw_teacher_pairs(
+            teacher, self.schedule, self.anchor_pairs, image_shape, seed, self.compute.device, on_batch
+        )
+
+    def anchored_inputs(
+        self, x_t: Tensor, conditions: Tensor | None, draws: MatchingDraws | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x_t (B, C, H, W) with each first-step row that drew a teacher pair replaced by the pair's
+        noise, as the student's first step meets noise when it samples; its conditions unknown, as
+        the pair was drawn."""
+        if draws is None or self.anchor is None or not bool((draws.pair >= 0).any()):
+            return x_t, conditions
+        rows = draws.pair >= 0
+        noise = self.anchor.noise[draws.pair[rows].cpu()].to(x_t.device, x_t.dtype)
+        x_t = x_t.clone()
+        x_t[rows] = noise.to(memory_format=torch.contiguous_format)
+        if conditions is not None:
+            conditions = conditions.clone()
+            conditions[rows] = math.nan
+        return x_t, conditions
+
     def weight(self, t: Tensor) -> Tensor:
         """(B,) fp32 loss weights max(SNR_t, 1): the x̂_0 error counts as an ε error would at low
-        noise, and no less than itself at high noise (the paper's truncated-SNR weighting)."""
+        noise, and no less than itself at high noise (the paper's truncated-SNR weighting); 1 for
+        distribution matching, whose gradient has one size at every level already."""
+        if self.method == "dmd":
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         return self.schedule.snr(t).clamp(min=1.0).float()
 
-    def loss(self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> tuple[Tensor, Tensor]:
+    def loss(
+        self, output: Tensor, x_t: Tensor, t: Tensor, conditions: Tensor | None, draws: MatchingDraws | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(B,) squared error between the student's x̂_0 (from its network `output` at (x_t, t)) and
         its target: the teacher's two-step x̃ (progressive), or its own x̂_0 one teacher step on
-        (consistency); and that x̂_0 (B, C, H, W), which a discriminator may judge too."""
+        (consistency); or (dmd, with the batch's `draws`) the distribution-matching loss; and that
+        x̂_0 (B, C, H, W), which a discriminator may judge and a fake score learn."""
         teacher = make_denoiser(
             self.teacher,
             self.schedule,
@@ -145,6 +232,8 @@ class Distillation:
             autoguidance=self.autoguidance,
             autoguidance_sigma_max=self.autoguidance_sigma_max,
         )
+        if self.method == "dmd":
+            return self.matching_loss(teacher, output, x_t, t, conditions, draws)
         if self.method == "consistency":
             target = self.consistency_target(teacher, x_t, t, conditions)
         else:
@@ -152,6 +241,32 @@ class Distillation:
             target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
         return per_image_loss(x0, target.clone(), "l2"), x0  # clone: out of inference mode, autograd may keep it
+
+    def matching_loss(
+        self,
+        teacher: Denoiser,
+        output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        conditions: Tensor | None,
+        draws: MatchingDraws | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The distribution-matching loss of the student's x̂_0 at (x_t, t), judged by the teacher
+        and the fake score at the draws' τ and ε; plus, for the rows that started from a teacher
+        pair's noise, `regression_weight` × the squared error to the teacher's image of it."""
+        assert self.fake_score is not None and draws is not None  # set by start_distillation, drawn per batch
+        x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
+        fake = make_denoiser(
+            self.fake_score.network, self.schedule, self.prediction, self.compute, conditions, clip=self.clip
+        )
+        per_image = distribution_matching_loss(x0, teacher, fake, draws.tau, draws.noise, self.schedule)
+        rows = draws.pair >= 0
+        if self.anchor is not None and bool(rows.any()):
+            images = self.anchor.images[draws.pair[rows].cpu()].to(x0.device)
+            regression = torch.zeros_like(per_image)
+            regression[rows] = per_image_loss(x0[rows], images, "l2")
+            per_image = per_image + self.regression_weight * regression
+        return per_image, x0
 
     def consistency_target(self, teacher: Denoiser, x_t: Tensor, t: Tensor, conditions: Tensor | None) -> Tensor:
         """The student's own x̂_0 where the teacher's step from (x_t, t) lands, in eval mode (as it
@@ -193,17 +308,26 @@ class Distillation:
             "steps": self.student_steps,
             "method": self.method,
             "trained_epochs": self.trained_epochs,
+            "fake_score": self.fake_score.state_dict() if self.fake_score is not None else None,
+            "anchor": self.anchor.state_dict() if self.anchor is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.teacher.load_state_dict(state["teacher"])  # type: ignore[arg-type]
         self.round, self.round_start = int(state["round"]), int(state["round_start"])  # type: ignore[call-overload]
         self.trained_epochs = int(state["trained_epochs"])  # type: ignore[call-overload]
+        if self.fake_score is not None:
+            self.fake_score.load_state_dict(state["fake_score"])  # type: ignore[arg-type]
+        if state.get("anchor") is not None:
+            self.anchor = TeacherPairs(**state["anchor"])  # type: ignore[arg-type]
 
 
-def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> tuple[Distillation, dict]:
+def start_distillation(
+    network: nn.Module, cfg: RunConfig, compute: Compute, dist: Distributed = SINGLE
+) -> tuple[Distillation, dict]:
     """Load the teacher checkpoint of `distill.teacher` (its EMA weights, as it samples) into the
-    student `network` and into a frozen copy, round 0's teacher; also return the teacher's payload."""
+    student `network` and into a frozen copy, round 0's teacher (and for dmd into the fake score,
+    which trains); also return the teacher's payload."""
     path = Path(cfg.distill.teacher)
     if not path.is_file():
         raise KneegenError(
@@ -231,7 +355,7 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         guide.load_state_dict(payload["guide"])
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     consistency = distill.method == "consistency"
-    rounds = 1 if consistency else distillation_rounds(distill.teacher_steps, distill.steps)
+    rounds = 1 if distill.method != "progressive" else distillation_rounds(distill.teacher_steps, distill.steps)
     clip = not cfg.model.autoencoder
     trained_epochs = root_epochs(payload)
     return Distillation(
@@ -250,7 +374,35 @@ def start_distillation(network: nn.Module, cfg: RunConfig, compute: Compute) -> 
         method=distill.method,
         student=network if consistency else None,
         steps=distill.steps,
+        fake_score=make_fake_score(teacher, cfg, compute, schedule, dist) if distill.method == "dmd" else None,
+        regression_weight=distill.regression_weight,
+        anchor_pairs=distill.regression_pairs,
+        conditions=len(cfg.model.conditions),
     ), payload
+
+
+def make_fake_score(
+    teacher: nn.Module, cfg: RunConfig, compute: Compute, schedule: Schedule, dist: Distributed
+) -> FakeScore:
+    """A trainable copy of the teacher, with the run's optimiser, to learn the student's samples;
+    frozen outside its own updates."""
+    network = copy.deepcopy(teacher).requires_grad_(True)
+    optimizer = make_optimizer(network, cfg.train)
+    train_network = dist.wrap(network)  # while its weights still ask for gradients, which DDP requires
+    network.requires_grad_(False)
+    diffusion = cfg.diffusion
+    return FakeScore(
+        network=network,
+        train_network=train_network,
+        optimizer=optimizer,
+        scaler=compute.grad_scaler(),
+        compute=compute,
+        schedule=schedule,
+        prediction=diffusion.prediction,
+        loss_kind=diffusion.loss,
+        min_snr_gamma=diffusion.min_snr_gamma,
+        updates=cfg.distill.fake_score_updates,
+    )
 
 
 def root_epochs(payload: dict) -> int:

@@ -89,7 +89,9 @@ def distillation_validation(
     noised with its own fixed noise at the student's grid point k mod N (one teacher pair per
     image keeps this cheap), the squared x̂_0 error weighted as training weights it (so the two
     compare), its mean and its mean per grid point. Rounds have different teachers, so compare
-    values within a round."""
+    values within a round. A dmd student's is its distribution-matching loss at fixed levels and
+    noise per batch: how far apart the teacher and the fake score judge its samples; the fake
+    score learns on, so it is the method's own measure, not a fixed yardstick (FID is)."""
     grid = trailing_timesteps(distillation.schedule.timesteps, distillation.student_steps)
     totals, counts = torch.zeros(len(grid), dtype=torch.float64), torch.zeros(len(grid), dtype=torch.float64)
     with evaluating(network), torch.inference_mode():
@@ -102,7 +104,10 @@ def distillation_validation(
             x_t = distillation.schedule.add_noise(x0, noise, t)
             with compute.autocast():
                 output = call_network(network, x_t.to(memory_format=compute.memory_format), t, c)
-            losses = (distillation.loss(output, x_t, t, c)[0] * distillation.weight(t)).double().cpu()  # (B,)
+            fixed = torch.Generator().manual_seed(VALIDATION_SEED + start)
+            draws = distillation.draw_matching(t.cpu(), tuple(x0.shape[1:]), fixed, updates=0, anchored=False)
+            draws = draws.to(compute.device) if draws is not None else None
+            losses = (distillation.loss(output, x_t, t, c, draws)[0] * distillation.weight(t)).double().cpu()  # (B,)
             totals.index_add_(0, position, losses)
             counts.index_add_(0, position, torch.ones_like(losses))
     per_point = (totals / counts.clamp(min=1)).tolist()
