@@ -189,10 +189,8 @@ class DistillConfig:
     teacher_solver: TeacherSolver = "ddim"  # round 0's second teacher step: DDIM, or with DPM-Solver++(2M)'s correction
     adversarial_weight: float = 0.0  # a patch discriminator judges the student's x̂_0 (engine/adversary.py); 0 = none
     discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
-    fake_score_updates: int = 1  # dmd: the fake score's optimiser steps per student step (engine/fake_score.py)
-    regression_weight: float = (
-        0.0  # dmd: its first step regressed on the teacher's ODE images (engine/teacher_pairs.py)
-    )
+    fake_score_updates: int = 5  # dmd: the fake score's optimiser steps per student step (engine/fake_score.py)
+    regression_weight: float = 1.0  # dmd: the first step regressed on the teacher's ODE images (teacher_pairs.py)
     regression_pairs: int = 1024  # dmd: how many noise → image pairs the teacher draws for it, once
 
 

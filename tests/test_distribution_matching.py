@@ -50,6 +50,14 @@ def distillation(teacher: Path, **overrides: object) -> RunConfig:
     return cfg
 
 
+def test_dmd_takes_its_measured_defaults_and_the_users_keys_over_them(trained_run):
+    cfg, _ = distillation_config(trained_run / "best.pt", {"distill.method": "dmd"})
+    assert (cfg.train.lr, cfg.distill.fake_score_updates, cfg.distill.regression_weight) == (5e-5, 5, 1.0)
+    cfg, _ = distillation_config(trained_run / "best.pt", {"distill.method": "dmd", "train.lr": 1e-4})
+    assert cfg.train.lr == 1e-4
+    assert distillation_config(trained_run / "best.pt", {})[0].train.lr == 2e-4  # progressive's
+
+
 def test_the_gradient_is_the_normalised_difference_of_the_fake_and_real_x0():
     schedule = Schedule("cosine", 1000)
     real, fake = smooth_denoiser(schedule), other_denoiser(schedule)
