@@ -174,17 +174,7 @@ class Distillation:
     def draw_anchor(self, image_shape: tuple[int, ...], seed: int, on_batch: Callable[[int], None]) -> None:
         """The teacher's ODE images of `anchor_pairs` noises of the student's input shape (C, H, W)."""
         unknown = torch.full((1, self.conditions), math.nan) if self.conditions else None
-        teacher = make_denoiser(
-            self.teacher,
-            self.schedule,
-            self.prediction,
-            self.compute,
-            unknown,
-            clip=self.clip,
-            guide=self.guide,
-            autoguidance=self.autoguidance,
-            autoguidance_sigma_max=self.autoguidance_sigma_max,
-        )
+        teacher = self.teacher_denoiser(unknown)
         self.anchor = draw_teacher_pairs(
             teacher, self.schedule, self.anchor_pairs, image_shape, seed, self.compute.device, on_batch
         )
@@ -195,12 +185,10 @@ class Distillation:
         """x_t (B, C, H, W) with each first-step row that drew a teacher pair replaced by the pair's
         noise, as the student's first step meets noise when it samples; its conditions unknown, as
         the pair was drawn."""
-        if draws is None or self.anchor is None or not bool((draws.pair >= 0).any()):
+        if draws is None or self.anchor is None or not bool((rows := draws.pair >= 0).any()):
             return x_t, conditions
-        rows = draws.pair >= 0
-        noise = self.anchor.noise[draws.pair[rows].cpu()].to(x_t.device, x_t.dtype)
         x_t = x_t.clone()
-        x_t[rows] = noise.to(memory_format=torch.contiguous_format)
+        x_t[rows] = self.anchor.noise[draws.pair[rows].cpu()].to(x_t.device, x_t.dtype)
         if conditions is not None:
             conditions = conditions.clone()
             conditions[rows] = math.nan
@@ -221,17 +209,7 @@ class Distillation:
         its target: the teacher's two-step x̃ (progressive), or its own x̂_0 one teacher step on
         (consistency); or (dmd, with the batch's `draws`) the distribution-matching loss; and that
         x̂_0 (B, C, H, W), which a discriminator may judge and a fake score learn."""
-        teacher = make_denoiser(
-            self.teacher,
-            self.schedule,
-            self.prediction,
-            self.compute,
-            conditions,
-            clip=self.clip,
-            guide=self.guide if self.round == 0 else None,  # later teachers are students: guided already
-            autoguidance=self.autoguidance,
-            autoguidance_sigma_max=self.autoguidance_sigma_max,
-        )
+        teacher = self.teacher_denoiser(conditions)
         if self.method == "dmd":
             return self.matching_loss(teacher, output, x_t, t, conditions, draws)
         if self.method == "consistency":
@@ -241,6 +219,21 @@ class Distillation:
             target = two_step_target(teacher, x_t, t, self.teacher_grid_after(t), self.schedule, second_order)
         x0, _ = self.schedule.to_x0_eps(output.float(), x_t, t, self.prediction)
         return per_image_loss(x0, target.clone(), "l2"), x0  # clone: out of inference mode, autograd may keep it
+
+    def teacher_denoiser(self, conditions: Tensor | None) -> Denoiser:
+        """The current round's teacher as it steps: autoguided in round 0 (later teachers are
+        students, guided already), its x̂_0 clipped as its sampler clips it."""
+        return make_denoiser(
+            self.teacher,
+            self.schedule,
+            self.prediction,
+            self.compute,
+            conditions,
+            clip=self.clip,
+            guide=self.guide if self.round == 0 else None,
+            autoguidance=self.autoguidance,
+            autoguidance_sigma_max=self.autoguidance_sigma_max,
+        )
 
     def matching_loss(
         self,
