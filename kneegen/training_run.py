@@ -114,7 +114,7 @@ def run_training(
                 digest = (teacher.get("latent") or {}).get("digest", "none (a pixel model)")
                 check_same_autoencoder(latent, digest, cfg.distill.teacher)
         shape = training_input_shape(state.network, input_shape)
-        plan = plan_memory(state.network, shape, compute, processes_on_this_machine())
+        plan = plan_memory(state, shape, compute, processes_on_this_machine())
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 

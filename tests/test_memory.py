@@ -1,14 +1,29 @@
-"""Memory planning: the saved-tensor count, and micro-batches when a batch would not fit."""
+"""Memory planning: the saved-tensor count, the networks trained or called beside the run's own,
+and micro-batches when a batch would not fit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kneegen.config import ModelConfig
+from kneegen.config import ModelConfig, load_config
+from kneegen.distill_request import distillation_config
+from kneegen.engine import memory
 from kneegen.engine.device import Compute
-from kneegen.engine.memory import HEADROOM, MemoryPlan, fit_batch_in_memory, saved_bytes_per_image
+from kneegen.engine.distillation import start_distillation
+from kneegen.engine.memory import (
+    BYTES_PER_PARAMETER,
+    COMPANION_BYTES_PER_PARAMETER,
+    FROZEN_BYTES_PER_PARAMETER,
+    HEADROOM,
+    MemoryPlan,
+    fit_batch_in_memory,
+    parameter_count,
+    plan_memory,
+    saved_bytes_per_image,
+)
 from kneegen.engine.network import build_network
+from kneegen.engine.training import create_state
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
 from kneegen.training_run import run_training
@@ -81,3 +96,54 @@ def test_training_with_little_memory_makes_the_updates_of_the_full_batch(prepare
         for run in (tmp_path / "by-hand", tmp_path / "planned")
     ]
     assert losses[0] == losses[1]
+
+
+def autoencoder_config(tmp_path, adversarial_weight: float):
+    cfg = tiny_config("data", tmp_path, train={"batch_size": 8})
+    vae = {"factor": 4, "latent_channels": 4, "channels": 8, "crop": 32, "discriminator_channels": 8}
+    cfg.model = load_config(
+        None, {"model.arch": "vae", "model.vae": {**vae, "adversarial_weight": adversarial_weight}}
+    ).model
+    return cfg
+
+
+def test_an_autoencoders_discriminator_is_planned_for_and_can_split_a_batch_that_fits_without_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory", lambda device, processes: 1 << 40)
+    alone_cfg, judged_cfg = autoencoder_config(tmp_path, 0.0), autoencoder_config(tmp_path, 0.5)
+    torch.manual_seed(0)
+    alone = plan_memory(create_state(alone_cfg, (32, 32), CPU), (1, 32, 32), CPU, 1)
+    torch.manual_seed(0)
+    state = create_state(judged_cfg, (32, 32), CPU)
+    judged = plan_memory(state, (1, 32, 32), CPU, 1)
+    discriminator = state.adversary.network
+    # The discriminator's judgement of the reconstruction is part of the autoencoder's backward
+    # pass: measured through its frozen weights, at least the reconstruction it keeps.
+    judging = saved_bytes_per_image(discriminator, (1, 32, 32), CPU)
+    assert judging >= 32 * 32 * 4 and not any(p.requires_grad for p in discriminator.parameters())
+    assert judged.per_image == max(alone.per_image + judging, 2 * judging)
+    assert judged.fixed == alone.fixed + COMPANION_BYTES_PER_PARAMETER * parameter_count(discriminator)
+    # Room for the batch of 8 in one pass without the discriminator, but not with it.
+    room = MemoryPlan(alone.per_image, alone.fixed, 0).step_bytes(8) / 0.85 + 1
+    assert fit_batch_in_memory(alone_cfg, MemoryPlan(alone.per_image, alone.fixed, int(room)))[0] == alone_cfg
+    fitted, note = fit_batch_in_memory(judged_cfg, MemoryPlan(judged.per_image, judged.fixed, int(room)))
+    assert fitted.train.grad_accumulation > 1 and "micro-batches" in note
+
+
+def test_a_dmd_distillation_plans_for_its_teacher_fake_score_and_teacher_pairs(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory", lambda device, processes: 1 << 40)
+    settings = {"distill.method": "dmd", "distill.regression_pairs": 8, "distill.fake_score_updates": 1}
+    cfg, _ = distillation_config(trained_run / "best.pt", settings)
+    state = create_state(cfg, (32, 32), CPU)
+    student = saved_bytes_per_image(state.network, (1, 32, 32), CPU)
+    plain = plan_memory(state, (1, 32, 32), CPU, 1)
+    assert (plain.per_image, plain.fixed) == (student, BYTES_PER_PARAMETER * parameter_count(state.network))
+    state.distillation, _ = start_distillation(state.network, cfg, CPU)
+    planned = plan_memory(state, (1, 32, 32), CPU, 1)
+    # Student, fake score and teacher are the same network: weights, gradients, moments and EMA;
+    # weights, gradients and moments; weights; plus the 8 pairs of fp32 noise and image.
+    n = parameter_count(state.network)
+    guide = state.distillation.guide
+    frozen = n + (parameter_count(guide) if guide is not None else 0)
+    expected = (BYTES_PER_PARAMETER + COMPANION_BYTES_PER_PARAMETER) * n + FROZEN_BYTES_PER_PARAMETER * frozen
+    assert planned.fixed == expected + 8 * 32 * 32 * 2 * 4
+    assert planned.per_image == student  # the fake score's updates are the same network's pass

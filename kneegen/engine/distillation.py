@@ -167,9 +167,14 @@ class Distillation:
         return draw_matching(len(t), shape, updates, self.schedule.timesteps, generator, first, pairs)
 
     @property
+    def has_regression_anchor(self) -> bool:
+        """Whether the first step is regressed on teacher pairs (dmd with a regression weight)."""
+        return self.method == "dmd" and self.regression_weight > 0
+
+    @property
     def wants_anchor(self) -> bool:
         """Whether teacher pairs are asked for and not drawn yet (a resumed run has its own)."""
-        return self.method == "dmd" and self.regression_weight > 0 and self.anchor is None
+        return self.has_regression_anchor and self.anchor is None
 
     def draw_anchor(self, image_shape: tuple[int, ...], seed: int, on_batch: Callable[[int], None]) -> None:
         """The teacher's ODE images of `anchor_pairs` noises of the student's input shape (C, H, W)."""

@@ -1,10 +1,12 @@
 """Will a training step fit in memory? An estimate before the first step, and the micro-batches
 that make a batch fit when it would not.
 
-A step's peak is the tensors autograd keeps for the backward pass, which grow with the
-micro-batch, plus what does not: weights, gradients, the optimizer's two moments and the EMA.
-The first are counted exactly, once, with saved-tensor hooks on a forward pass of one image
-(in eval mode, so dropout draws nothing from the RNG and training stays bit-exact); the
+A step's peak is the tensors autograd keeps for a backward pass, which grow with the
+micro-batch, plus what does not: weights, gradients, the optimizer's two moments and the EMA,
+and the networks trained or called beside the run's own (a patch discriminator, a distillation's
+teacher, guide and fake score). The first are counted exactly, once, with saved-tensor hooks on
+a forward pass of one image (in eval mode, so dropout draws nothing from the RNG and training
+stays bit-exact), for each pass a step makes with a backward: the largest decides; the
 backward pass's own buffers come on top (HEADROOM, measured). A batch whose micro-batch would
 not fit is split into more micro-batches (`train.grad_accumulation`: the same updates) instead
 of letting the kernel kill the process with no message and no checkpoint.
@@ -17,17 +19,25 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kneegen.config import RunConfig
+from kneegen.engine.adversary import PatchDiscriminator
 from kneegen.engine.autoencoder import Autoencoder, latent_shape
 from kneegen.engine.device import Compute
 from kneegen.errors import KneegenError
 
+if TYPE_CHECKING:  # training imports nothing from here, but the engine's heaviest module is not needed at run time
+    from kneegen.engine.training import TrainState
+
 HEADROOM = 1.5  # step peak / (saved tensors + gradients + moments): measured 1.0-1.2 for CPU steps of the U-Nets here
 BYTES_PER_PARAMETER = 4 * 5  # fp32 weight, gradient, two Adam moments, EMA copy
+COMPANION_BYTES_PER_PARAMETER = 4 * 4  # a discriminator's or fake score's: fp32 weight, gradient, two Adam moments
+FROZEN_BYTES_PER_PARAMETER = 4  # a teacher's, a guide's, a post-hoc EMA snapshot's: fp32 weights only
+PAIR_BYTES_PER_VALUE = 4 * 2  # a dmd student's teacher pairs: fp32 noise and image
 USABLE = 0.85  # share of the free memory a step may plan on; the rest is the OS's and the data's
 GIB = 2**30
 
@@ -47,7 +57,9 @@ class MemoryPlan:
 
 def saved_bytes_per_image(network: nn.Module, input_shape: tuple[int, ...], compute: Compute) -> int:
     """Bytes of the tensors one image's forward pass keeps for backward (weights excluded), for
-    inputs of `input_shape`: (H, W) of one channel, or (C, H, W)."""
+    inputs of `input_shape`: (H, W) of one channel, or (C, H, W). A network whose weights are
+    frozen (a discriminator judging the trained network's output) is measured as the backward
+    pass through it to its input sees it."""
     weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
     saved: dict[int, int] = {}
 
@@ -59,15 +71,18 @@ def saved_bytes_per_image(network: nn.Module, input_shape: tuple[int, ...], comp
 
     shape = (1, *input_shape) if len(input_shape) == 3 else (1, 1, *input_shape)
     x = torch.zeros(shape, device=compute.device).to(memory_format=compute.memory_format)
+    x.requires_grad_(not any(p.requires_grad for p in network.parameters()))
     if isinstance(network, Autoencoder):  # its training pass takes the posterior's noise instead of t
-        second = torch.zeros((1, *latent_shape(network.cfg, shape[-2:])), device=compute.device)
+        inputs = (x, torch.zeros((1, *latent_shape(network.cfg, shape[-2:])), device=compute.device))
+    elif isinstance(network, PatchDiscriminator):  # it judges an image, at no noise level
+        inputs = (x,)
     else:
-        second = torch.zeros(1, dtype=torch.long, device=compute.device)
+        inputs = (x, torch.zeros(1, dtype=torch.long, device=compute.device))
     was_training = network.training
     network.eval()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute.autocast():
-            network(x, second)
+            network(*inputs)
     finally:
         network.train(was_training)
     return sum(saved.values())
@@ -87,13 +102,55 @@ def free_memory(device: torch.device, processes_here: int) -> int | None:
 
 
 def plan_memory(
-    network: nn.Module, input_shape: tuple[int, ...], compute: Compute, processes_here: int
+    state: TrainState, input_shape: tuple[int, ...], compute: Compute, processes_here: int
 ) -> MemoryPlan | None:
+    """The plan of a step of `state` on inputs of `input_shape` (C, H, W); None where the free
+    memory is unknown."""
     available = free_memory(compute.device, processes_here)
     if available is None:
         return None
-    fixed = BYTES_PER_PARAMETER * sum(p.numel() for p in network.parameters())
-    return MemoryPlan(saved_bytes_per_image(network, input_shape, compute), fixed, available)
+    return MemoryPlan(largest_pass_per_image(state, input_shape, compute), held_bytes(state, input_shape), available)
+
+
+def largest_pass_per_image(state: TrainState, input_shape: tuple[int, ...], compute: Compute) -> int:
+    """Saved bytes per image of the largest of a step's passes with a backward, which run one
+    after the other: the trained network's (through a discriminator's judgement of its output,
+    when there is one), the discriminator's own update (a real and a generated image per row),
+    and a fake score's updates (the teacher's network on the student's samples)."""
+    trained = saved_bytes_per_image(state.network, input_shape, compute)
+    passes = [trained]
+    if state.adversary is not None:
+        judged = saved_bytes_per_image(state.adversary.network, input_shape, compute)
+        passes = [trained + judged, 2 * judged]
+    fake_score = state.distillation.fake_score if state.distillation is not None else None
+    if fake_score is not None:
+        passes.append(saved_bytes_per_image(fake_score.network, input_shape, compute))
+    return max(passes)
+
+
+def held_bytes(state: TrainState, input_shape: tuple[int, ...]) -> int:
+    """Bytes a step holds whatever its batch: the trained network's weights, gradients, moments
+    and EMA; each companion's weights, gradients and moments; the frozen networks' weights (a
+    training guide, post-hoc EMA snapshots, a distillation's teacher and its guide); and a dmd
+    student's teacher pairs."""
+    distillation = state.distillation
+    companions = [state.adversary, distillation.fake_score if distillation is not None else None]
+    frozen = [state.guide, *(power.model for power in state.power_emas)]
+    pairs = 0
+    if distillation is not None:
+        frozen += [distillation.teacher, distillation.guide]
+        if distillation.has_regression_anchor:
+            pairs = distillation.anchor_pairs * math.prod(input_shape) * PAIR_BYTES_PER_VALUE
+    return (
+        BYTES_PER_PARAMETER * parameter_count(state.network)
+        + COMPANION_BYTES_PER_PARAMETER * sum(parameter_count(c.network) for c in companions if c is not None)
+        + FROZEN_BYTES_PER_PARAMETER * sum(parameter_count(network) for network in frozen if network is not None)
+        + pairs
+    )
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
 
 
 def fit_batch_in_memory(cfg: RunConfig, plan: MemoryPlan, world_size: int = 1) -> tuple[RunConfig, str]:
