@@ -192,6 +192,7 @@ class DistillConfig:
     fake_score_updates: int = 5  # dmd: the fake score's optimiser steps per student step (engine/fake_score.py)
     regression_weight: float = 1.0  # dmd: the first step regressed on the teacher's ODE images (teacher_pairs.py)
     regression_pairs: int = 1024  # dmd: how many noise → image pairs the teacher draws for it, once
+    backward_simulation: bool = False  # dmd: later steps learn from the student's own earlier steps (DMD2)
 
 
 @dataclass

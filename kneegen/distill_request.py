@@ -138,6 +138,11 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         )
     if not student_of:
         check_teacher_steps(cfg, teacher, given="distill.teacher_steps" in overrides)
+    if distill.backward_simulation and distill.method != "dmd":
+        raise KneegenError(
+            f"distill.backward_simulation: only --method dmd simulates its student's own steps, not {distill.method}: "
+            "leave it out, or give --method dmd"
+        )
     rounds = distillation_rounds(distill.teacher_steps, distill.steps)  # consistency trains as long, in one stage
     if "train.epochs" not in overrides:
         cfg.train.epochs = max(1, math.ceil(teacher_epochs * ROUND_SHARE * rounds))
@@ -155,6 +160,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
                 f", its first step regressed at weight {distill.regression_weight:g} on the teacher's ODE images "
                 f"of {distill.regression_pairs} noises"
             )
+        if distill.backward_simulation and distill.steps > 1:
+            how += ", its later steps learnt from its own earlier ones (backward simulation)"
     elif distill.method == "consistency":
         how = (
             f"consistency distillation along the teacher's {distill.teacher_steps} DDIM steps{guided} (it samples "

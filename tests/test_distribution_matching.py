@@ -16,12 +16,14 @@ from kneegen import training_run
 from kneegen.config import RunConfig
 from kneegen.distill_request import distillation_config
 from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.distillation import start_distillation
 from kneegen.engine.fake_score import TAU_RANGE, distribution_matching_loss, draw_matching
-from kneegen.engine.samplers import ImageNoise, generate, get_sampler, timesteps_for
+from kneegen.engine.samplers import ImageNoise, consistency, generate, get_sampler, timesteps_for, trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.teacher_pairs import SEED_BASE, SEED_STRIDE, SOLVER, STEPS, TeacherPairs, draw_teacher_pairs
 from kneegen.engine.trained import load_trained_model
+from kneegen.errors import KneegenError
 from kneegen.interruption import Interrupted, StopRequest
 from kneegen.metrics_log import epoch_records, read_metrics
 from kneegen.training_run import run_training
@@ -134,6 +136,52 @@ def test_first_step_rows_start_from_the_pairs_noise_and_are_regressed_on_the_tea
     assert (unanchored.pair == -1).all()
 
 
+class GivenNoise:
+    """The fresh noise a sampler asks for: the given tensors, one per call, in order."""
+
+    def __init__(self, draws: list[torch.Tensor]) -> None:
+        self.draws = draws
+
+    def randn(self, image_shape: tuple[int, ...]) -> torch.Tensor:
+        return self.draws.pop(0)
+
+
+def test_backward_simulation_gives_each_later_step_what_the_students_own_sampler_reaches_there(trained_run):
+    teacher = trained_run / "best.pt"
+    student = load_trained_model(teacher, COMPUTE).network.train()
+    distill, _ = start_distillation(student, distillation(teacher, **{"distill.backward_simulation": True}), COMPUTE)
+    grid = trailing_timesteps(1000, 4)  # [999, 749, 499, 249]
+    t = torch.tensor([999, 749, 499, 249, 749])
+    draws = distill.draw_matching(t, (1, 32, 32), torch.Generator().manual_seed(4))
+    assert draws.path.shape == (5, 3, 1, 32, 32)  # the start, then the noise of the steps to 749 and 499
+    plain = distill.draw_matching(t, (1, 32, 32), torch.Generator().manual_seed(4), simulated=False)
+    assert plain.path.shape == (5, 0, 1, 32, 32) and torch.equal(plain.update_noise, draws.update_noise)
+    generator = torch.Generator().manual_seed(5)
+    x_t, noise = torch.randn(5, 1, 32, 32, generator=generator), torch.randn(5, 1, 32, 32, generator=generator)
+    path = draws.path.clone()
+    simulated = distill.simulated_inputs(x_t, t, noise, None, draws)
+    assert torch.equal(simulated[0], x_t[0]) and student.training  # the first step meets noise anyway
+    assert torch.equal(draws.path, path)
+    denoise = make_denoiser(student, distill.schedule, distill.prediction, COMPUTE, clip=True)
+    for row in range(1, 5):
+        step = grid.index(int(t[row]))
+        fresh = [draws.path[row : row + 1, k] for k in range(1, step)] + [noise[row : row + 1]]
+        reached: dict[int, torch.Tensor] = {}
+        consistency(
+            denoise,
+            draws.path[row : row + 1, 0],
+            grid[: step + 1],
+            distill.schedule,
+            GivenNoise(fresh),  # type: ignore[arg-type]
+            on_step=lambda i, x, x0, reached=reached: reached.setdefault(i, x),
+        )
+        torch.testing.assert_close(simulated[row : row + 1], reached[step], rtol=1e-4, atol=1e-5)
+    student.eval()
+    assert torch.equal(distill.simulated_inputs(x_t, t, noise, None, plain), x_t)  # nothing to simulate with
+    with pytest.raises(KneegenError, match="distill.backward_simulation: only --method dmd"):
+        distillation_config(teacher, {"distill.backward_simulation": True})
+
+
 def test_the_teacher_pairs_are_its_ode_images_of_noises_of_their_own_seeds():
     schedule = Schedule("cosine", 1000)
     teacher = smooth_denoiser(schedule)
@@ -173,8 +221,10 @@ def test_a_dmd_distillation_trains_the_fake_score_and_its_student_samples_on_its
 
 
 @pytest.mark.slow
-def test_a_dmd_distillation_resumed_mid_way_continues_exactly(trained_run, tmp_path):
-    straight, cut = distillation_cut_and_resumed(distillation(trained_run / "best.pt"), tmp_path, after_step=9)
+@pytest.mark.parametrize("simulated", [False, True])
+def test_a_dmd_distillation_resumed_mid_way_continues_exactly(trained_run, tmp_path, simulated):
+    cfg = distillation(trained_run / "best.pt", **{"distill.backward_simulation": simulated})
+    straight, cut = distillation_cut_and_resumed(cfg, tmp_path, after_step=9)
     assert losses(cut) == losses(straight)  # the fake score's losses and the validation among them
     assert [r["fake_score_loss"] for r in epoch_records(read_metrics(cut / "metrics.jsonl"))][0] is not None
 

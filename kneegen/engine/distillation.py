@@ -90,13 +90,14 @@ class Distillation:
     # Round 0's two steps: plain DDIM, or the second with DPM-Solver++(2M)'s term.
     teacher_solver: TeacherSolver = "ddim"
     method: DistillMethod = "progressive"
-    student: nn.Module | None = None  # consistency: the network being trained, whose own x̂_0 is its target
+    student: nn.Module | None = None  # the network being trained: consistency's target, dmd's backward simulation
     steps: int = 0  # consistency: the steps its sampler takes by default (it takes any)
     fake_score: FakeScore | None = None  # dmd: the denoiser of the student's own samples
     regression_weight: float = 0.0  # dmd: of the first step's regression on the teacher's ODE pairs
     anchor_pairs: int = 0  # dmd: how many pairs to draw
     conditions: int = 0  # the model's conditions K: the pairs are drawn with all of them unknown
     anchor: TeacherPairs | None = None  # dmd: those pairs, once drawn (or restored from a checkpoint)
+    backward_simulation: bool = False  # dmd: later steps learn from the student's own earlier steps (DMD2)
 
     @property
     def single_stage(self) -> bool:
@@ -154,17 +155,20 @@ class Distillation:
         generator: torch.Generator,
         updates: int | None = None,
         anchored: bool = True,
+        simulated: bool = True,
     ) -> MatchingDraws | None:
         """dmd: the levels and noise of a global batch's distribution matching, with those of the
-        fake score's updates (`updates`, default its own count), and (`anchored`) a teacher pair for
-        each row at the first step T − 1 of the student's grid t (B,) when it has pairs; None for
-        other methods."""
+        fake score's updates (`updates`, default its own count), (`anchored`) a teacher pair for
+        each row at the first step T − 1 of the student's grid t (B,) when it has pairs, and
+        (`simulated`, with backward simulation) the noise of the student's own sampling up to each
+        row's step; None for other methods."""
         if self.fake_score is None:
             return None
         updates = self.fake_score.updates if updates is None else updates
         first = t == self.schedule.timesteps - 1
         pairs = len(self.anchor) if self.anchor is not None and anchored else 0
-        return draw_matching(len(t), shape, updates, self.schedule.timesteps, generator, first, pairs)
+        simulated_steps = self.steps - 1 if self.backward_simulation and simulated else 0
+        return draw_matching(len(t), shape, updates, self.schedule.timesteps, generator, first, pairs, simulated_steps)
 
     @property
     def has_regression_anchor(self) -> bool:
@@ -198,6 +202,45 @@ class Distillation:
             conditions = conditions.clone()
             conditions[rows] = math.nan
         return x_t, conditions
+
+    def simulated_inputs(
+        self, x_t: Tensor, t: Tensor, noise: Tensor, conditions: Tensor | None, draws: MatchingDraws | None
+    ) -> Tensor:
+        """DMD2's backward simulation: x_t (B, C, H, W) with each row past the first step replaced
+        by what the student meets there when it samples. From the draws' starting noise the student
+        runs its own sampler (x̂_0, fresh noise to the next level) without gradient up to the row's
+        step t, the last x̂_0 noised to t with the row's ε `noise`. A student trained on noised
+        slices learns its later steps from inputs its earlier steps never give it."""
+        if draws is None or draws.path.shape[1] == 0:
+            return x_t
+        grid = trailing_timesteps(self.schedule.timesteps, self.steps)
+        level = torch.tensor([grid.index(value) for value in t.tolist()], device=t.device)  # (B,) step of each row
+        if not bool((level > 0).any()):
+            return x_t
+        assert self.student is not None  # set by start_distillation for this method
+        was_training = self.student.training
+        current = draws.path[:, 0].to(x_t.dtype, copy=True)  # (B, C, H, W): every row's x at the first step, pure noise
+        try:
+            for step in range(1, int(level.max()) + 1):
+                rows = level >= step  # the rows that sample on past this step
+                denoise = make_denoiser(
+                    self.student,
+                    self.schedule,
+                    self.prediction,
+                    self.compute,
+                    conditions[rows] if conditions is not None else None,
+                    clip=self.clip,
+                )
+                count = int(rows.sum())
+                x0, _ = denoise(current[rows], torch.full((count,), grid[step - 1], device=t.device))
+                arrived = (level[rows] == step).view(-1, *[1] * (x_t.dim() - 1))  # at their own step: their ε
+                fresh = torch.where(arrived, noise[rows], draws.path[rows, min(step, self.steps - 2)])
+                here = torch.full((count,), grid[step], device=t.device)
+                current[rows] = self.schedule.add_noise(x0.float(), fresh, here).to(current.dtype)
+        finally:
+            self.student.train(was_training)
+        simulated = (level > 0).view(-1, *[1] * (x_t.dim() - 1))
+        return torch.where(simulated, current.to(x_t.device), x_t).contiguous(memory_format=self.compute.memory_format)
 
     def weight(self, t: Tensor) -> Tensor:
         """(B,) fp32 loss weights max(SNR_t, 1): the x̂_0 error counts as an ε error would at low
@@ -352,7 +395,6 @@ def start_distillation(
         guide = copy.deepcopy(teacher)
         guide.load_state_dict(payload["guide"])
     schedule = Schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    consistency = distill.method == "consistency"
     rounds = 1 if distill.method != "progressive" else distillation_rounds(distill.teacher_steps, distill.steps)
     clip = not cfg.model.autoencoder
     trained_epochs = root_epochs(payload)
@@ -370,12 +412,13 @@ def start_distillation(
         autoguidance_sigma_max=distill.autoguidance_sigma_max,
         teacher_solver=distill.teacher_solver,
         method=distill.method,
-        student=network if consistency else None,
+        student=network if distill.method != "progressive" else None,
         steps=distill.steps,
         fake_score=make_fake_score(teacher, cfg, compute, schedule, dist) if distill.method == "dmd" else None,
         regression_weight=distill.regression_weight,
         anchor_pairs=distill.regression_pairs,
         conditions=len(cfg.model.conditions),
+        backward_simulation=distill.backward_simulation,
     ), payload
 
 

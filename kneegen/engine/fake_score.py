@@ -50,14 +50,22 @@ class MatchingDraws:
     update_tau: Tensor  # (K, B)
     update_noise: Tensor  # (K, B, C, H, W)
     pair: Tensor  # (B,) the teacher pair a first-step row starts from (engine/teacher_pairs.py); −1: none
+    # (B, S − 1, C, H, W) with distill.backward_simulation, else (B, 0, C, H, W): the noise a row's
+    # simulated sampling starts from, then the fresh noise of each later step but its own
+    path: Tensor
 
     def part(self, rows: Tensor) -> MatchingDraws:
         return MatchingDraws(
-            self.tau[rows], self.noise[rows], self.update_tau[:, rows], self.update_noise[:, rows], self.pair[rows]
+            self.tau[rows],
+            self.noise[rows],
+            self.update_tau[:, rows],
+            self.update_noise[:, rows],
+            self.pair[rows],
+            self.path[rows],
         )
 
     def to(self, device: torch.device) -> MatchingDraws:
-        fields = (self.tau, self.noise, self.update_tau, self.update_noise, self.pair)
+        fields = (self.tau, self.noise, self.update_tau, self.update_noise, self.pair, self.path)
         return MatchingDraws(*(tensor.to(device) for tensor in fields))
 
 
@@ -69,9 +77,12 @@ def draw_matching(
     generator: torch.Generator,
     anchored: Tensor | None = None,
     pairs: int = 0,
+    simulated_steps: int = 0,
 ) -> MatchingDraws:
     """τ uniform over TAU_RANGE of the T timesteps and ε ~ N(0, I), for the student and for each of
-    the fake score's `updates`; for the `anchored` rows ((B,) bool), one of `pairs` teacher pairs."""
+    the fake score's `updates`; for the `anchored` rows ((B,) bool), one of `pairs` teacher pairs;
+    and the noise of `simulated_steps` steps of the student's own sampling per row (drawn last, so
+    the other draws are those of a run without it)."""
     low, high = (round(fraction * timesteps) for fraction in TAU_RANGE)
     tau = torch.randint(low, high, (batch,), generator=generator)
     noise = torch.randn((batch, *shape), generator=generator)
@@ -80,7 +91,8 @@ def draw_matching(
     pair = torch.full((batch,), -1)
     if anchored is not None and pairs:
         pair = torch.where(anchored, torch.randint(0, pairs, (batch,), generator=generator), pair)
-    return MatchingDraws(tau, noise, update_tau, update_noise, pair)
+    path = torch.randn((batch, simulated_steps, *shape), generator=generator)
+    return MatchingDraws(tau, noise, update_tau, update_noise, pair, path)
 
 
 def distribution_matching_loss(

@@ -105,7 +105,9 @@ def distillation_validation(
             with compute.autocast():
                 output = call_network(network, x_t.to(memory_format=compute.memory_format), t, c)
             fixed = torch.Generator().manual_seed(VALIDATION_SEED + start)
-            draws = distillation.draw_matching(t.cpu(), tuple(x0.shape[1:]), fixed, updates=0, anchored=False)
+            draws = distillation.draw_matching(
+                t.cpu(), tuple(x0.shape[1:]), fixed, updates=0, anchored=False, simulated=False
+            )
             draws = draws.to(compute.device) if draws is not None else None
             losses = (distillation.loss(output, x_t, t, c, draws)[0] * distillation.weight(t)).double().cpu()  # (B,)
             totals.index_add_(0, position, losses)
