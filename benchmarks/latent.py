@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -58,6 +57,7 @@ from kneegen.engine.schedule import Schedule
 from kneegen.engine.ssim import psnr, ssim
 from kneegen.engine.trained import TrainedModel
 from kneegen.evaluation.frechet import frechet_distance
+from kneegen.metrics_log import peak_resident_mib
 from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 from kneegen.viz import image_grid, save_png
@@ -157,7 +157,7 @@ def peak_training_memory_mib(batch: int, precision: str) -> float:
 def memory_probe(batch: int, precision: str) -> None:
     compute = resolve_compute("cpu", precision)
     diffusion_training_rate(example("latent-256"), (4, SIZE // 4, SIZE // 4), batch, compute)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_resident_mib())
 
 
 def speed(precision: str, pixel_images: int) -> None:

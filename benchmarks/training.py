@@ -14,7 +14,7 @@ Rows, measured in one run at 64² (override with --size / --batch / --seed-batch
     kneegen's training step.
 TFLOP/s counts 3× the forward FLOPs per image (forward and backward) and is set against the
 matmul peak of the row's precision, measured in the same run (2048² matmuls).
-Peak memory is the growth of the process's peak RSS (ru_maxrss) over the run, or
+Peak memory is the growth of the process's peak RSS (VmHWM) over the run, or
 torch.cuda.max_memory_allocated on a GPU; each row runs in a fresh process so peaks are its own.
     .venv/bin/python benchmarks/training.py                       # a few minutes on a 2-core CPU
     .venv/bin/python benchmarks/training.py --size 32 --steps 3   # a smoke run
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.network import build_network
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.training import create_state, epoch_steps, with_noise_centre
+from kneegen.metrics_log import peak_resident_mib
 from kneegen.recipes import recipe_for, recipe_path
 
 from quality import cpu_kind  # benchmarks/ is on sys.path when a script in it runs
@@ -167,15 +167,15 @@ def diffusers_steps(width: int, size: int, batch: int, compute: Compute) -> tupl
 # --- one row, in a worker process ------------------------------------------------------------------
 
 
-def peak_memory_mb(compute: Compute, rss_before_kb: int) -> float:
+def peak_memory_mb(compute: Compute, rss_before_mib: float) -> float:
     if compute.device.type == "cuda":
         return torch.cuda.max_memory_allocated(compute.device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kb) / 1024  # Linux: KiB
+    return peak_resident_mib() - rss_before_mib
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Build one contender, take a warm-up step, then time `--steps` steps."""
-    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before_mib = peak_resident_mib()
     if args.worker == "plain":
         cfg = kneegen_config("kneegen", args.batch, args.seed_batch, args.device, args.precision)
         compute = resolve_compute(cfg.device, cfg.precision, allow_fp16=True)
@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace) -> dict:
         step()
     synchronize(compute)
     seconds = (time.perf_counter() - started) / args.steps
-    memory = peak_memory_mb(compute, rss_before_kb)
+    memory = peak_memory_mb(compute, rss_before_mib)
     gflop = forward_gflop(network, args.size, call)
     return {
         "label": label,

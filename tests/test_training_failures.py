@@ -1,9 +1,12 @@
-"""Failures a long run meets: a full disk while saving, and running out of GPU memory."""
+"""Failures a long run meets: a full disk while saving, and running out of GPU memory; and the
+peak memory it reports."""
 
 from __future__ import annotations
 
 import errno
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 from kneegen.engine import checkpoint
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.errors import KneegenError
+from kneegen.metrics_log import peak_resident_mib
 from kneegen.training_run import run_training
 
 from helpers import tiny_config
@@ -50,3 +54,14 @@ def test_epoch_record_reports_peak_memory(prepared, tmp_path):
     run_training(tiny_config(prepared, tmp_path, train={"epochs": 1}), tmp_path / "run", resume=False)
     record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
     assert 10 < record["peak_memory_mb"] < 24 * 1024  # a Python process with torch: tens of MiB at least
+
+
+def test_a_process_spawned_by_a_larger_one_reports_its_own_peak_memory_not_the_parents():
+    """ru_maxrss survives exec with the parent's peak; the probe of benchmarks/latent.py read 5.6
+    GiB that were the benchmark's own. A child spawned while this process holds 1 GiB more reports less."""
+    held = bytearray(2**30)
+    held[:: 2**12] = b"\x01" * (len(held) // 2**12)  # every page touched, so resident
+    probe = "from kneegen.metrics_log import peak_resident_mib; print(peak_resident_mib())"
+    child = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert 10 < child < peak_resident_mib() - 900
+    del held
