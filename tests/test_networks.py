@@ -8,6 +8,7 @@ import torch
 from kneegen.config import ModelConfig
 from kneegen.engine.network import build_network, check_image_size, size_multiple
 from kneegen.engine.seed_unet import SeedUNet, SeedUNetConfig
+from kneegen.engine.sinusoidal import sinusoidal_embedding
 from kneegen.engine.unet import UNet
 from kneegen.errors import KneegenError
 
@@ -40,8 +41,10 @@ def test_seed_arch_ignores_the_unet_section():
         unet(**{**TINY, "patch_size": 2}),
         unet(**{**TINY, "patch_size": 2, "unfold_head": 4}),
         unet(channels=8, channel_mults=[1, 2, 2], blocks_per_level=2, attention_levels=[0, 2], patch_size=1),
+        unet(**{**TINY, "channels": 5}),
+        unet(**{**TINY, "channels": 1}),
     ],
-    ids=["tiny", "tiny-patch2", "tiny-patch2-unfold-head", "three-levels"],
+    ids=["tiny", "tiny-patch2", "tiny-patch2-unfold-head", "three-levels", "odd-width", "width-1"],
 )
 def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
     torch.manual_seed(0)
@@ -50,6 +53,13 @@ def test_unet_output_shape_equals_input_shape_for_non_square_images(cfg):
     x = torch.randn(3, 1, 32, 48)
     out = network(x, torch.tensor([0, 500, 999]))
     assert out.shape == x.shape
+
+
+def test_an_odd_width_embeds_timesteps_as_the_even_width_below_it_and_a_zero():
+    t = torch.tensor([0, 17, 999])
+    odd = sinusoidal_embedding(t, 7)
+    assert odd.shape == (3, 7) and torch.equal(odd[:, -1], torch.zeros(3))
+    assert torch.equal(odd[:, :6], sinusoidal_embedding(t, 6))
 
 
 @pytest.mark.parametrize("keys", [TINY, {**TINY, "patch_size": 2, "unfold_head": 4}], ids=["tiny", "unfold-head"])

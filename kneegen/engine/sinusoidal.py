@@ -11,8 +11,12 @@ MAX_PERIOD = 10_000  # the slowest sinusoid's period, in the embedded number's u
 
 
 def sinusoidal_embedding(values: Tensor, dim: int) -> Tensor:
-    """(B,) numbers, e.g. integer timesteps → (B, dim): cosines then sines of geometric frequencies."""
+    """(B,) numbers, e.g. integer timesteps → (B, dim): cosines then sines of geometric frequencies,
+    and for an odd `dim` (a network of odd width) a last column of zeros."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(MAX_PERIOD) * torch.arange(half, device=values.device, dtype=torch.float32) / max(half, 1)
+    )
     angles = values.float()[:, None] * freqs[None, :]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
+    padding = torch.zeros((len(values), dim % 2), device=values.device)
+    return torch.cat([angles.cos(), angles.sin(), padding], dim=1)
