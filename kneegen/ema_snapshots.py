@@ -26,6 +26,7 @@ from kneegen.errors import KneegenError
 from kneegen.evaluation.during_training import SampleQuality, TrainingFid
 from kneegen.evaluation.kid import MIN_IMAGES
 from kneegen.progress import progress_bar
+from kneegen.run_checkpoints import resume_command
 from kneegen.runs import LAST, RUNS_ROOT, newest_run_dir, run_dir_of
 
 SNAPSHOTS = "ema_snapshots"
@@ -57,7 +58,7 @@ def save_ema_snapshot(state: TrainState, run_dir: Path) -> None:
             for power in state.power_emas
         ],
     }
-    save_checkpoint(payload, run_dir / SNAPSHOTS / f"step-{state.step:08d}.pt")
+    save_checkpoint(payload, run_dir / SNAPSHOTS / f"step-{state.step:08d}.pt", then=resume_command(state, run_dir))
 
 
 def drop_snapshots_after(run_dir: Path, step: int) -> None:
@@ -162,7 +163,11 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
                 open_cache(data), compute, samples, asked_by="kneegen ema", samples_flag="--samples"
             )
             path = posthoc_path(run_dir, sigma_rel)
-            save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "format_version")}, path)
+            save_checkpoint(
+                {k: v for k, v in payload.items() if k not in ("format", "format_version")},
+                path,
+                then=f"run the same kneegen ema {run_dir} again (lengths already written are kept)",
+            )
             model = load_trained_model(path, compute)
             results.append(PosthocResult(sigma_rel, path, fid.score(model)))
             progress.advance(task)

@@ -52,10 +52,17 @@ def save_training_checkpoint(
         paths.append(step_checkpoint(run.run_dir, state.step))
     if improved:
         paths.append(run.run_dir / BEST)
-    save_checkpoint(payload, *paths)
+    save_checkpoint(payload, *paths, then=resume_command(state, run.run_dir))
     if keep > 0:
         for stale in step_checkpoints(run.run_dir)[:-keep]:
             stale.unlink()
+
+
+def resume_command(state: TrainState, run_dir: Path) -> str:
+    """The command that continues this run from its last checkpoint: `distill --resume` for a
+    distillation, `train --resume` otherwise, with its run dir (the latest run may be another)."""
+    command = "distill" if state.distillation is not None else "train"
+    return f"kneegen {command} --resume --run-dir {run_dir}"
 
 
 def resume_point(

@@ -57,7 +57,7 @@ from kneegen.metrics_log import METRICS_FILE, MetricsLog, epoch_record, keep_met
 from kneegen.previews import refresh_plots, save_preview
 from kneegen.progress import console, progress_bar
 from kneegen.run import Run
-from kneegen.run_checkpoints import resume_point, save_training_checkpoint
+from kneegen.run_checkpoints import resume_command, resume_point, save_training_checkpoint
 from kneegen.runs import (
     CONFIG,
     LAST,
@@ -312,10 +312,9 @@ def train_epochs(state: TrainState, run: Run) -> None:
                     save_training_checkpoint(state, run)
                 if stop.requested:
                     save_training_checkpoint(state, run)
-                    command = "distill" if state.distillation is not None else "train"
                     raise Interrupted(
                         f"{stop.requested} at epoch {state.epoch + 1}, step {state.step}: saved {run.run_dir / LAST}; "
-                        f"continue with: kneegen {command} --resume --run-dir {run.run_dir}"
+                        f"continue with: {resume_command(state, run.run_dir)}"
                     )
 
             # 2. Validation on rank 0 with the EMA weights, and the epoch record.

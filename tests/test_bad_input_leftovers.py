@@ -161,7 +161,9 @@ def an_autoencoder(trained_run: Path, path: Path) -> Path:
     config = {**payload["config"], "model": {"arch": "vae", "vae": VAE}}
     _, settings = network_settings(load_config(None, {"model.arch": "vae", "model.vae": VAE}).model)
     weights = Autoencoder(settings).state_dict()
-    save_checkpoint({"config": config, "model": weights, "ema": None, "image_shape": [32, 32], "epoch": 1}, path)
+    save_checkpoint(
+        {"config": config, "model": weights, "ema": None, "image_shape": [32, 32], "epoch": 1}, path, then="retry"
+    )
     return path
 
 

@@ -161,11 +161,11 @@ def test_checkpoint_loads_with_weights_only(trained_run):
 
 def test_save_checkpoint_writes_a_loadable_dict(tmp_path):
     path = tmp_path / "x.pt"
-    save_checkpoint({"weights": torch.arange(3.0), "epoch": 5}, path)
+    save_checkpoint({"weights": torch.arange(3.0), "epoch": 5}, path, then="retry")
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == FORMAT and payload["epoch"] == 5
     assert torch.equal(payload["weights"], torch.arange(3.0))
-    save_checkpoint({"epoch": 6}, path)  # replaces atomically
+    save_checkpoint({"epoch": 6}, path, then="retry")  # replaces atomically
     assert load_checkpoint(path)["epoch"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from kneegen.distill_request import distillation_config
 from kneegen.engine import checkpoint
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.errors import KneegenError
@@ -22,7 +23,7 @@ from helpers import tiny_config
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"step": 1}, path)
+    save_checkpoint({"step": 1}, path, then="retry")
     before = path.read_bytes()
 
     def no_space(fd: int) -> None:
@@ -30,11 +31,25 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(checkpoint.os, "fsync", no_space)
     with pytest.raises(KneegenError) as info:
-        save_checkpoint({"step": 2}, path)
+        save_checkpoint({"step": 2}, path, then="kneegen train --resume --run-dir R")
     message = str(info.value)
-    assert "No space left on device" in message and "previous last.pt is intact" in message and "--resume" in message
+    assert "No space left on device" in message and "previous last.pt is intact" in message
+    assert message.endswith("then kneegen train --resume --run-dir R")
     assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+    with pytest.raises(KneegenError, match="best.pt .*: no best.pt was written; free disk space"):
+        save_checkpoint({"step": 2}, tmp_path / "best.pt", then="retry")  # there was none before
+
+
+def test_a_distillation_that_cannot_save_names_its_own_run_and_the_distill_command(trained_run, tmp_path, monkeypatch):
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", no_space)
+    cfg, _ = distillation_config(trained_run / "best.pt", {"train.epochs": 1, "train.batch_size": 4})
+    run_dir = tmp_path / "elsewhere" / "student"
+    with pytest.raises(KneegenError, match=f"then kneegen distill --resume --run-dir {run_dir}$"):
+        run_training(cfg, run_dir)
 
 
 def test_out_of_memory_names_the_batch_size_and_accumulation(prepared, tmp_path, monkeypatch):

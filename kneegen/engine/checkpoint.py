@@ -52,9 +52,10 @@ OTHER_CHECKPOINT = "use another checkpoint of the run (last.pt, best.pt, checkpo
 CHANGED_CONFIG = f"the config stored with them was changed; {OTHER_CHECKPOINT}"  # weights no longer fit it
 
 
-def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
+def save_checkpoint(payload: dict[str, Any], *paths: Path, then: str) -> None:
     """Serialise `payload` once and write it to each path: a temporary file in the same folder,
-    fsync, then rename over the path.
+    fsync, then rename over the path. A write that fails (disk full, permissions) is refused in
+    one line that ends with `then`, the command that carries on once the cause is fixed.
 
     A crash mid-write leaves the previous file intact (rename is atomic on POSIX) and at worst a
     hidden `.NAME.*.tmp`, which `remove_partial_writes` clears and resuming never reads.
@@ -63,6 +64,7 @@ def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **payload}, buffer)
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -73,8 +75,8 @@ def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
         except OSError as exc:  # disk full, quota, permissions: the old file is still whole
             Path(tmp_name).unlink(missing_ok=True)
             raise KneegenError(
-                f"could not write {path} ({exc.strerror or exc}): the previous {path.name} is intact; "
-                f"free disk space (or fix the folder), then kneegen train --resume"
+                f"could not write {path} ({exc.strerror or exc}): {kept}; "
+                f"free disk space (or fix the folder), then {then}"
             ) from None
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
