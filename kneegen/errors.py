@@ -1,4 +1,11 @@
-"""The one exception the core raises for problems a user can fix."""
+"""The one exception the core raises for problems a user can fix, and the file an OS error
+while writing concerns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class KneegenError(Exception):
@@ -9,3 +16,15 @@ class KneegenError(Exception):
     """
 
     exit_code = 1
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError raised while writing `path` names it: a full disk fails a write() or close(),
+    whose error names no file, so the one-line report could not say which output it was."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None

@@ -19,7 +19,7 @@ from kneegen.asked_conditions import AskedConditions, ask_conditions
 from kneegen.engine.device import Compute, resolve_compute
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.trained import TrainedModel, load_trained_model
-from kneegen.errors import KneegenError
+from kneegen.errors import KneegenError, naming
 from kneegen.progress import console, progress_bar
 from kneegen.runs import resolve_checkpoint
 from kneegen.sampling import SamplerChoice, choose_sampler, pick_frames, sample_batches
@@ -182,7 +182,8 @@ def write_image(job: SampleJob, seed: int, image: np.ndarray, asked: dict[str, s
         **asked,
     }
     path = save_png(image, job.folder / (name or f"{seed:06d}.png"), text=info)
-    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    with naming(path.with_suffix(".json")):
+        path.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return path
 
 

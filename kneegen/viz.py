@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from kneegen.errors import naming
+
 GRID_PADDING = 2  # pixels of black between tiles
 GIF_FRAME_MS = 120
 GIF_LAST_FRAME_MS = 1500  # linger on the finished image
@@ -23,7 +25,8 @@ def save_png(pixels: np.ndarray, path: Path, text: dict[str, str] | None = None)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    Image.fromarray(pixels, mode="L").save(path, pnginfo=info)
+    with naming(path):
+        Image.fromarray(pixels, mode="L").save(path, pnginfo=info)
     return path
 
 

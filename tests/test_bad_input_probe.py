@@ -3,6 +3,7 @@ naming the file, key or option, never a traceback, and nothing the user has is c
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -177,3 +178,18 @@ def test_a_network_too_large_for_memory_is_one_line(prepared, tmp_path, monkeypa
     config.write_text(yaml.safe_dump(tiny_run_dict(prepared)))
     result = invoke("train", "--config", config, "--run-dir", tmp_path / "run")
     one_line_error(result, "out of memory", "model.*")
+
+
+# --- a full disk while writing samples or a report -----------------------------------------------
+
+
+def test_a_full_disk_while_sampling_names_the_file_it_was_writing(trained_run, tmp_path, monkeypatch):
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write(): no file named
+
+    monkeypatch.setattr("PIL.Image.Image.save", full_disk)
+    out = tmp_path / "samples"
+    result = invoke("sample", "generate", "2", "--checkpoint", trained_run / "best.pt", "--out", out, "--steps", "2")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert f"no space left on the disk writing {out / '000000.png'}: free some space" in error

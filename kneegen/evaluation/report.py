@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from kneegen.errors import naming
 from kneegen.evaluation.memorisation import SpaceReport, closest_samples
 from kneegen.viz import image_grid, save_png
 
@@ -45,7 +46,8 @@ def write_report(
         "nearest_png": str(save_png(pairs, out_dir / "nearest.png")),
         "report_png": str(out_dir / "report.png"),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    with naming(out_dir / "report.json"):
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     save_report_figure(out_dir / "report.png", report, grid, pairs)
     return report
 
@@ -101,7 +103,8 @@ def save_report_figure(path: Path, report: dict[str, Any], grid: np.ndarray, pai
     axes[1, 1].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)
     figure.suptitle(f"{report['checkpoint']} (epoch {report['epoch']})", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    with naming(path):
+        figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
 
