@@ -31,6 +31,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from kneegen.errors import KneegenError
+from kneegen.interruption import Interrupted
 from kneegen.progress import console
 
 COMMAND_GROUP = "kneegen.commands"
@@ -107,6 +108,9 @@ def reporting_user_errors(function: Callable[..., Any] | None) -> Callable[..., 
             return function(*args, **kwargs)
         except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise  # Typer's own exits and usage errors
+        except KeyboardInterrupt:  # a second Ctrl-C in training, or the first anywhere else
+            report_interruption()
+            raise typer.Exit(Interrupted.exit_code) from None
         except Exception as error:  # noqa: BLE001 - this is the one place every failure is reported
             if debugging["on"] or os.environ.get(DEBUG_VARIABLE) == "1":
                 raise
@@ -185,5 +189,17 @@ def write_crash_log(error: Exception) -> Path:
     return path
 
 
+def report_interruption() -> None:
+    """Ctrl-C outside training's own handling (which saves and says how to resume): one line;
+    the caller exits with the status shells give a command stopped by SIGINT."""
+    console.print(
+        "[bold red]interrupted:[/] stopped by Ctrl-C before it finished; run the command again", highlight=False
+    )
+
+
 def main() -> None:
-    build_app()()
+    try:
+        build_app()()
+    except KeyboardInterrupt:  # while the plugins load, before a command runs
+        report_interruption()
+        sys.exit(Interrupted.exit_code)

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from kneegen.cli import build_app
+from kneegen.cli import build_app, main
 
 from helpers import install_plugin, invoke, tiny_run_dict
 
@@ -789,3 +789,27 @@ def test_no_compile_flag_overrides_the_runs_sample_compile(in_workspace, compile
     assert len(compile_calls) == 1
     assert invoke("sample", "single", "--no-compile", "--out", "config_no_compile").exit_code == 0
     assert len(compile_calls) == 1
+
+
+def test_ctrl_c_during_a_command_is_one_line_and_the_status_of_sigint(phantom_src, tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kneegen.commands.prepare.prepare_folder", stopped)
+    result = invoke("prepare", phantom_src, "--out", tmp_path / "cache")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [
+        "interrupted: stopped by Ctrl-C before it finished; run the command again"
+    ]
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_the_status_of_sigint(monkeypatch, capsys):
+    def stopped():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kneegen.cli.build_app", stopped)
+    with pytest.raises(SystemExit) as exit_status:
+        main()
+    assert exit_status.value.code == 130
+    printed = capsys.readouterr()
+    assert "interrupted: stopped by Ctrl-C" in printed.out + printed.err
