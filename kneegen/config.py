@@ -406,6 +406,8 @@ def get_dotted(config: Any, dotted: str) -> Any:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A UTF-8 YAML file that must hold a mapping with each key once; any other content is the
     user's to fix."""
+    if path.is_dir():
+        raise KneegenError(f"config file {path} is a folder: give a YAML file (see examples/)")
     if not path.is_file():
         raise KneegenError(f"config file {path} not found: give an existing YAML file (see examples/)")
     try:

@@ -79,6 +79,11 @@ def plan_training(request: TrainRequest) -> TrainPlan:
             config, note = hardware_recipe(request.device or "auto", request.precision or "auto")
         elif not config.exists() and str(config) in recipe_names():
             config = recipe_path(str(config))
+        elif not config.exists():
+            raise KneegenError(
+                f"--config {config}: no such file, nor a recipe: give a YAML file (see examples/) or a recipe, "
+                f"{' or '.join(recipe_names())}"
+            )
         cfg = load_config(config, overrides)
     check_overrides(overrides, cfg.model.arch)
     return TrainPlan(cfg, run_dir, resume, checkpoint, note)

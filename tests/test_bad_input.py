@@ -73,6 +73,11 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "zero sample steps in config": ((*TRAIN, "--set", "sample.steps=0"), "sample.steps"),
     "unknown key": ((*TRAIN, "--set", "train.lr_shedule=cosine"), "train.lr_schedule"),
     "missing config": (("train", "--config", "nope.yaml"), "nope.yaml"),
+    "unknown recipe": (
+        ("train", "--config", "gpu-fast"),
+        "--config gpu-fast: no such file, nor a recipe: give a YAML file (see examples/) or a recipe, cpu-bf16 or",
+    ),
+    "config is a folder": (("train", "--config", "notes"), "config file notes is a folder: give a YAML file"),
     "zero steps": (("sample", "generate", 2, "--steps", 0), "--steps"),
     "negative eta": (("sample", "generate", 2, "--sampler", "ddim", "--eta", -1), "--eta"),
     "eta of 5": (("sample", "generate", 2, "--sampler", "ddim", "--eta", 5), "--eta"),
