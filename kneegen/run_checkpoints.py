@@ -93,8 +93,9 @@ def resume_point(
 
 def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     """Refuse a checkpoint too old to resume, and a config that would change the network, the
-    process, or (mid-epoch) the meaning of the saved position in the data; return the other
-    train keys that changed (lr, epochs, …), as ", with train.lr 0.001 → 0.0005" for the log."""
+    process, or (mid-epoch) the meaning of the saved position in the data; return the data and
+    the other train keys that changed (lr, epochs, …), as ", with train.lr 0.001 → 0.0005" for
+    the log."""
     version = payload.get("format_version")
     if not isinstance(version, int) or version < 2:
         format_name = f"checkpoint format {version}" if version is not None else "no checkpoint format version"
@@ -120,6 +121,8 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
         for key, value in current["train"].items()
         if value != saved["train"][key]
     ]
+    if current["data"] != saved["data"]:  # the same size of images (checked later), but other ones
+        allowed.insert(0, f"data {saved['data']} → {current['data']}")
     return f", with {', '.join(allowed)}" if allowed else ""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from kneegen.run_checkpoints import resume_point
 from kneegen.runs import step_checkpoint, step_checkpoints
 from kneegen.training_run import run_training
 
-from helpers import TINY_MODEL, tiny_config, tiny_run_dict
+from helpers import TINY_MODEL, invoke, one_line_error, tiny_config, tiny_run_dict
 
 # Batch 4 on the 50 training images: 13 steps an epoch, so a kill after a few steps is mid-epoch.
 LONG_RUN = {"batch_size": 4, "epochs": 2, "checkpoint_every_steps": 3, "keep_checkpoints": 3, "log_every_steps": 5}
@@ -271,3 +272,21 @@ def test_two_processes_make_the_updates_of_one(prepared, tmp_path, conditions):
         r["train_losses"] for r in read_metrics(one_dir / "metrics.jsonl")
     ]  # rank 0 alone wrote metrics: one record per epoch
     assert launched.stderr.count("epoch 2:") == 1  # and spoke
+
+
+def test_resume_refuses_images_of_another_size_and_names_other_data_of_the_same(
+    trained_run, prepared, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    made = invoke("prepare", "--phantom", 40, "--size", 48, "--out", "d48", "--val-fraction", 0.5, "--test-fraction", 0)
+    assert made.exit_code == 0, made.output
+    files = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    larger = invoke("train", "--resume", "--run-dir", run, "--epochs", 3, "--data", "d48")
+    one_line_error(larger, "--resume: d48 holds 48×48 images and", "trained on 32×32", f"--data {prepared}")
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == files
+    shutil.copytree(prepared, tmp_path / "copy")
+    same_size = invoke("train", "--resume", "--run-dir", run, "--epochs", 3, "--data", tmp_path / "copy")
+    assert same_size.exit_code == 0, same_size.output
+    assert f"data {prepared} → {tmp_path / 'copy'}" in " ".join(same_size.output.split())
