@@ -739,6 +739,29 @@ def test_validate_without_a_held_out_split_is_named(in_workspace, tmp_path):
     )
 
 
+def test_validate_on_another_split_of_its_slices_names_the_patients_it_trained_on(in_workspace, tmp_path):
+    from kneegen.data.cache import open_cache, write_cache
+
+    trained_on = open_cache(in_workspace / "data/prepared")
+    patients = trained_on.manifest["patients"]  # two: one trains, one is held out
+    swapped = {patient: "val" if part == "train" else "train" for patient, part in patients.items()}
+    images = np.load(in_workspace / "data/prepared/images.npy")
+    write_cache(tmp_path / "resplit", images, {**trained_on.manifest, "patients": swapped})
+    result = invoke("validate", "--data", tmp_path / "resplit", "--samples", 4, "--no-feature-copies")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1 of the 1 held-out (val) patients of" in text and "are in the training split of" in text
+    assert (
+        f"validate with --data {in_workspace / 'data/prepared'}" in text or "validate with --data data/prepared" in text
+    )
+    (folder,) = report_folders(result)
+    assert json.loads((folder / "report.json").read_text())["held_out_patients_trained_on"] == 1
+    plain = invoke("validate", "--samples", 4, "--no-feature-copies")
+    assert plain.exit_code == 0 and "training split of" not in " ".join(plain.output.split())
+    (folder,) = report_folders(plain)
+    assert json.loads((folder / "report.json").read_text())["held_out_patients_trained_on"] == 0
+
+
 def test_validate_on_data_of_another_size_is_named(in_workspace, tmp_path):
     prepared = invoke(
         "prepare", in_workspace / "data/phantom", "--size", 16, "--out", tmp_path / "data16", *TWO_PATIENT_SPLIT

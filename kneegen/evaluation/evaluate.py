@@ -50,7 +50,7 @@ from kneegen.evaluation.memorisation import (
     copy_fraction,
     pixel_vectors,
 )
-from kneegen.evaluation.reference import held_out_images, reference_features
+from kneegen.evaluation.reference import held_out_images, patients_trained_on, reference_features
 from kneegen.evaluation.report import write_report
 from kneegen.progress import progress_bar
 from kneegen.sampling import SamplerChoice, choose_sampler, sample_batches
@@ -135,7 +135,24 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
         reports = [evaluate_model(model, cache, reference, request, compute, progress, judge) for model in models]
     unused = [] if request.guidance is None or judge is not None or skipped else [GUIDANCE_UNUSED]
     unchecked = [] if request.feature_copies or extractor is None else [FEATURE_COPIES_OFF]
-    return Evaluation(reports, evaluation_notes(reference, request.samples) + skipped + unused + unchecked)
+    seen = [seen_patients_note(model, cache, split) for model in models]
+    notes = evaluation_notes(reference, request.samples) + skipped + unused + unchecked
+    return Evaluation(reports, notes + [note for note in seen if note])
+
+
+def seen_patients_note(model: TrainedModel, cache: PreparedData, split: str) -> str:
+    """A line when the held-out split holds patients the model trained on (validated on another
+    cache of the same slices), whose scores then do not measure unseen patients; else ""."""
+    trained_on = Path(model.config.data)
+    seen = patients_trained_on(trained_on, cache, split)
+    if not seen:
+        return ""
+    held_out = sum(1 for part in cache.manifest.get("patients", {}).values() if part == split)
+    return (
+        f"{model.source}: {len(seen)} of the {held_out} held-out ({split}) patients of {cache.root} are in the "
+        f"training split of {trained_on}, which it trained on: its scores are not on unseen patients; "
+        f"validate with --data {trained_on}"
+    )
 
 
 def condition_judge(
@@ -244,6 +261,7 @@ def evaluate_model(
         "seeds": [seeds[0], seeds[-1]],
         "held_out_split": reference.split,
         "held_out_images": len(reference.held_out),
+        "held_out_patients_trained_on": len(patients_trained_on(Path(model.config.data), cache, reference.split)),
         **scores.summary(reference),
     }
     if asked is not None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kneegen.data.cache import PreparedData, content_key
+from kneegen.data.cache import PreparedData, content_key, is_cache, open_cache
 from kneegen.errors import KneegenError
 from kneegen.evaluation.features import InceptionFeatures, extract_features
 
@@ -42,6 +43,21 @@ def held_out_images(cache: PreparedData) -> tuple[str, np.ndarray]:
             f"prepare it again with --val-fraction > 0"
         )
     return split, images
+
+
+def patients_trained_on(training_data: Path, cache: PreparedData, split: str) -> list[str]:
+    """The patients of `cache`'s held-out `split` that the training split of `training_data` (the
+    cache a model trained on) holds too: none when they are the same cache, whose splits are
+    disjoint by patient, or when that cache is gone. Another cache of the same slices, split
+    otherwise, may hold a model's own training patients among its held-out ones."""
+    if not is_cache(training_data) or training_data.resolve() == cache.root.resolve():
+        return []
+    trained = {
+        patient for patient, part in open_cache(training_data).manifest.get("patients", {}).items() if part == "train"
+    }
+    return sorted(
+        patient for patient, part in cache.manifest.get("patients", {}).items() if part == split and patient in trained
+    )
 
 
 def reference_features(
