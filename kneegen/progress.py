@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 from rich.console import Console
 from rich.progress import (
@@ -18,9 +19,21 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+class ClearedOnError(Progress):
+    """A Progress that clears its bars when an error ends it, so the error's one line stands alone
+    (where stderr is no terminal, a stopped bar stays printed above it)."""
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            self.live.transient = True
+        super().__exit__(kind, error, trace)
+
+
 def progress_bar() -> Progress:
     """A Progress to use as a context manager; add one task per long phase."""
-    return Progress(
+    return ClearedOnError(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

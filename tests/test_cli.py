@@ -836,3 +836,16 @@ def test_ctrl_c_while_the_commands_load_is_one_line_and_the_status_of_sigint(mon
     assert exit_status.value.code == 130
     printed = capsys.readouterr()
     assert "interrupted: stopped by Ctrl-C" in printed.out + printed.err
+
+
+def test_a_progress_bar_ended_by_an_error_is_cleared_so_the_error_line_stands_alone(capsys):
+    from kneegen.errors import KneegenError
+    from kneegen.progress import progress_bar
+
+    with pytest.raises(KneegenError), progress_bar() as progress:
+        progress.advance(progress.add_task("failing phase", total=3, status=""))
+        raise KneegenError("boom")
+    assert "failing phase" not in capsys.readouterr().err
+    with progress_bar() as progress:
+        progress.advance(progress.add_task("finished phase", total=1, status=""))
+    assert "finished phase" in capsys.readouterr().err  # a bar that ends well stays, as before
