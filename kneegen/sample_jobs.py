@@ -21,6 +21,7 @@ from kneegen.engine.pixels import to_uint8
 from kneegen.engine.trained import TrainedModel, load_trained_model
 from kneegen.errors import KneegenError, naming
 from kneegen.progress import console, progress_bar
+from kneegen.provenance import WRITER, written_by_kneegen
 from kneegen.runs import resolve_checkpoint
 from kneegen.sampling import SamplerChoice, choose_sampler, pick_frames, sample_batches
 from kneegen.viz import image_grid, save_gif, save_png
@@ -96,14 +97,30 @@ def open_job(
     positions = None if wish.positions is None else np.asarray(wish.positions, dtype=np.float32)
     conditions = ask_conditions(model, count, wish.side, wish.position, wish.guidance, positions)
     folder = out or Path("samples") / time.strftime("%Y%m%d-%H%M%S")
-    if folder.is_dir() and any(path.name.endswith(OUTPUT_SUFFIXES) for path in folder.iterdir()) and not overwrite:
-        raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
+    check_may_write(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     asked = f", guidance {conditions.guidance:g}" if conditions is not None else ""
     console.print(
         f"sampling {model.source} (epoch {model.epoch}) with {choice.describe()}{asked} on {compute.describe()}"
     )
     return SampleJob(model, choice, folder, compute, conditions)
+
+
+def check_may_write(folder: Path, overwrite: bool) -> None:
+    """A folder that holds outputs is written only with --overwrite, and then only if kneegen wrote
+    every one of them: a user's own image there would be replaced, or removed with a stack's slices."""
+    existing = (
+        sorted(path for path in folder.iterdir() if path.name.endswith(OUTPUT_SUFFIXES)) if folder.is_dir() else []
+    )
+    if existing and not overwrite:
+        raise KneegenError(f"{folder} already holds images: choose another --out, or pass --overwrite")
+    foreign = [path for path in existing if not written_by_kneegen(path)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise KneegenError(
+            f"{foreign[0]}{more} was not written by kneegen, and --overwrite replaces only its own samples: "
+            "move it, or choose another --out"
+        )
 
 
 def sample_one(job: SampleJob, seed: int) -> Path:
@@ -237,5 +254,7 @@ def write_nifti(slices: np.ndarray, path: Path) -> Path | None:
     except ImportError:
         return None
     volume = np.ascontiguousarray(np.transpose(slices, (0, 2, 1))[:, :, ::-1])  # (S, W, H): x, y, z
-    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    image = nibabel.Nifti1Image(volume, np.eye(4))
+    image.header["descrip"] = WRITER
+    nibabel.save(image, path)
     return path

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from kneegen.errors import naming
+from kneegen.provenance import WRITER
 
 GRID_PADDING = 2  # pixels of black between tiles
 GIF_FRAME_MS = 120
@@ -23,7 +24,7 @@ GIF_LAST_FRAME_MS = 1500  # linger on the finished image
 def save_png(pixels: np.ndarray, path: Path, text: dict[str, str] | None = None) -> Path:
     """Write (H, W) uint8 as a grayscale PNG, with optional text chunks (seed, sampler, …)."""
     info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
+    for key, value in {"software": WRITER, **(text or {})}.items():
         info.add_text(key, value)
     with naming(path):
         Image.fromarray(pixels, mode="L").save(path, pnginfo=info)
@@ -47,7 +48,7 @@ def save_gif(frames: Sequence[np.ndarray], path: Path) -> Path:
     """An animated grayscale GIF that loops and holds its last frame."""
     images = [Image.fromarray(frame, mode="L") for frame in frames]
     durations = [GIF_FRAME_MS] * (len(images) - 1) + [GIF_LAST_FRAME_MS]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, comment=WRITER)
     return path
 
 

@@ -364,6 +364,18 @@ def test_sampling_into_a_folder_with_images_needs_overwrite(in_workspace):
     assert (in_workspace / "taken/000009.png").is_file()
 
 
+def test_overwrite_replaces_only_what_kneegen_wrote_never_a_users_own_image(in_workspace):
+    assert invoke("sample", "illustrate", 1, "--out", "mine", "--steps", 4).exit_code == 0
+    assert invoke("sample", "illustrate", 1, "--out", "mine", "--steps", 4, "--overwrite").exit_code == 0  # its gif too
+    own = in_workspace / "mine" / "000000.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(own)  # the user's image, named as a sample
+    (in_workspace / "mine" / "notes.json").write_text('{"about": "my own notes"}')
+    before = {p.name: p.read_bytes() for p in (in_workspace / "mine").iterdir()}
+    refused = invoke("sample", "generate", 1, "--out", "mine", "--overwrite")
+    assert_clean_user_error(refused, "000000.png (and 1 more) was not written by kneegen", "another --out")
+    assert {p.name: p.read_bytes() for p in (in_workspace / "mine").iterdir()} == before
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
