@@ -234,3 +234,15 @@ def test_the_cache_of_an_image_over_the_pixel_limit_holds_only_the_good_slices(s
     data = open_cache(tmp_path / "out")
     assert len(data.images) == 20 and "bomb.png" not in {record["path"] for record in data.manifest["slices"]}
     assert not np.any(np.all(data.images == 255, axis=(1, 2)))
+
+
+def test_skip_reasons_that_start_with_a_file_inside_a_volume_count_as_their_kind():
+    from kneegen.data.summary import PrepareSummary
+
+    skipped = [
+        ("dcm1", "vol/dcm1/a.dcm: cannot be read as DICOM (File is missing its header): remove or replace the file"),
+        ("dcm2", "vol/dcm2/b.dcm: cannot be read as DICOM (truncated): remove or replace the file"),
+        ("k.nii.gz", "shape is 2-D: give 3-D volumes"),
+    ]
+    summary = PrepareSummary(0, 0, 0, {}, (32, 32), "uint8", "pad", {}, {}, skipped)
+    assert summary.skip_reasons() == {"cannot be read as DICOM": 2, "shape is N-D": 1}

@@ -13,6 +13,8 @@ from typing import Any
 
 from kneegen.data.splits import SPLITS
 
+LEADING_PATH = re.compile(r"^[^\s:]*[/\\.][^\s:]*:\s+")  # "vol/dcm1/a.dcm: cannot be read …": a file inside a volume
+
 
 @dataclass
 class SplitCounts:
@@ -44,9 +46,11 @@ class PrepareSummary:
         return {name: counts.patients for name, counts in self.splits.items()}
 
     def skip_reasons(self) -> Counter[str]:
-        """How many inputs were skipped for each kind of reason: details in brackets and advice
-        after a colon dropped, numbers made alike, so one kind of problem counts as one line."""
-        kinds = (re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", reason)).split(":")[0] for _, reason in self.skipped)
+        """How many inputs were skipped for each kind of reason: the file a reason starts with,
+        details in brackets and advice after a colon dropped, numbers made alike, so one kind of
+        problem counts as one line."""
+        reasons = (LEADING_PATH.sub("", reason) for _, reason in self.skipped)
+        kinds = (re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", reason)).split(":")[0] for reason in reasons)
         return Counter(kinds)
 
 
