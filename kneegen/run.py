@@ -32,6 +32,7 @@ class Run:
     dist: Distributed
     fid: TrainingFid | None  # FID during training (`train.fid_every`), on rank 0 only
     latent: LatentSpace | None = None  # a latent model's autoencoder (model.autoencoder)
+    data_key: str = ""  # the cache's content key (data/cache.py): a resumed run names data prepared again
 
     def trained_model(self, state: TrainState, source: Path) -> TrainedModel:
         """The weights being trained as sampling sees them (the EMA; a student with its steps; the guide once kept)."""

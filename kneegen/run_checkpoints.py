@@ -43,7 +43,12 @@ def save_training_checkpoint(
     if fid_improved:
         state.best_fid = quality.fid  # type: ignore[union-attr]
     improved = fid_improved if run.cfg.train.best_by == "fid" else loss_improved
-    payload = {**state_payload(state, rng), "config": to_dict(run.cfg), "image_shape": list(run.image_shape)}
+    payload = {
+        **state_payload(state, rng),
+        "config": to_dict(run.cfg),
+        "image_shape": list(run.image_shape),
+        "data_key": run.data_key,
+    }
     if run.latent is not None:
         payload["latent"] = latent_record(run.latent, run.image_shape)
     keep = run.cfg.train.keep_checkpoints

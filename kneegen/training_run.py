@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kneegen.config import RunConfig, TrainConfig, check_ranges, save_config
-from kneegen.data.cache import PreparedData, open_cache
+from kneegen.data.cache import PreparedData, content_key, open_cache
 from kneegen.data.latent_cache import open_latents
 from kneegen.ema_snapshots import SNAPSHOTS, drop_snapshots_after, save_ema_snapshot
 from kneegen.engine.autoencoder import Autoencoder
@@ -119,7 +119,7 @@ def run_training(
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 
         # 3. A new run dir, or the state of the interrupted run; then the epochs.
-        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data.image_shape, latent)
+        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data, latent)
         if latent is not None:
             train_images, val_images = latent_splits(cfg, data, latent, compute, dist)
         run = Run(
@@ -135,6 +135,7 @@ def run_training(
             dist,
             fid,
             latent,
+            content_key(data),
         )
         if dist.is_main:
             save_config(cfg, run_dir / CONFIG)
@@ -236,14 +237,14 @@ def open_run_dir(
     run_dir: Path | None,
     resume: bool,
     checkpoint: Path | None,
-    image_shape: tuple[int, int],
+    data: PreparedData,
     latent: LatentSpace | None = None,
 ) -> Path:
     """The run dir to write: a new one (chosen by rank 0), or with `resume` the interrupted run's,
     with `state` restored from its checkpoint (read by every process) and its metrics cut back
     to that checkpoint. A resumed run without any checkpoint yet starts from the beginning; it
-    must train on images of the checkpoint's `image_shape`, and a latent one must have `latent`,
-    the autoencoder its checkpoint was trained with."""
+    must train on `data` of the checkpoint's image shape (data prepared again since is named),
+    and a latent one must have `latent`, the autoencoder its checkpoint was trained with."""
     if not resume:
         return Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
     if run_dir is None:
@@ -260,6 +261,7 @@ def open_run_dir(
             drop_snapshots_after(run_dir, state.step)
         return run_dir
     path, payload, changes = resumed
+    image_shape = data.image_shape
     trained_on = tuple(payload.get("image_shape") or image_shape)
     if trained_on != tuple(image_shape):
         raise KneegenError(
@@ -267,6 +269,8 @@ def open_run_dir(
             f"{trained_on[0]}×{trained_on[1]}: resume with the data it trained on "
             f"(--data {payload['config'].get('data')}), or start a new run"
         )
+    if payload.get("data_key") not in (None, content_key(data)):  # older checkpoints do not record it
+        changes += f"{', with' if not changes else ','} {cfg.data} prepared again since {path.name} was saved"
     if latent is not None:
         check_same_autoencoder(latent, payload["latent"]["digest"], str(path))
     restore_state(state, payload, dist, str(path))

@@ -274,7 +274,7 @@ def test_two_processes_make_the_updates_of_one(prepared, tmp_path, conditions):
     assert launched.stderr.count("epoch 2:") == 1  # and spoke
 
 
-def test_resume_refuses_images_of_another_size_and_names_other_data_of_the_same(
+def test_resume_refuses_images_of_another_size_and_names_other_or_reprepared_data_of_the_same(
     trained_run, prepared, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
@@ -290,3 +290,10 @@ def test_resume_refuses_images_of_another_size_and_names_other_data_of_the_same(
     same_size = invoke("train", "--resume", "--run-dir", run, "--epochs", 3, "--data", tmp_path / "copy")
     assert same_size.exit_code == 0, same_size.output
     assert f"data {prepared} → {tmp_path / 'copy'}" in " ".join(same_size.output.split())
+    manifest = tmp_path / "copy" / "manifest.json"
+    manifest.write_text(manifest.read_text() + "\n")  # prepared again, as far as the cache's key goes
+    again = invoke("train", "--resume", "--run-dir", run, "--epochs", 4, "--data", tmp_path / "copy")
+    assert again.exit_code == 0, again.output
+    assert f"with train.epochs 3 → 4, {tmp_path / 'copy'} prepared again since last.pt was saved" in " ".join(
+        again.output.split()
+    )
