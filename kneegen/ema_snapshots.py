@@ -155,7 +155,7 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
     with progress_bar() as progress:
         task = progress.add_task("post-hoc EMA", total=len(sigma_rels), status="")
         fid: TrainingFid | None = None
-        for sigma_rel in sigma_rels:
+        for done, sigma_rel in enumerate(sigma_rels):
             progress.update(task, status=f"σ_rel {sigma_rel:g}")
             payload = posthoc_payload(run_dir, sigma_rel)
             data = Path(payload["config"]["data"])
@@ -166,7 +166,7 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
             save_checkpoint(
                 {k: v for k, v in payload.items() if k not in ("format", "format_version")},
                 path,
-                then=f"run the same kneegen ema {run_dir} again (lengths already written are kept)",
+                then=f"kneegen ema {run_dir} --lengths {','.join(f'{rest:g}' for rest in sigma_rels[done:])}",
             )
             model = load_trained_model(path, compute)
             results.append(PosthocResult(sigma_rel, path, fid.score(model)))

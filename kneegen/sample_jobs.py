@@ -118,8 +118,8 @@ def check_may_write(folder: Path, overwrite: bool) -> None:
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise KneegenError(
-            f"{foreign[0]}{more} was not written by kneegen, and --overwrite replaces only its own samples: "
-            "move it, or choose another --out"
+            f"{foreign[0]}{more} carries no kneegen mark (another program's file, or one written by kneegen "
+            "before 2026-12-06), and --overwrite replaces only kneegen's own samples: move it, or choose another --out"
         )
 
 
@@ -223,8 +223,9 @@ def sample_stack(job: SampleJob, seed: int, batch_size: int | None) -> tuple[Pat
     The network draws 2-D slices, so the stack is one knee only as far as a shared noise seed
     makes neighbouring positions agree; the grid shows how far that is."""
     count = len(job.conditions.values)  # type: ignore[union-attr]  # a stack always asks positions
-    for old in job.folder.glob("slice_*.*"):  # with --overwrite: a longer earlier stack leaves no slices behind
-        old.unlink()
+    for old in job.folder.glob("slice_[0-9][0-9][0-9].*"):  # with --overwrite: an earlier, longer stack's slices
+        if old.suffix in (".png", ".json"):  # outputs, which check_may_write found kneegen's own
+            old.unlink()
     slices: list[np.ndarray] = []
     with progress_bar() as progress:
         task = progress.add_task("sampling a stack", total=count, status=job.choice.describe())

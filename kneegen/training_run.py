@@ -114,7 +114,7 @@ def run_training(
                 digest = (teacher.get("latent") or {}).get("digest", "none (a pixel model)")
                 check_same_autoencoder(latent, digest, cfg.distill.teacher)
         shape = training_input_shape(state.network, input_shape)
-        plan = plan_memory(state, shape, compute, processes_on_this_machine())
+        plan = plan_memory(state, shape, compute, processes_on_this_machine(), keeps_guide=cfg.train.guide_at > 0)
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 
@@ -159,7 +159,12 @@ def run_training(
                 raise KneegenError(
                     f"out of {compute.device.type.upper()} memory at step {state.step} with train.batch_size "
                     f"{cfg.train.batch_size}: lower it, or raise train.grad_accumulation (same batch, less memory), "
-                    f"then kneegen train --resume"
+                    f"then {resume_command(state, run_dir)}"
+                ) from None
+            except KeyboardInterrupt:  # a second signal: stopped at once, without saving this step
+                raise Interrupted(
+                    f"stopped at once at step {state.step}: the last checkpoint saved is where it goes on from; "
+                    f"continue with: {resume_command(state, run_dir)}"
                 ) from None
     return state
 
@@ -269,7 +274,8 @@ def open_run_dir(
             f"{trained_on[0]}×{trained_on[1]}: resume with the data it trained on "
             f"(--data {payload['config'].get('data')}), or start a new run"
         )
-    if payload.get("data_key") not in (None, content_key(data)):  # older checkpoints do not record it
+    same_data = cfg.data == payload["config"].get("data")  # other data is named by check_resumable
+    if same_data and payload.get("data_key") not in (None, content_key(data)):  # older checkpoints lack it
         changes += f"{', with' if not changes else ','} {cfg.data} prepared again since {path.name} was saved"
     if latent is not None:
         check_same_autoencoder(latent, payload["latent"]["digest"], str(path))

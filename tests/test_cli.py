@@ -372,7 +372,7 @@ def test_overwrite_replaces_only_what_kneegen_wrote_never_a_users_own_image(in_w
     (in_workspace / "mine" / "notes.json").write_text('{"about": "my own notes"}')
     before = {p.name: p.read_bytes() for p in (in_workspace / "mine").iterdir()}
     refused = invoke("sample", "generate", 1, "--out", "mine", "--overwrite")
-    assert_clean_user_error(refused, "000000.png (and 1 more) was not written by kneegen", "another --out")
+    assert_clean_user_error(refused, "000000.png (and 1 more) carries no kneegen mark", "another --out")
     assert {p.name: p.read_bytes() for p in (in_workspace / "mine").iterdir()} == before
 
 

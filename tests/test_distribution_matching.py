@@ -162,7 +162,8 @@ def test_backward_simulation_gives_each_later_step_what_the_students_own_sampler
     simulated = distill.simulated_inputs(x_t, t, noise, None, draws)
     assert torch.equal(simulated[0], x_t[0]) and student.training  # the first step meets noise anyway
     assert torch.equal(draws.path, path)
-    denoise = make_denoiser(student, distill.schedule, distill.prediction, COMPUTE, clip=True)
+    assert distill.fold == 2  # the tiny model's patch size: its sampler takes the fold out of x̂_0
+    denoise = make_denoiser(student, distill.schedule, distill.prediction, COMPUTE, clip=True, fold=2)
     for row in range(1, 5):
         step = grid.index(int(t[row]))
         fresh = [draws.path[row : row + 1, k] for k in range(1, step)] + [noise[row : row + 1]]

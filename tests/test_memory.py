@@ -137,6 +137,8 @@ def test_a_dmd_distillation_plans_for_its_teacher_fake_score_and_teacher_pairs(t
     student = saved_bytes_per_image(state.network, (1, 32, 32), CPU)
     plain = plan_memory(state, (1, 32, 32), CPU, 1)
     assert (plain.per_image, plain.fixed) == (student, BYTES_PER_PARAMETER * parameter_count(state.network))
+    guided = plan_memory(state, (1, 32, 32), CPU, 1, keeps_guide=True)  # train.guide_at: a copy kept later
+    assert guided.fixed == plain.fixed + FROZEN_BYTES_PER_PARAMETER * parameter_count(state.network)
     state.distillation, _ = start_distillation(state.network, cfg, CPU)
     planned = plan_memory(state, (1, 32, 32), CPU, 1)
     # Student, fake score and teacher are the same network: weights, gradients, moments and EMA;

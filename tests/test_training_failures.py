@@ -15,6 +15,7 @@ from kneegen.distill_request import distillation_config
 from kneegen.engine import checkpoint
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.errors import KneegenError
+from kneegen.interruption import Interrupted
 from kneegen.metrics_log import peak_resident_mib
 from kneegen.training_run import run_training
 
@@ -71,6 +72,7 @@ def test_epoch_record_reports_peak_memory(prepared, tmp_path):
     assert 10 < record["peak_memory_mb"] < 24 * 1024  # a Python process with torch: tens of MiB at least
 
 
+@pytest.mark.slow  # it holds 1 GiB for a moment
 def test_a_process_spawned_by_a_larger_one_reports_its_own_peak_memory_not_the_parents():
     """ru_maxrss survives exec with the parent's peak; the probe of benchmarks/latent.py read 5.6
     GiB that were the benchmark's own. A child spawned while this process holds 1 GiB more reports less."""
@@ -80,3 +82,14 @@ def test_a_process_spawned_by_a_larger_one_reports_its_own_peak_memory_not_the_p
     child = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
     assert 10 < child < peak_resident_mib() - 900
     del held
+
+
+def test_a_second_ctrl_c_stops_at_once_and_names_the_runs_own_resume_command(prepared, tmp_path, monkeypatch):
+    def stopped_at_once(state, run):
+        raise KeyboardInterrupt  # what StopRequest raises on a second signal
+
+    monkeypatch.setattr("kneegen.training_run.train_epochs", stopped_at_once)
+    run_dir = tmp_path / "somewhere" / "run"
+    expected = f"stopped at once .* continue with: kneegen train --resume --run-dir {run_dir}$"
+    with pytest.raises(Interrupted, match=expected):
+        run_training(tiny_config(prepared, tmp_path), run_dir)

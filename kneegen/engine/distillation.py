@@ -54,6 +54,7 @@ from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 from kneegen.engine.fake_score import FakeScore, MatchingDraws, distribution_matching_loss, draw_matching
 from kneegen.engine.loss import per_image_loss
+from kneegen.engine.network import network_settings
 from kneegen.engine.optimizer import make_optimizer
 from kneegen.engine.samplers import Denoiser, second_order_term, trailing_timesteps
 from kneegen.engine.schedule import Schedule
@@ -98,6 +99,7 @@ class Distillation:
     conditions: int = 0  # the model's conditions K: the pairs are drawn with all of them unknown
     anchor: TeacherPairs | None = None  # dmd: those pairs, once drawn (or restored from a checkpoint)
     backward_simulation: bool = False  # dmd: later steps learn from the student's own earlier steps (DMD2)
+    fold: int = 1  # a pixel network's patch size, whose fold frequencies its sampler takes out of x̂_0
 
     @property
     def single_stage(self) -> bool:
@@ -230,6 +232,7 @@ class Distillation:
                     self.compute,
                     conditions[rows] if conditions is not None else None,
                     clip=self.clip,
+                    fold=self.fold,  # as its sampler steps
                 )
                 count = int(rows.sum())
                 x0, _ = denoise(current[rows], torch.full((count,), grid[step - 1], device=t.device))
@@ -419,6 +422,7 @@ def start_distillation(
         anchor_pairs=distill.regression_pairs,
         conditions=len(cfg.model.conditions),
         backward_simulation=distill.backward_simulation,
+        fold=1 if cfg.model.autoencoder else getattr(network_settings(cfg.model)[1], "patch_size", 1),
     ), payload
 
 

@@ -19,6 +19,7 @@ not part of what sampling loads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -81,8 +82,8 @@ def draw_matching(
 ) -> MatchingDraws:
     """τ uniform over TAU_RANGE of the T timesteps and ε ~ N(0, I), for the student and for each of
     the fake score's `updates`; for the `anchored` rows ((B,) bool), one of `pairs` teacher pairs;
-    and the noise of `simulated_steps` steps of the student's own sampling per row (drawn last, so
-    the other draws are those of a run without it)."""
+    and the noise of `simulated_steps` steps of the student's own sampling per row (drawn last,
+    and nothing at 0 steps: a run without backward simulation draws as before it existed)."""
     low, high = (round(fraction * timesteps) for fraction in TAU_RANGE)
     tau = torch.randint(low, high, (batch,), generator=generator)
     noise = torch.randn((batch, *shape), generator=generator)
@@ -128,7 +129,8 @@ class FakeScore(Companion):
 
     def keep(self, x0: Tensor, draws: MatchingDraws, conditions: Tensor | None) -> None:
         """The student's samples of one micro-batch, detached, for this step's updates."""
-        self.pending.append((x0.detach().float(), draws, conditions))
+        kept = dataclasses.replace(draws, path=draws.path[:, :0])  # the simulation's noise is spent
+        self.pending.append((x0.detach().float(), kept, conditions))
 
     def step(self, lr: float, batch_images: int, dist: Distributed = SINGLE, skipped: bool = False) -> float:
         """Its updates on this step's samples, each at its own τ and ε (the mean over the global

@@ -102,14 +102,15 @@ def free_memory(device: torch.device, processes_here: int) -> int | None:
 
 
 def plan_memory(
-    state: TrainState, input_shape: tuple[int, ...], compute: Compute, processes_here: int
+    state: TrainState, input_shape: tuple[int, ...], compute: Compute, processes_here: int, keeps_guide: bool = False
 ) -> MemoryPlan | None:
-    """The plan of a step of `state` on inputs of `input_shape` (C, H, W); None where the free
-    memory is unknown."""
+    """The plan of a step of `state` on inputs of `input_shape` (C, H, W), with room for the guide
+    a run `keeps_guide` (train.guide_at) keeps later; None where the free memory is unknown."""
     available = free_memory(compute.device, processes_here)
     if available is None:
         return None
-    return MemoryPlan(largest_pass_per_image(state, input_shape, compute), held_bytes(state, input_shape), available)
+    held = held_bytes(state, input_shape, compute, keeps_guide)
+    return MemoryPlan(largest_pass_per_image(state, input_shape, compute), held, available)
 
 
 def largest_pass_per_image(state: TrainState, input_shape: tuple[int, ...], compute: Compute) -> int:
@@ -128,18 +129,19 @@ def largest_pass_per_image(state: TrainState, input_shape: tuple[int, ...], comp
     return max(passes)
 
 
-def held_bytes(state: TrainState, input_shape: tuple[int, ...]) -> int:
+def held_bytes(state: TrainState, input_shape: tuple[int, ...], compute: Compute, keeps_guide: bool = False) -> int:
     """Bytes a step holds whatever its batch: the trained network's weights, gradients, moments
     and EMA; each companion's weights, gradients and moments; the frozen networks' weights (a
-    training guide, post-hoc EMA snapshots, a distillation's teacher and its guide); and a dmd
-    student's teacher pairs."""
+    training guide, kept or to be kept, post-hoc EMA snapshots, a distillation's teacher and its
+    guide); and a dmd student's teacher pairs, which stay in the CPU's memory."""
     distillation = state.distillation
     companions = [state.adversary, distillation.fake_score if distillation is not None else None]
-    frozen = [state.guide, *(power.model for power in state.power_emas)]
+    guide = state.guide if state.guide is not None else state.network if keeps_guide else None
+    frozen = [guide, *(power.model for power in state.power_emas)]
     pairs = 0
     if distillation is not None:
         frozen += [distillation.teacher, distillation.guide]
-        if distillation.has_regression_anchor:
+        if distillation.has_regression_anchor and compute.device.type == "cpu":
             pairs = distillation.anchor_pairs * math.prod(input_shape) * PAIR_BYTES_PER_VALUE
     return (
         BYTES_PER_PARAMETER * parameter_count(state.network)

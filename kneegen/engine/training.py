@@ -475,9 +475,8 @@ def diffusion_batch(
         c = to_device(c_all[part], compute.device) if c_all is not None else None
         x_t = schedule.add_noise(x0, noise, t)
         draws = matching_all.part(torch.from_numpy(part)).to(compute.device) if matching_all is not None else None
-        if (
-            distillation is not None
-        ):  # dmd: later steps from the student's own, first steps from the teacher pairs' noise
+        if distillation is not None:
+            # dmd: later steps from the student's own samples, first steps from the teacher pairs' noise
             x_t = distillation.simulated_inputs(x_t, t, noise, c, draws)
             x_t, c = distillation.anchored_inputs(x_t, c, draws)
         with compute.autocast():
