@@ -28,7 +28,7 @@ from kneegen.runs import step_checkpoints
 from kneegen.training_run import run_training
 
 from helpers import invoke, one_line_error, tiny_run_dict
-from test_training_resume import losses, train_with_torchrun
+from test_training_resume import keep_checkpoints_up_to, losses, train_with_torchrun
 
 COMPUTE = resolve_compute("cpu", "fp32")
 
@@ -198,11 +198,7 @@ def test_a_distillation_resumed_in_either_round_continues_exactly(trained_run, t
     for cut_at in (9, 18):  # round 1 (the boundary is passed after resuming), round 2
         run_dir = tmp_path / f"cut-{cut_at}"
         run_training(cfg, run_dir)
-        for path in [run_dir / "last.pt", run_dir / "best.pt"]:
-            path.unlink()
-        for path in step_checkpoints(run_dir):
-            if load_checkpoint(path)["step"] > cut_at:
-                path.unlink()
+        keep_checkpoints_up_to(run_dir, cut_at)
         assert load_checkpoint(step_checkpoints(run_dir)[-1])["distillation"]["round"] == int(cut_at > 13)
         resumed = invoke("distill", "--resume-from", run_dir)
         assert resumed.exit_code == 0, resumed.output

@@ -43,6 +43,15 @@ def losses(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in MACHINE_KEYS} for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
+def keep_checkpoints_up_to(run_dir: Path, step: int) -> None:
+    """Delete last.pt, best.pt and every step checkpoint after `step`: the run as a kill just after it left it."""
+    for path in [run_dir / "last.pt", run_dir / "best.pt"]:
+        path.unlink()
+    for path in step_checkpoints(run_dir):
+        if load_checkpoint(path)["step"] > step:
+            path.unlink()
+
+
 def distillation_cut_and_resumed(cfg: RunConfig, work: Path, after_step: int) -> tuple[Path, Path]:
     """`cfg`'s distillation run straight into work/straight, and into work/cut with every checkpoint
     after `after_step` deleted (last.pt and best.pt too) and then `kneegen distill --resume-from`
@@ -50,11 +59,7 @@ def distillation_cut_and_resumed(cfg: RunConfig, work: Path, after_step: int) ->
     run_training(cfg, work / "straight")
     run_dir = work / "cut"
     run_training(cfg, run_dir)
-    for path in [run_dir / "last.pt", run_dir / "best.pt"]:
-        path.unlink()
-    for path in step_checkpoints(run_dir):
-        if load_checkpoint(path)["step"] > after_step:
-            path.unlink()
+    keep_checkpoints_up_to(run_dir, after_step)
     resumed = CliRunner().invoke(build_app(), ["distill", "--resume-from", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
     return work / "straight", run_dir

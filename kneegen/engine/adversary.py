@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kneegen.engine.companion import Companion
+from kneegen.engine.companion import Companion, companion_fields
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
 
@@ -152,14 +152,4 @@ def make_adversary(
     """A fresh discriminator (from the global RNG, seeded by the caller), frozen until its first step."""
     network = PatchDiscriminator(image_channels, channels).to(compute.device, memory_format=compute.memory_format)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr, betas=BETAS)
-    train_network = dist.wrap(network)  # while its weights still ask for gradients, which DDP requires
-    network.requires_grad_(False)
-    return Adversary(
-        network=network,
-        train_network=train_network,
-        optimizer=optimizer,
-        scaler=compute.grad_scaler(),
-        compute=compute,
-        weight=weight,
-        start_epoch=start_epoch,
-    )
+    return Adversary(**companion_fields(network, optimizer, compute, dist), weight=weight, start_epoch=start_epoch)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kneegen.engine.device import Compute
+from kneegen.engine.distributed import Distributed
 
 
 @dataclass(kw_only=True)
@@ -43,3 +44,17 @@ class Companion:
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])  # type: ignore[arg-type]
         self.epoch_losses = list(state.get("epoch_losses", []))  # type: ignore[call-overload]  # older checkpoints lack it
+
+
+def companion_fields(network: nn.Module, optimizer: torch.optim.Optimizer, compute: Compute, dist: Distributed) -> dict:
+    """What every new companion holds: its network, wrapped for data-parallel training while its
+    weights still ask for gradients (DDP requires it), then frozen until its own first step."""
+    train_network = dist.wrap(network)
+    network.requires_grad_(False)
+    return {
+        "network": network,
+        "train_network": train_network,
+        "optimizer": optimizer,
+        "scaler": compute.grad_scaler(),
+        "compute": compute,
+    }

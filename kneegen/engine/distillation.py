@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from kneegen.config import DistillMethod, Prediction, RunConfig, TeacherSolver
 from kneegen.engine.checkpoint import load_training_checkpoint, load_weights
+from kneegen.engine.companion import companion_fields
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
 from kneegen.engine.distributed import SINGLE, Distributed
@@ -432,16 +433,9 @@ def make_fake_score(
     """A trainable copy of the teacher, with the run's optimiser, to learn the student's samples;
     frozen outside its own updates."""
     network = copy.deepcopy(teacher).requires_grad_(True)
-    optimizer = make_optimizer(network, cfg.train)
-    train_network = dist.wrap(network)  # while its weights still ask for gradients, which DDP requires
-    network.requires_grad_(False)
     diffusion = cfg.diffusion
     return FakeScore(
-        network=network,
-        train_network=train_network,
-        optimizer=optimizer,
-        scaler=compute.grad_scaler(),
-        compute=compute,
+        **companion_fields(network, make_optimizer(network, cfg.train), compute, dist),
         schedule=schedule,
         prediction=diffusion.prediction,
         loss_kind=diffusion.loss,
