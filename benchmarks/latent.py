@@ -116,7 +116,7 @@ def autoencoder_rates(cfg: RunConfig, compute: Compute) -> tuple[float, float, A
     def train_step() -> None:
         with compute.autocast():
             reconstruction, mean, logvar = network(crops, noise)
-        loss = autoencoder_loss(reconstruction, crops, mean, logvar, settings).mean()
+        loss = autoencoder_loss(reconstruction, crops, mean, logvar, settings, compute.autocast).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -109,6 +109,7 @@ def test_latents_are_the_image_over_f_per_side_and_decode_back_on_non_square_sli
 @pytest.mark.parametrize(
     ("key", "value"),
     [("factor", 3), ("latent_channels", 0), ("crop", 30), ("crop", 8), ("kl_weight", -1.0), ("spectral_weight", -0.5)]
+    + [("perceptual_weight", -1.0)]
     + [("adversarial_weight", -0.1), ("adversarial_start", -1), ("discriminator_channels", 0)],
 )
 def test_impossible_settings_are_refused_by_key(key, value):

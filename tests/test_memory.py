@@ -23,8 +23,10 @@ from kneegen.engine.memory import (
     saved_bytes_per_image,
 )
 from kneegen.engine.network import build_network
+from kneegen.engine.perceptual import perceptual_distance
 from kneegen.engine.training import create_state
 from kneegen.errors import KneegenError
+from kneegen.evaluation.features import bundled_weights
 from kneegen.metrics_log import read_metrics
 from kneegen.training_run import run_training
 
@@ -98,18 +100,16 @@ def test_training_with_little_memory_makes_the_updates_of_the_full_batch(prepare
     assert losses[0] == losses[1]
 
 
-def autoencoder_config(tmp_path, adversarial_weight: float):
+def autoencoder_config(tmp_path, **loss_weights: float):
     cfg = tiny_config("data", tmp_path, train={"batch_size": 8})
     vae = {"factor": 4, "latent_channels": 4, "channels": 8, "crop": 32, "discriminator_channels": 8}
-    cfg.model = load_config(
-        None, {"model.arch": "vae", "model.vae": {**vae, "adversarial_weight": adversarial_weight}}
-    ).model
+    cfg.model = load_config(None, {"model.arch": "vae", "model.vae": {**vae, **loss_weights}}).model
     return cfg
 
 
 def test_an_autoencoders_discriminator_is_planned_for_and_can_split_a_batch_that_fits_without_it(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device, processes: 1 << 40)
-    alone_cfg, judged_cfg = autoencoder_config(tmp_path, 0.0), autoencoder_config(tmp_path, 0.5)
+    alone_cfg, judged_cfg = autoencoder_config(tmp_path), autoencoder_config(tmp_path, adversarial_weight=0.5)
     torch.manual_seed(0)
     alone = plan_memory(create_state(alone_cfg, (32, 32), CPU), (1, 32, 32), CPU, 1)
     torch.manual_seed(0)
@@ -127,6 +127,21 @@ def test_an_autoencoders_discriminator_is_planned_for_and_can_split_a_batch_that
     assert fit_batch_in_memory(alone_cfg, MemoryPlan(alone.per_image, alone.fixed, int(room)))[0] == alone_cfg
     fitted, note = fit_batch_in_memory(judged_cfg, MemoryPlan(judged.per_image, judged.fixed, int(room)))
     assert fitted.train.grad_accumulation > 1 and "micro-batches" in note
+
+
+@pytest.mark.skipif(bundled_weights() is None, reason="default_1.pt not installed")
+def test_an_autoencoders_perceptual_distance_is_planned_for_as_part_of_its_backward_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory", lambda device, processes: 1 << 40)
+    torch.manual_seed(0)
+    alone = plan_memory(create_state(autoencoder_config(tmp_path), (32, 32), CPU), (1, 32, 32), CPU, 1)
+    torch.manual_seed(0)
+    state = create_state(autoencoder_config(tmp_path, perceptual_weight=1.0), (32, 32), CPU)
+    perceiving = plan_memory(state, (1, 32, 32), CPU, 1)
+    inception = perceptual_distance(CPU.device)
+    through = saved_bytes_per_image(inception, (1, 32, 32), CPU)
+    assert through >= 32 * 32 * 4  # at least the reconstruction it reads
+    assert perceiving.per_image == alone.per_image + through
+    assert perceiving.fixed == alone.fixed + FROZEN_BYTES_PER_PARAMETER * parameter_count(inception)
 
 
 def test_a_dmd_distillation_plans_for_its_teacher_fake_score_and_teacher_pairs(trained_run, tmp_path, monkeypatch):

@@ -21,6 +21,9 @@ judge the reconstructions too (`adversarial_weight`, engine/adversary.py), as th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kneegen.engine.perceptual import perceptual_distance, perceptual_weights
 from kneegen.engine.ssim import ms_ssim
 from kneegen.errors import KneegenError
 
@@ -50,6 +54,7 @@ class AutoencoderConfig:
     ssim_weight: float = 0.5  # weight of (1 − MS-SSIM) beside L1
     kl_weight: float = 1e-6  # weight of the KL term summed over the latent, per image pixel (the paper's 1e-6)
     spectral_weight: float = 0.0  # weight of the amplitude-spectrum distance (`spectral_distance`); 0 = off
+    perceptual_weight: float = 0.0  # weight of the Inception-feature distance (engine/perceptual.py); 0 = off
     adversarial_weight: float = 0.0  # weight of a patch discriminator's judgement (engine/adversary.py); 0 = none
     adversarial_start: int = 1  # the epoch from which the discriminator trains and judges (0 = the first)
     discriminator_channels: int = 64  # its first layer's width, doubling at each halving up to 8×
@@ -65,9 +70,12 @@ class AutoencoderConfig:
                 f"model.vae.crop = {self.crop} must be 0 (whole images) or a multiple of "
                 f"factor {self.factor} of at least 16"
             )
-        for key in ("ssim_weight", "kl_weight", "spectral_weight", "adversarial_weight", "adversarial_start"):
+        weights = ("ssim_weight", "kl_weight", "spectral_weight", "perceptual_weight", "adversarial_weight")
+        for key in (*weights, "adversarial_start"):
             if getattr(self, key) < 0:
                 raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 0")
+        if self.perceptual_weight:
+            perceptual_weights()  # refuses in one line when the Inception is not installed
 
     def size_multiple(self) -> int:
         return self.factor
@@ -199,17 +207,35 @@ def latent_shape(cfg: AutoencoderConfig, image_shape: tuple[int, int]) -> tuple[
 
 
 def autoencoder_loss(
-    reconstruction: Tensor, target: Tensor, mean: Tensor, logvar: Tensor, cfg: AutoencoderConfig
+    reconstruction: Tensor,
+    target: Tensor,
+    mean: Tensor,
+    logvar: Tensor,
+    cfg: AutoencoderConfig,
+    autocast: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> Tensor:
     """Per image (B,): mean |x̂ − x| + ssim_weight·(1 − MS-SSIM) + spectral_weight·(amplitude-spectrum
-    distance) + kl_weight·KL(q(z|x) ‖ N(0, I)) summed over the latent and divided by the image's
-    pixels (so kl_weight means what it means in the paper, whose reconstruction term is a per-pixel sum)."""
+    distance) + perceptual_weight·(Inception-feature distance, engine/perceptual.py) +
+    kl_weight·KL(q(z|x) ‖ N(0, I)) summed over the latent and divided by the image's pixels (so
+    kl_weight means what it means in the paper, whose reconstruction term is a per-pixel sum).
+    The Inception runs under `autocast` (the run's precision); every other term in float32."""
+    perceptual: Tensor | float = 0.0
+    if cfg.perceptual_weight:
+        with autocast():
+            perceptual = perceptual_distance(target.device)(reconstruction, target)
     reconstruction = reconstruction.float()
     l1 = (reconstruction - target).abs().mean(dim=(1, 2, 3))
     structural = 1.0 - ms_ssim(reconstruction, target) if cfg.ssim_weight else torch.zeros_like(l1)
     spectral = spectral_distance(reconstruction, target) if cfg.spectral_weight else torch.zeros_like(l1)
     kl = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
-    return l1 + cfg.ssim_weight * structural + cfg.spectral_weight * spectral + cfg.kl_weight * kl / target[0].numel()
+    pixels = target[0].numel()
+    return (
+        l1
+        + cfg.ssim_weight * structural
+        + cfg.spectral_weight * spectral
+        + cfg.perceptual_weight * perceptual
+        + cfg.kl_weight * kl / pixels
+    )
 
 
 def spectral_distance(reconstruction: Tensor, target: Tensor) -> Tensor:

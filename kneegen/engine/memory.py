@@ -28,6 +28,7 @@ from kneegen.config import RunConfig
 from kneegen.engine.adversary import PatchDiscriminator
 from kneegen.engine.autoencoder import Autoencoder, latent_shape
 from kneegen.engine.device import Compute
+from kneegen.engine.perceptual import PerceptualDistance, perceptual_distance
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:  # training imports nothing from here, but the engine's heaviest module is not needed at run time
@@ -76,6 +77,8 @@ def saved_bytes_per_image(network: nn.Module, input_shape: tuple[int, ...], comp
         inputs = (x, torch.zeros((1, *latent_shape(network.cfg, shape[-2:])), device=compute.device))
     elif isinstance(network, PatchDiscriminator):  # it judges an image, at no noise level
         inputs = (x,)
+    elif isinstance(network, PerceptualDistance):  # a reconstruction against its target
+        inputs = (x, x.detach())
     else:
         inputs = (x, torch.zeros(1, dtype=torch.long, device=compute.device))
     was_training = network.training
@@ -115,10 +118,14 @@ def plan_memory(
 
 def largest_pass_per_image(state: TrainState, input_shape: tuple[int, ...], compute: Compute) -> int:
     """Saved bytes per image of the largest of a step's passes with a backward, which run one
-    after the other: the trained network's (through a discriminator's judgement of its output,
-    when there is one), the discriminator's own update (a real and a generated image per row),
-    and a fake score's updates (the teacher's network on the student's samples)."""
+    after the other: the trained network's (through an autoencoder's perceptual distance and a
+    discriminator's judgement of its output, when there are), the discriminator's own update (a
+    real and a generated image per row), and a fake score's updates (the teacher's network on the
+    student's samples)."""
     trained = saved_bytes_per_image(state.network, input_shape, compute)
+    perceptual = perceptual_network(state, compute)
+    if perceptual is not None:
+        trained += saved_bytes_per_image(perceptual, input_shape, compute)
     passes = [trained]
     if state.adversary is not None:
         judged = saved_bytes_per_image(state.adversary.network, input_shape, compute)
@@ -137,7 +144,7 @@ def held_bytes(state: TrainState, input_shape: tuple[int, ...], compute: Compute
     distillation = state.distillation
     companions = [state.adversary, distillation.fake_score if distillation is not None else None]
     guide = state.guide if state.guide is not None else state.network if keeps_guide else None
-    frozen = [guide, *(power.model for power in state.power_emas)]
+    frozen = [guide, *(power.model for power in state.power_emas), perceptual_network(state, compute)]
     pairs = 0
     if distillation is not None:
         frozen += [distillation.teacher, distillation.guide]
@@ -149,6 +156,14 @@ def held_bytes(state: TrainState, input_shape: tuple[int, ...], compute: Compute
         + FROZEN_BYTES_PER_PARAMETER * sum(parameter_count(network) for network in frozen if network is not None)
         + pairs
     )
+
+
+def perceptual_network(state: TrainState, compute: Compute) -> nn.Module | None:
+    """The Inception layers an autoencoder's loss runs its reconstructions through, if it does."""
+    network = state.network
+    if isinstance(network, Autoencoder) and network.cfg.perceptual_weight:
+        return perceptual_distance(compute.device)
+    return None
 
 
 def parameter_count(network: nn.Module) -> int:

@@ -37,6 +37,7 @@ from kneegen.engine.ema import EMA
 from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
 from kneegen.engine.optimizer import make_optimizer
+from kneegen.engine.perceptual import SMALLEST_SIDE as PERCEPTUAL_SMALLEST_SIDE
 from kneegen.engine.pixels import model_range_std, stored_shape, to_network_input
 from kneegen.engine.posthoc_ema import STORED_SIGMA_RELS, PowerEMA
 from kneegen.engine.schedule import Schedule
@@ -119,6 +120,7 @@ def create_state(
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
+    check_perceptual_side(network, image_shape)
     adversary = make_run_adversary(network, image_shape, channels, cfg, compute, dist)  # before dropout seeds
     ema = make_ema(network, cfg.train) if dist.is_main else None
     keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
@@ -142,6 +144,19 @@ def create_state(
         ),
         adversary=adversary,
     )
+
+
+def check_perceptual_side(network: nn.Module, image_shape: tuple[int, int]) -> None:
+    """Refuse an autoencoder whose training crops are too small for its perceptual distance."""
+    if not (isinstance(network, Autoencoder) and network.cfg.perceptual_weight):
+        return
+    side = min(crop_side(network.cfg, length) for length in image_shape)
+    if side < PERCEPTUAL_SMALLEST_SIDE:
+        raise KneegenError(
+            f"model.vae.perceptual_weight: the Inception's layers need inputs at least {PERCEPTUAL_SMALLEST_SIDE} px "
+            f"a side, and this run trains on {side} px: set model.vae.crop to {PERCEPTUAL_SMALLEST_SIDE} or more "
+            "(on images that large), or set model.vae.perceptual_weight to 0"
+        )
 
 
 def make_run_adversary(
@@ -512,7 +527,7 @@ def autoencoder_batch(state: TrainState, images: np.ndarray, index: np.ndarray, 
         x0 = to_device(to_network_input(crops, CPU), compute.device).to(memory_format=compute.memory_format)
         with compute.autocast():
             reconstruction, mean, logvar = state.train_network(x0, to_device(noise_all[part], compute.device))
-        per_image = autoencoder_loss(reconstruction, x0, mean, logvar, settings)
+        per_image = autoencoder_loss(reconstruction, x0, mean, logvar, settings, compute.autocast)
         if adversary is not None and adversary.active(state.epoch):
             last_layer = state.network.last_layer()  # type: ignore[operator]
             per_image = per_image + adversary.generator_term(x0, reconstruction, per_image, last_layer)

@@ -138,7 +138,7 @@ def reconstruction_validation(
                 mean, logvar = network.posterior(x0.to(memory_format=compute.memory_format))
                 reconstruction = network.decode(mean)
             reconstruction = reconstruction.float().clamp(-1.0, 1.0)
-            loss = autoencoder_loss(reconstruction, x0, mean, logvar, network.cfg)
+            loss = autoencoder_loss(reconstruction, x0, mean, logvar, network.cfg, compute.autocast)
             totals += torch.stack([loss.sum(), psnr(reconstruction, x0).sum(), ssim(reconstruction, x0).sum()]).cpu()
     loss, mean_psnr, mean_ssim = (totals / len(images)).tolist()
     return ValidationResult(loss, [], [], mean_psnr, mean_ssim)
