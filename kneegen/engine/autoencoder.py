@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kneegen.engine.perceptual import perceptual_distance, perceptual_weights
+from kneegen.engine.perceptual import perceptual_distance
 from kneegen.engine.ssim import ms_ssim
 from kneegen.errors import KneegenError
 
@@ -74,8 +74,6 @@ class AutoencoderConfig:
         for key in (*weights, "adversarial_start"):
             if getattr(self, key) < 0:
                 raise KneegenError(f"model.vae.{key} = {getattr(self, key)} must be ≥ 0")
-        if self.perceptual_weight:
-            perceptual_weights()  # refuses in one line when the Inception is not installed
 
     def size_multiple(self) -> int:
         return self.factor

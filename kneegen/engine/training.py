@@ -38,6 +38,7 @@ from kneegen.engine.loss import min_snr_weight, per_image_loss
 from kneegen.engine.network import build_network
 from kneegen.engine.optimizer import make_optimizer
 from kneegen.engine.perceptual import SMALLEST_SIDE as PERCEPTUAL_SMALLEST_SIDE
+from kneegen.engine.perceptual import perceptual_weights
 from kneegen.engine.pixels import model_range_std, stored_shape, to_network_input
 from kneegen.engine.posthoc_ema import STORED_SIGMA_RELS, PowerEMA
 from kneegen.engine.schedule import Schedule
@@ -120,7 +121,7 @@ def create_state(
     if dist.enabled and compute.device.type == "cuda":
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # `arch: seed` normalises over the global batch
     network = network.to(compute.device, memory_format=compute.memory_format)
-    check_perceptual_side(network, image_shape)
+    check_perceptual(network, image_shape)
     adversary = make_run_adversary(network, image_shape, channels, cfg, compute, dist)  # before dropout seeds
     ema = make_ema(network, cfg.train) if dist.is_main else None
     keeps_snapshots = cfg.train.ema_snapshots and dist.is_main
@@ -146,10 +147,13 @@ def create_state(
     )
 
 
-def check_perceptual_side(network: nn.Module, image_shape: tuple[int, int]) -> None:
-    """Refuse an autoencoder whose training crops are too small for its perceptual distance."""
+def check_perceptual(network: nn.Module, image_shape: tuple[int, int]) -> None:
+    """Refuse to train an autoencoder with a perceptual distance when the Inception is not
+    installed or its crops are too small for it. (Only training needs it: a latent model
+    encodes and decodes with an autoencoder trained with it wherever the Inception is missing.)"""
     if not (isinstance(network, Autoencoder) and network.cfg.perceptual_weight):
         return
+    perceptual_weights()
     side = min(crop_side(network.cfg, length) for length in image_shape)
     if side < PERCEPTUAL_SMALLEST_SIDE:
         raise KneegenError(
