@@ -20,7 +20,8 @@ achieved TFLOP/s and its share of the matmul peak, and ok or FAILED with the las
 
 Training speed is the median over the epoch's steps after the first (train.log_every_steps=1), so neither
 the compilation nor start-up counts; TFLOP/s is 3 × the forward FLOPs of one image (FlopCounterMode on
-the run's network: an image, a latent, or the autoencoder's training crop) × images/s. Batch sizes are the
+the run's network: an image, a latent, or the autoencoder's training crop; not the frozen Inception an
+autoencoder's perceptual distance runs through, so its row understates the work done) × images/s. Batch sizes are the
 recipes', lowered where needed to divide the training split: a partial last batch has another shape, which
 torch.compile would compile a second time. Sampling images/s is `kneegen sample generate`'s own timing
 (network, decoding and PNG writing; not start-up).

@@ -15,7 +15,9 @@ The loss (`autoencoder_loss`) is L1 + a multi-scale SSIM term + a small KL weigh
 and optionally a distance between amplitude spectra (`spectral_weight`): L1 and SSIM reward the
 mean of what the latent cannot pin down, so fine noise-like texture comes back smoothed; the
 amplitude spectrum asks for that texture's power at each frequency without asking for its phase
-(the idea of Jiang et al. 2021's focal frequency loss, unweighted). A patch discriminator may
+(the idea of Jiang et al. 2021's focal frequency loss, unweighted); and optionally LPIPS's distance
+on the FID Inception's early layers (`perceptual_weight`, engine/perceptual.py), which asks for
+texture that looks like the slice's, as the paper's LPIPS term does. A patch discriminator may
 judge the reconstructions too (`adversarial_weight`, engine/adversary.py), as the paper's does.
 """
 

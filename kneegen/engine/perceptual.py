@@ -14,7 +14,7 @@ Only its early layers are used, up to `mixed_2` (stride 8, a receptive field of 
 local texture and edges), far from the 2048-d pool features after `mixed_10` that FID compares,
 so the autoencoder is asked for texture rather than for FID's own features. Still, the two share
 their first layers; that is why a reconstruction FID after training with this term is reported
-beside PSNR and SSIM, which do not depend on the network (README, "The autoencoder's loss").
+beside PSNR and SSIM, which do not depend on the network (README, "A perceptual distance").
 
 Images go in at their own size (no resize to 299²: every layer used is convolutional), gray as
 three equal channels, in the model range [-1, 1], which is the Inception's (v − 128) / 128 to
