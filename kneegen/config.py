@@ -125,7 +125,7 @@ class TrainConfig:
     """The optimisation, the EMA and the deterministic validation."""
 
     epochs: int = 50
-    minutes: float = 0.0  # also stop at the first epoch end after which the next epoch would pass this; 0 = off
+    minutes: float = 0.0  # stop at the epoch end where another would pass this (or amid a longer first epoch); 0 = off
     batch_size: int = 32
     optimizer: OptimizerKind = "adamw"
     lr: float = 2e-4

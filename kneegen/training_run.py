@@ -335,6 +335,14 @@ def train_epochs(state: TrainState, run: Run) -> None:
                         f"{stop.requested} at epoch {state.epoch + 1}, step {state.step}: saved {run.run_dir / LAST}; "
                         f"continue with: {resume_command(state, run.run_dir)}"
                     )
+                if past_budget_in_first_epoch(state.epoch == first_epoch, train.minutes, started, dist):
+                    save_training_checkpoint(state, run)
+                    progress.console.print(
+                        f"stopped at epoch {state.epoch + 1}, step {state.step}: train.minutes = {train.minutes:g} "
+                        f"passed before this run's first epoch ended (no validation yet); saved {run.run_dir / LAST}; "
+                        f"continue with: {resume_command(state, run.run_dir)}"
+                    )
+                    return
 
             # 2. Validation on rank 0 with the EMA weights, and the epoch record.
             epoch = state.epoch
@@ -405,6 +413,14 @@ def train_epochs(state: TrainState, run: Run) -> None:
                         f"kneegen train --resume continues this run"
                     )
                     return
+
+
+def past_budget_in_first_epoch(first: bool, minutes: float, started: float, dist: Distributed) -> bool:
+    """Whether the time budget has passed amid the first epoch of this process, as rank 0 sees it.
+    Later epochs stop at an epoch end planned from their pace (a cut there would skip the end of
+    a cooldown); an epoch longer than the whole budget (a 256² pixel model on a CPU: hours)
+    has no pace to plan from, so its steps watch the clock."""
+    return bool(minutes) and first and dist.broadcast(time.perf_counter() - started > 60 * minutes)
 
 
 def run_progress(state: TrainState, train: TrainConfig, per_epoch: int, seconds: float) -> float:

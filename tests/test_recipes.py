@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import types
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from kneegen import training_run
 from kneegen.cli import build_app
 from kneegen.config import load_config
 from kneegen.data.cache import open_cache
@@ -135,15 +136,52 @@ def test_a_recipe_can_be_named_as_the_config(prepared, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_time_budget_stops_at_an_epoch_end_and_resume_goes_on(prepared, tmp_path):
-    cfg = tiny_config(prepared, tmp_path, train={"epochs": 5, "minutes": 1e-4})
-    started = time.perf_counter()
+def test_a_time_budget_stops_at_an_epoch_end_and_resume_goes_on(prepared, tmp_path, monkeypatch):
+    cfg = tiny_config(prepared, tmp_path, train={"epochs": 5, "minutes": 1.0})
+    clock = FakeClock(monkeypatch)
+    clock.step_seconds = 10.0  # a 4-step epoch lasts 40 s: the first ends at 40 s, a second would pass 60 s
+    started = clock.now
     state = run_training(cfg, tmp_path / "run")
-    assert state.epoch == 1  # the first epoch always runs; the next would pass 6 ms
-    assert time.perf_counter() - started < 60
+    assert state.epoch == 1 and state.batch_in_epoch == 0
+    assert clock.now - started < 60
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r] == [1]
     resumed = run_training(cfg, tmp_path / "run", resume=True)
     assert resumed.epoch == 2
+
+
+@pytest.mark.slow
+def test_a_first_epoch_longer_than_the_budget_stops_amid_it_and_resume_goes_on(prepared, tmp_path, monkeypatch):
+    cfg = tiny_config(prepared, tmp_path, train={"epochs": 5, "minutes": 1.0, "batch_size": 2})
+    clock = FakeClock(monkeypatch)
+    clock.step_seconds = 25.0  # past 60 s after the third step, long before the epoch's end
+    state = run_training(cfg, tmp_path / "run")
+    assert (state.epoch, state.batch_in_epoch, state.step) == (0, 3, 3)
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 3)
+    assert not (tmp_path / "run" / "best.pt").exists()  # no validation yet: sampling takes last.pt
+    assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
+    resumed = run_training(cfg, tmp_path / "run", resume=True)
+    assert (resumed.step, resumed.batch_in_epoch) == (6, 6)  # the same epoch, three steps on
+
+
+class FakeClock:
+    """time.perf_counter as training sees it: each optimizer step takes `step_seconds`, so a time
+    budget is tested on any machine's speed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now, self.step_seconds = 1000.0, 0.0
+        monkeypatch.setattr(training_run, "time", types.SimpleNamespace(perf_counter=self.perf_counter))
+        real_steps = training_run.epoch_steps
+
+        def timed_steps(*args, **kwargs):
+            for result in real_steps(*args, **kwargs):
+                self.now += self.step_seconds
+                yield result
+
+        monkeypatch.setattr(training_run, "epoch_steps", timed_steps)
+
+    def perf_counter(self) -> float:
+        return self.now
 
 
 def test_a_negative_time_budget_is_refused_by_name(prepared, tmp_path):

@@ -13,7 +13,10 @@ from kneegen.config import parse_override
 
 Minutes = Annotated[
     Optional[float],
-    typer.Option(help="Also stop at the epoch end where the next epoch would pass this (train.minutes)."),
+    typer.Option(
+        help="Also stop at the epoch end where the next epoch would pass this, or amid a first epoch longer "
+        "than it (train.minutes)."
+    ),
 ]
 RunDir = Annotated[Optional[Path], typer.Option(help="Where outputs go; default runs/<time>.")]
 Resume = Annotated[
