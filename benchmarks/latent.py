@@ -13,6 +13,9 @@
   the real-vs-real floor at that N, PSNR and SSIM.
 `latent`: the whole latent recipe on the same phantom within `--minutes` (autoencoder for
   `--autoencoder-share` of it, encoding, then diffusion), scored as benchmarks/quality.py scores.
+`pixel`: a pixel recipe (`--recipe`: an example or a shipped recipe) trained on the same phantom
+  for `--minutes`, scored the same way, beside any `--against` checkpoints (e.g. a latent run's
+  last.pt) scored with the same slices and seeds: the "quality at equal budget" comparison.
 The CPU kind and precision are printed first.
 
     .venv/bin/python benchmarks/latent.py speed
@@ -29,6 +32,10 @@ The CPU kind and precision are printed first.
                                                                   # a variant, scored with several samplers
     .venv/bin/python benchmarks/latent.py latent --minutes 30 --autoencoder-set KEY=VALUE
                                                                   # another autoencoder recipe
+    .venv/bin/python benchmarks/latent.py pixel --minutes 30 --set train.batch_size=4 --samples 200 \
+        --against runs/bench-latent/latent/last.pt              # the 256² example (batch 32 does not fit)
+    .venv/bin/python benchmarks/latent.py pixel --minutes 30 --recipe cpu-bf16 --set model.unet.patch_size=8
+                                                                  # the latent recipe's network on 8×8 pixel patches
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from kneegen.engine.ssim import psnr, ssim
 from kneegen.engine.trained import TrainedModel
 from kneegen.evaluation.frechet import frechet_distance
 from kneegen.metrics_log import peak_resident_mib
+from kneegen.recipes import recipe_path
 from kneegen.sampling import SamplerChoice, sample_batches
 from kneegen.training_run import run_training
 from kneegen.viz import image_grid, save_png
@@ -73,7 +81,9 @@ CPU = torch.device("cpu")
 
 
 def example(name: str, **overrides: object) -> RunConfig:
-    return load_config(EXAMPLES / f"{name}.yaml", {"device": "cpu", **overrides})
+    """examples/NAME.yaml, or else the shipped recipe NAME, on the CPU with `overrides`."""
+    path = EXAMPLES / f"{name}.yaml"
+    return load_config(path if path.is_file() else recipe_path(name), {"device": "cpu", **overrides})
 
 
 def per_second(step: Callable[[], None], items: int, repeats: int) -> float:
@@ -305,19 +315,38 @@ def latent_budget(args: argparse.Namespace) -> None:
         f"autoencoder {vae_minutes:.1f} min ({vae_epochs} epochs), diffusion {latent_minutes:.1f} min "
         f"({latent_epochs} epochs), {total:.1f} min in all"
     )
-    first_images = None
-    for text in args.samplers or [None]:
-        scores, images, described = judge.samples(checkpoint.parent / "last.pt", sampler_choice(text) if text else None)
-        first_images = images if first_images is None else first_images
-        print(
-            f"sampled with {described}: FID {scores.fid:.2f} (floor {floor_fid:.2f}, ×{scores.fid / floor_fid:.2f}), "
-            f"KID {scores.kid:.4f}, precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
-            f"likely copies {scores.copies:.1%}, {scores.seconds_per_image:.3f} s/image",
-            flush=True,
-        )
-    grid = image_grid([*judge.held_out[:8], *first_images[:8]], columns=8)
+    samples = [
+        sample_row(judge, floor_fid, checkpoint.parent / "last.pt", sampler_choice(text) if text else None)
+        for text in args.samplers or [None]
+    ]
+    grid = image_grid([*judge.held_out[:8], *samples[0][:8]], columns=8)
     save_png(grid, args.work / "latent_samples.png", {"rows": "held-out slices, latent samples"})
     print(f"grid (held-out above, samples below): {args.work / 'latent_samples.png'}")
+
+
+def sample_row(judge: Judge, floor_fid: float, checkpoint: Path, choice: SamplerChoice | None = None) -> np.ndarray:
+    """Print the scores of the checkpoint's samples (its own sampler unless `choice`); return them."""
+    scores, images, described = judge.samples(checkpoint, choice)
+    print(
+        f"sampled with {described}: FID {scores.fid:.2f} (floor {floor_fid:.2f}, ×{scores.fid / floor_fid:.2f}), "
+        f"KID {scores.kid:.4f}, precision {scores.precision:.3f}, recall {scores.recall:.3f}, "
+        f"likely copies {scores.copies:.1%}, {scores.seconds_per_image:.3f} s/image  {checkpoint}",
+        flush=True,
+    )
+    return images
+
+
+def pixel_budget(args: argparse.Namespace) -> None:
+    judge, floor_fid = open_judge(args)
+    cfg = example(args.recipe, data=str(judge.data), **overrides_of(args.set))
+    run_dir = args.work / f"pixel-{args.recipe}{'-' + args.name if args.name else ''}"
+    checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes)
+    print(f"pixel {args.recipe} {' '.join(args.set)}: {minutes:.1f} min, {epochs} epochs")
+    rows = [judge.held_out, sample_row(judge, floor_fid, checkpoint.parent / "last.pt")]
+    rows += [sample_row(judge, floor_fid, against) for against in args.against]
+    grid = image_grid([image for row in rows for image in row[:8]], columns=8)
+    save_png(grid, run_dir / "samples.png", {"rows": "held-out slices, pixel samples, then each --against"})
+    print(f"grid (held-out, pixel samples, then each --against): {run_dir / 'samples.png'}")
 
 
 def main() -> None:
@@ -330,7 +359,7 @@ def main() -> None:
         "--pixel-images", type=int, default=SAMPLED, help="pixel samples timed (fewer: faster on slow CPUs)"
     )
     commands.choices["memory-probe"].add_argument("--batch", type=int, required=True)
-    for name in ("autoencoder", "latent"):
+    for name in ("autoencoder", "latent", "pixel"):
         command = commands.add_parser(name)
         command.add_argument("--work", type=Path, default=Path("runs/bench-latent"))
         command.add_argument("--minutes", type=float, default=8.0 if name == "autoencoder" else 30.0)
@@ -338,7 +367,7 @@ def main() -> None:
         command.add_argument("--held-out", type=float, default=0.45)
         command.add_argument("--samples", type=int, default=1000)
     commands.choices["autoencoder"].add_argument("--factors", type=int, nargs="+", default=[4, 8])
-    for name in ("autoencoder", "latent"):
+    for name in ("autoencoder", "latent", "pixel"):
         commands.choices[name].add_argument(
             "--set",
             action="append",
@@ -353,7 +382,14 @@ def main() -> None:
         help="score the latent model with each (benchmarks/quality.py's NAME:STEPS[:ETA[:SPACING[:AUTOGUIDANCE"
         "[:SIGMA_MAX]]]]); default: its own sampler",
     )
-    commands.choices["autoencoder"].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
+    for name in ("autoencoder", "pixel"):
+        commands.choices[name].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
+    commands.choices["pixel"].add_argument(
+        "--recipe", default="akoa-256", help="an example (examples/NAME.yaml) or a shipped recipe (cpu-bf16)"
+    )
+    commands.choices["pixel"].add_argument(
+        "--against", type=Path, nargs="+", default=[], help="checkpoints scored beside it, e.g. a latent run's last.pt"
+    )
     commands.choices["autoencoder"].add_argument(
         "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
     )
@@ -375,8 +411,10 @@ def main() -> None:
         memory_probe(args.batch, args.precision)
     elif args.command == "autoencoder":
         autoencoders(args)
-    else:
+    elif args.command == "latent":
         latent_budget(args)
+    else:
+        pixel_budget(args)
 
 
 if __name__ == "__main__":
