@@ -386,28 +386,30 @@ def train_epochs(state: TrainState, run: Run) -> None:
                 )
             dist.barrier()
 
-            # 4. A time budget (`train.minutes`): with a cooldown, plan the run's end from the pace of
-            #    the last epochs, again after each (machines drift), never later once the LR falls;
-            #    stop there, or where the next epoch would pass the budget, as rank 0 decides.
+            # 4. A time budget (`train.minutes`): plan the run's end from the pace of the last epochs,
+            #    again after each (machines drift); with a cooldown, never later once the LR falls.
+            #    Stop there, or where the next epoch would pass the budget, as rank 0 decides.
             if train.minutes and state.epoch < train.epochs:
                 now = time.perf_counter()
                 if state.epoch - first_epoch > 1:
                     epoch_seconds.append(now - epoch_started)
-                if train.cooldown and epoch_seconds:
+                if epoch_seconds:
                     budget_left, pace = 60 * train.minutes - (now - started), mean(epoch_seconds[-PACE_EPOCHS:])
                     plan = planned_end_step(state.epoch, train.epochs, budget_left, pace, per_epoch)
-                    end_step = dist.broadcast(replanned_end_step(state.end_step, state.step, train.cooldown, plan))
-                    if end_step != state.end_step:
-                        progress.console.print(
-                            f"train.cooldown: {end_step // per_epoch} epochs fit in train.minutes; the LR falls "
-                            f"to 0 from step {round(end_step * (1 - train.cooldown))} to step {end_step}"
-                        )
-                    state.end_step = end_step
-                    progress.update(task, total=end_step)  # the bar's ETA: the planned end
+                    if train.cooldown:
+                        end_step = dist.broadcast(replanned_end_step(state.end_step, state.step, train.cooldown, plan))
+                        if end_step != state.end_step:
+                            progress.console.print(
+                                f"train.cooldown: {end_step // per_epoch} epochs fit in train.minutes; the LR falls "
+                                f"to 0 from step {round(end_step * (1 - train.cooldown))} to step {end_step}"
+                            )
+                        state.end_step = plan = end_step
+                    progress.update(task, total=plan)  # the bar's ETA: the planned end, not train.epochs
                 if state.step >= state.end_step > 0:
                     progress.console.print(f"stopped after epoch {state.epoch}: the cooldown has brought the LR to 0")
                     return
                 if dist.broadcast(now - started + (now - epoch_started) > 60 * train.minutes):
+                    progress.update(task, total=state.step)  # the run ends here: a full bar
                     progress.console.print(
                         f"stopped after epoch {state.epoch}: another would pass train.minutes = {train.minutes:g}; "
                         f"kneegen train --resume continues this run"

@@ -164,6 +164,16 @@ def test_a_first_epoch_longer_than_the_budget_stops_amid_it_and_resume_goes_on(p
     assert (resumed.step, resumed.batch_in_epoch) == (6, 6)  # the same epoch, three steps on
 
 
+@pytest.mark.slow
+def test_a_time_budget_sets_the_progress_bars_end(prepared, tmp_path, monkeypatch, capfd):
+    cfg = tiny_config(prepared, tmp_path, train={"epochs": 100, "minutes": 1.0})
+    clock = FakeClock(monkeypatch)
+    clock.step_seconds = 2.0  # 8 s an epoch: after epoch 3, 4 more fit in the 36 s left
+    state = run_training(cfg, tmp_path / "run")
+    assert state.epoch == 7
+    assert "28/28" in capfd.readouterr().err  # not 28/400, the steps of train.epochs
+
+
 class FakeClock:
     """time.perf_counter as training sees it: each optimizer step takes `step_seconds`, so a time
     budget is tested on any machine's speed."""
