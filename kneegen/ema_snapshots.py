@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kneegen.data.cache import open_cache
+from kneegen.data.cache import open_trained_on
 from kneegen.engine.checkpoint import load_checkpoint, save_checkpoint
 from kneegen.engine.device import Compute
 from kneegen.engine.posthoc_ema import MAX_SIGMA_REL, Snapshot, combine, gamma_of, reconstruction_weights
@@ -158,9 +158,12 @@ def choose_ema_length(run_dir: Path, sigma_rels: list[float], compute: Compute, 
         for done, sigma_rel in enumerate(sigma_rels):
             progress.update(task, status=f"σ_rel {sigma_rel:g}")
             payload = posthoc_payload(run_dir, sigma_rel)
-            data = Path(payload["config"]["data"])
             fid = fid or TrainingFid(
-                open_cache(data), compute, samples, asked_by="kneegen ema", samples_flag="--samples"
+                open_trained_on(payload["config"]["data"], run_dir / LAST),
+                compute,
+                samples,
+                asked_by="kneegen ema",
+                samples_flag="--samples",
             )
             path = posthoc_path(run_dir, sigma_rel)
             save_checkpoint(

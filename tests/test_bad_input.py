@@ -173,6 +173,16 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace, monkeypatch, name)
     assert {path: digest for path, digest in after.items() if path in before} == before
 
 
+def test_validate_from_another_folder_names_the_relative_data_dir_instead_of_asking_to_prepare(workspace, monkeypatch):
+    monkeypatch.chdir(workspace / "notes")  # the run trained on data/prepared, relative to the workspace
+    before = snapshot(workspace)
+    result = invoke("validate", "../the-run", "--samples", 8)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "data/prepared" in lines[0] and "--data DIR" in lines[0] and "kneegen prepare" not in lines[0]
+    assert snapshot(workspace) == before
+
+
 def test_version_prints_the_installed_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip().startswith("kneegen 0.")

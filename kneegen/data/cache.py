@@ -117,6 +117,21 @@ def open_cache(root: Path) -> PreparedData:
     return PreparedData(root, images, manifest)
 
 
+def open_trained_on(data: str, checkpoint: Path, flag: str = "") -> PreparedData:
+    """The prepared data dir a checkpoint's run recorded. A relative path there is relative to the
+    folder the training ran in, so from another folder the data is there but not found: say that,
+    rather than asking to prepare data the user already has."""
+    root = Path(data)
+    if not root.exists():
+        where = "" if root.is_absolute() else f" (relative to the folder its training ran in, not {Path.cwd()})"
+        instead = f"give {flag} DIR" if flag else "run this from the folder its training ran in"
+        raise KneegenError(
+            f"{checkpoint} trained on the data dir {data}, which is not found{where}: {instead}"
+            + (", or run this from that folder" if flag and not root.is_absolute() else "")
+        )
+    return open_cache(root)
+
+
 def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
     """Whether the (N, H, W) array is the one the manifest describes: its split ranges cover it
     end to end, train then val then test, and its size and depth are the manifest's."""

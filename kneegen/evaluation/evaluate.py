@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress, TaskID
 
-from kneegen.data.cache import PreparedData, open_cache
+from kneegen.data.cache import PreparedData, open_cache, open_trained_on
 from kneegen.data.conditions import CONDITIONS
 from kneegen.data.latent_cache import encode_images
 from kneegen.engine.device import Compute
@@ -121,7 +121,11 @@ def evaluate_checkpoints(request: ValidateRequest, compute: Compute) -> Evaluati
     models = [load_trained_model(path, compute) for path in request.checkpoints]
     for model in models:  # a bad --sampler or --steps is refused before minutes of feature extraction
         request.sampler_of(model).timesteps(model.schedule)
-    cache = open_cache(request.data or Path(models[0].config.data))
+    cache = (
+        open_cache(request.data)
+        if request.data
+        else open_trained_on(models[0].config.data, request.checkpoints[0], "--data")
+    )
     for model in models:
         check_image_size(model, cache)
     split, held_out = held_out_images(cache)
