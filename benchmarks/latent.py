@@ -340,7 +340,7 @@ def pixel_budget(args: argparse.Namespace) -> None:
     judge, floor_fid = open_judge(args)
     cfg = example(args.recipe, data=str(judge.data), **overrides_of(args.set))
     run_dir = args.work / f"pixel-{args.recipe}{'-' + args.name if args.name else ''}"
-    checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes)
+    checkpoint, minutes, epochs = train(cfg, run_dir, args.minutes, args.epochs)
     print(f"pixel {args.recipe} {' '.join(args.set)}: {minutes:.1f} min, {epochs} epochs")
     rows = [judge.held_out, sample_row(judge, floor_fid, checkpoint.parent / "last.pt")]
     rows += [sample_row(judge, floor_fid, against) for against in args.against]
@@ -390,9 +390,10 @@ def main() -> None:
     commands.choices["pixel"].add_argument(
         "--against", type=Path, nargs="+", default=[], help="checkpoints scored beside it, e.g. a latent run's last.pt"
     )
-    commands.choices["autoencoder"].add_argument(
-        "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
-    )
+    for name in ("autoencoder", "pixel"):
+        commands.choices[name].add_argument(
+            "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
+        )
     commands.choices["autoencoder"].add_argument(
         "--score", type=Path, nargs="+", default=[], help="score these autoencoder checkpoints instead of training"
     )
