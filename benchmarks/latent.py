@@ -33,7 +33,8 @@ The CPU kind and precision are printed first.
     .venv/bin/python benchmarks/latent.py latent --minutes 30 --autoencoder-set KEY=VALUE
                                                                   # another autoencoder recipe
     .venv/bin/python benchmarks/latent.py pixel --minutes 30 --set train.batch_size=4 --samples 200 \
-        --against runs/bench-latent/latent/last.pt              # the 256² example (batch 32 does not fit)
+        --against runs/bench-latent/latent/last.pt              # the 256² example (batch 32 does not fit);
+                                                                  # its samples take ~30 s each on 2 cores
     .venv/bin/python benchmarks/latent.py pixel --minutes 30 --recipe cpu-bf16 --set model.unet.patch_size=8
                                                                   # the latent recipe's network on 8×8 pixel patches
 """
