@@ -337,6 +337,7 @@ def train_epochs(state: TrainState, run: Run) -> None:
                     )
                 if past_budget_in_first_epoch(state.epoch == first_epoch, train.minutes, started, dist):
                     save_training_checkpoint(state, run)
+                    progress.update(task, total=state.step)  # the run ends here: a full bar
                     progress.console.print(
                         f"stopped at epoch {state.epoch + 1}, step {state.step}: train.minutes = {train.minutes:g} "
                         f"passed before this run's first epoch ended (no validation yet); saved {run.run_dir / LAST}; "

@@ -150,12 +150,13 @@ def test_a_time_budget_stops_at_an_epoch_end_and_resume_goes_on(prepared, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_first_epoch_longer_than_the_budget_stops_amid_it_and_resume_goes_on(prepared, tmp_path, monkeypatch):
+def test_a_first_epoch_longer_than_the_budget_stops_amid_it_and_resume_goes_on(prepared, tmp_path, monkeypatch, capfd):
     cfg = tiny_config(prepared, tmp_path, train={"epochs": 5, "minutes": 1.0, "batch_size": 2})
     clock = FakeClock(monkeypatch)
     clock.step_seconds = 25.0  # past 60 s after the third step, long before the epoch's end
     state = run_training(cfg, tmp_path / "run")
     assert (state.epoch, state.batch_in_epoch, state.step) == (0, 3, 3)
+    assert "3/3" in capfd.readouterr().err  # the bar ends where the run does, not at 3/125
     saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 3)
     assert not (tmp_path / "run" / "best.pt").exists()  # no validation yet: sampling takes last.pt
