@@ -385,16 +385,15 @@ def main() -> None:
     )
     for name in ("autoencoder", "pixel"):
         commands.choices[name].add_argument("--name", default="", help="suffix of the run dirs: one per variant")
+        commands.choices[name].add_argument(
+            "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
+        )
     commands.choices["pixel"].add_argument(
         "--recipe", default="akoa-256", help="an example (examples/NAME.yaml) or a shipped recipe (cpu-bf16)"
     )
     commands.choices["pixel"].add_argument(
         "--against", type=Path, nargs="+", default=[], help="checkpoints scored beside it, e.g. a latent run's last.pt"
     )
-    for name in ("autoencoder", "pixel"):
-        commands.choices[name].add_argument(
-            "--epochs", type=int, default=0, help="train exactly this many epochs instead of --minutes"
-        )
     commands.choices["autoencoder"].add_argument(
         "--score", type=Path, nargs="+", default=[], help="score these autoencoder checkpoints instead of training"
     )

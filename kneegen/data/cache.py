@@ -120,16 +120,15 @@ def open_cache(root: Path) -> PreparedData:
 def open_trained_on(data: str, checkpoint: Path, flag: str = "") -> PreparedData:
     """The prepared data dir a checkpoint's run recorded. A relative path there is relative to the
     folder the training ran in, so from another folder the data is there but not found: say that,
-    rather than asking to prepare data the user already has."""
+    rather than asking to prepare data the user already has (`open_cache` names any other miss)."""
     root = Path(data)
-    if not root.exists():
-        where = "" if root.is_absolute() else f" (relative to the folder its training ran in, not {Path.cwd()})"
-        instead = f"give {flag} DIR" if flag else "run this from the folder its training ran in"
-        raise KneegenError(
-            f"{checkpoint} trained on the data dir {data}, which is not found{where}: {instead}"
-            + (", or run this from that folder" if flag and not root.is_absolute() else "")
-        )
-    return open_cache(root)
+    if root.is_absolute() or root.exists():
+        return open_cache(root)
+    ways = [f"give {flag} DIR", "run this from that folder"] if flag else ["run this from that folder"]
+    raise KneegenError(
+        f"{checkpoint} trained on the data dir {data}, relative to the folder its training ran in, and not found "
+        f"from {Path.cwd()}: {' or '.join(ways)}"
+    )
 
 
 def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
