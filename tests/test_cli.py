@@ -508,6 +508,8 @@ def test_prepare_prints_the_summary_and_inspect_prints_it_again(in_workspace, tm
         (("--axis", "oblique"), ("--axis", "oblique", "sagittal")),
         (("--window", "99,1"), ("--window", "99,1")),
         (("--val-fraction", 0.6, "--test-fraction", 0.6), ("add up to 1",)),
+        (("--val-fraction", 0.9, "--test-fraction", 0.1), ("no patients to train on",)),  # 1 − 0.9 − 0.1 < 0 in floats
+        (("--val-fraction", 0.7, "--test-fraction", 0.3), ("no patients to train on",)),  # and > 0 here
         (
             ("--test-fraction", 0.1, "--val-fraction", 0.1),
             ("2 patients cannot fill the test split", "--test-fraction 0"),

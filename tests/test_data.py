@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -353,9 +354,34 @@ def test_non_empty_foreign_folder_is_not_clobbered(small_src, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(KneegenError, match="not empty"):
-        prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+    (out / "images.npy").write_text("named as a cache's array is, yet the user's")
+    for overwrite in (False, True):  # --overwrite replaces prepared data only
+        with pytest.raises(KneegenError, match="holds no prepared data") as info:
+            prepare_folder(small_src, out, prepare_options((16, 16), **half_split()), overwrite=overwrite)
+        assert "pass --overwrite" not in str(info.value)
     assert (out / "thesis.tex").read_text() == "precious"
+    assert (out / "images.npy").read_text() == "named as a cache's array is, yet the user's"
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "thesis.tex"]
+
+
+def test_a_cache_behind_a_link_to_another_disk_is_replaced_whole(small_src, tmp_path, monkeypatch):
+    """Renames across file systems fail (EXDEV); here every rename that leaves the cache's own
+    folder does, as it would were the cache a mount point or a link to another disk."""
+    disk = tmp_path / "disk" / "cache"
+    prepare_folder(small_src, disk, prepare_options((16, 16), **half_split()))
+    link = tmp_path / "link"
+    link.symlink_to(disk)
+    rename = os.replace
+
+    def within_one_disk(src, dst):
+        if Path(dst).resolve().parent != disk.resolve() or disk.resolve() not in Path(src).resolve().parents:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr("kneegen.data.cache.os.replace", within_one_disk)
+    prepare_folder(small_src, link, prepare_options((24, 24), **half_split()), overwrite=True)
+    assert open_cache(link).image_shape == (24, 24)
+    assert sorted(p.name for p in disk.iterdir()) == ["images.npy", "manifest.json"]
 
 
 def test_a_single_patient_cannot_be_split(tmp_path, phantom_src):

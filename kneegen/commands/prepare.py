@@ -66,7 +66,7 @@ def prepare(
     options = PrepareOptions(
         size=parse_size(size),
         fit=parse_choice(fit, FITS, "--fit"),
-        fractions=SplitFractions(1.0 - val_fraction - test_fraction, val_fraction, test_fraction),
+        fractions=SplitFractions.held_out(val_fraction, test_fraction),
         seed=seed,
         axis=parse_choice(axis, AXES, "--axis"),
         percentiles=parse_window(window),

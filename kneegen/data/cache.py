@@ -150,14 +150,16 @@ def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
 
 
 def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> None:
-    """Write the new cache into a hidden folder beside `root`, then move its two files in.
+    """Write the new cache into a hidden folder inside `root`, then move its two files in.
 
     A cache being replaced stays whole until the new one is complete (a full disk or a crash
     while writing leaves it untouched); only then does it lose its manifest, get the new array
     and finally the new manifest, so a manifest never pairs with pixels it does not describe.
+    Inside `root`, not beside it: the moves are renames on one file system even where `root` is
+    a mount point or a link to another disk, so they cannot fail half-way.
     """
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=STAGING_SUFFIX, dir=root.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".kneegen.", suffix=STAGING_SUFFIX, dir=root))
     try:
         np.save(staging / IMAGES_FILE, images)
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}

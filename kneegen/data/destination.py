@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kneegen.data.cache import is_cache
+from kneegen.data.cache import MANIFEST_FILE, is_cache
 from kneegen.errors import KneegenError
 
 
@@ -52,14 +52,19 @@ def refuse_links_into(out: Path, files: list[Path], src: Path) -> None:
 
 
 def refuse_to_clobber(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Never replace a user's folder by accident; `flag` is the option that named `out`."""
+    """Never replace a user's folder: `--overwrite` replaces prepared data only, since a folder of
+    other files may hold some named as a cache's are. `flag` is the option that named `out`."""
     if out.is_file():
         raise KneegenError(f"{out} is a file: choose a folder for {flag}")
-    if overwrite or not out.exists():
+    if not out.exists() or not any(out.iterdir()):
         return
     if is_cache(out):
+        if overwrite:
+            return
         raise KneegenError(
             f"{out} already holds prepared data: pass --overwrite to replace it, or choose another {flag}"
         )
-    if any(out.iterdir()):
-        raise KneegenError(f"{out} exists and is not empty: choose another {flag}, or pass --overwrite")
+    raise KneegenError(
+        f"{out} exists, is not empty and holds no prepared data (no {MANIFEST_FILE}): choose another {flag} "
+        "(--overwrite replaces prepared data only), or empty that folder yourself"
+    )

@@ -23,6 +23,11 @@ class SplitFractions:
     val: float = 0.1
     test: float = 0.1
 
+    @classmethod
+    def held_out(cls, val: float, test: float) -> SplitFractions:
+        """Train takes the rest, rounded so that 1 − 0.9 − 0.1 is 0 rather than −2.8e-17."""
+        return cls(round(1.0 - val - test, 12) + 0.0, val, test)  # + 0.0 turns −0.0 into 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
@@ -36,7 +41,12 @@ class SplitFractions:
         for name in ("val", "test"):
             if not 0.0 <= self.as_dict()[name] <= 1.0:
                 raise KneegenError(f"--{name}-fraction {self.as_dict()[name]:g}: must be between 0 and 1")
-        if self.train == 0 or self.val == 0:
+        if self.train == 0:
+            raise KneegenError(
+                f"--val-fraction {self.val:g} and --test-fraction {self.test:g} leave no patients to train on: "
+                "lower them (train takes the rest)"
+            )
+        if self.val == 0:
             raise KneegenError("training needs patients in both train and val: give --val-fraction between 0 and 1")
 
 
