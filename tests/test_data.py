@@ -236,15 +236,30 @@ def test_nested_akoa_folders_and_sub_folder_patients(tmp_path, phantom_src):
         shutil.copy(path, folder / path.name)
     rng = np.random.default_rng(1)
     for subject in ("subject_a", "subject_b"):
-        (src / subject).mkdir()
-        for k in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / subject / f"slice_{k}.png")
+        for knee in ("left", "right"):  # a patient's folders below its own stay that patient's
+            (src / subject / knee).mkdir(parents=True)
+            for k in range(3):
+                pixels = rng.integers(0, 255, (20, 30), dtype=np.uint8)
+                Image.fromarray(pixels).save(src / subject / knee / f"slice_{k}.png")
     summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.6, 0.4, 0.0)))
-    assert summary.images == 36
-    assert summary.patients == 3 + 2  # AKOA patients wherever they sit; a plain sub-folder is one patient
+    assert summary.images == 42
+    assert summary.patients == 3 + 2  # AKOA patients wherever they sit; a plain top folder is one patient
     assert_no_leak(tmp_path / "out")
     groups = {r["patient"] for r in manifest(tmp_path / "out")["slices"] if r["side"] is None}
     assert groups == {"file:subject_a", "file:subject_b"}
+
+
+def test_inputs_all_in_one_top_folder_point_to_it(tmp_path):
+    src = tmp_path / "plain"
+    rng = np.random.default_rng(0)
+    for subject in ("a", "b", "c"):
+        (src / "all" / subject).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / "all" / subject / f"s{i}.png")
+    with pytest.raises(KneegenError) as info:
+        prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+    assert f"run kneegen prepare {src / 'all'}" in str(info.value)
+    assert prepare_folder(src / "all", tmp_path / "out", prepare_options((16, 16))).patients == 3
 
 
 def test_loose_files_without_akoa_names_are_one_group_each(tmp_path):

@@ -107,3 +107,19 @@ def test_missing_volume_readers_stop_the_run_with_the_extra_to_install(mixed_src
     with pytest.raises(KneegenError, match=r"pip install 'kneegen\[volumes\]'"):
         prepare_folder(mixed_src, tmp_path / "out", prepare_options(SIZE, fractions=FIFTHS))
     assert not (tmp_path / "out").exists()
+
+
+def test_volumes_named_by_neither_file_nor_header_take_the_patient_folder_at_the_top(tmp_path):
+    """BIDS-like `sub-XX/ses-Y/anat/…`: two sessions of one subject are one patient, in one split."""
+    src = tmp_path / "bids"
+    for subject in ("sub-01", "sub-02", "sub-03"):
+        for session in ("ses-1", "ses-2"):
+            (src / subject / session / "anat").mkdir(parents=True)
+            save_nifti(src / subject / session / "anat" / f"{subject}_{session}_T2w.nii.gz", synthetic_knee())
+    summary = prepare_folder(src, tmp_path / "out", prepare_options(SIZE, fractions=FIFTHS))
+    assert summary.patients == 3 and summary.volumes == 6
+    splits: dict[str, set[str]] = {}
+    for record in json.loads((tmp_path / "out" / "manifest.json").read_text())["slices"]:
+        splits.setdefault(record["patient"], set()).add(record["split"])
+    assert sorted(splits) == ["file:sub-01", "file:sub-02", "file:sub-03"]
+    assert all(len(where) == 1 for where in splits.values())

@@ -164,7 +164,7 @@ def test_constant_volume_is_refused(tmp_path):
     [
         ("OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_LEFT.nii.gz", "9014797", "LEFT"),
         ("OAI9014797_BaseLine_3_de3d1_SAG_3D_DESS_WE_R_I_G_H_T.nii", "9014797", "RIGHT"),
-        ("knee01.nii.gz", "knee01", None),
+        ("knee01.nii.gz", None, None),  # prepare takes its folder as the patient
     ],
 )
 def test_patient_and_side_come_from_akoa_names(tmp_path, name, patient, side):

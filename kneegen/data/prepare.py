@@ -31,6 +31,7 @@ from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.errors import KneegenError
 
 TASKS_PER_WORKER_CHUNK = 16  # images handed to a worker process at a time
+FOLDER_PATIENT = "file:"  # a patient named after the file or top folder it came from, not by the data
 
 
 def prepare_folder(
@@ -78,6 +79,7 @@ def prepare_folder(
     sides: dict[str, set[str]] = {}
     for result in decoded:
         sides.setdefault(result.patient, set()).add(result.side)  # type: ignore[arg-type]
+    refuse_one_folder_patient(sides, src)
     assignment = split_patients(sides, options.fractions, options.seed)
     rows = [
         (SPLITS.index(assignment[r.patient]), n, r, index, pixels)
@@ -149,6 +151,20 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     return sorted(items, key=lambda item: str(item.path)), ignored
 
 
+def refuse_one_folder_patient(sides: dict[str, set[str]], src: Path) -> None:
+    """All inputs in one folder at the top of `src`, and nothing else saying whose they are: that
+    folder is one patient, which no split can use; its sub-folders likely are the patients."""
+    (patient,) = sides if len(sides) == 1 else (None,)
+    if patient is None or not patient.startswith(FOLDER_PATIENT):
+        return
+    folder = src / patient.removeprefix(FOLDER_PATIENT)
+    if folder.is_dir():
+        raise KneegenError(
+            f"every input is in {folder}, taken as one patient (no file name or header says whose they are), "
+            f"and a split needs several: if the folders in {folder} are patients, run kneegen prepare {folder}"
+        )
+
+
 def walk_files(src: Path) -> list[Path]:
     """Every file under `src`, following symlinked folders (data is often linked in from another
     disk) but entering each real folder once, so a link back up cannot loop. Hidden files and
@@ -178,10 +194,11 @@ def dangling_link(path: Path) -> str:
 
 
 def input_item(path: Path, reader: InputReader, src: Path) -> Item:
-    """Without a name to go by, a sub-folder is taken as one patient: the safe side for leakage."""
+    """Without a name or header to go by, each folder at the top of `src` is taken as one patient,
+    however deep its files lie (`<patient>/<visit>/<knee>/…` keeps a patient's visits and knees
+    together): the safe side for leakage. A loose file at the top is its own."""
     name = path.relative_to(src)
-    group = name.parent if name.parent != Path(".") else name
-    return Item(path, reader, str(name), f"file:{group}")
+    return Item(path, reader, str(name), f"{FOLDER_PATIENT}{name.parts[0]}")
 
 
 def read_all(items: list[Item], options: PrepareOptions) -> Iterator[Decoded]:

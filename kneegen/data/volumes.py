@@ -51,7 +51,7 @@ MISSING_READERS = "reading NIfTI/DICOM volumes needs nibabel and pydicom: pip in
 @dataclass
 class VolumeSlices:
     source: Path  # the .nii/.nii.gz file or the DICOM series folder
-    patient: str  # AKOA patient id, else DICOM PatientID, else the file/folder name without suffix
+    patient: str | None  # AKOA patient id, else DICOM PatientID; None when neither says
     side: str | None  # LEFT or RIGHT when the name or the DICOM laterality says
     shape: tuple[int, ...]  # (X, Y, Z) after reorientation to RAS
     window: tuple[float, float]  # intensities mapped to 0 and 65535
@@ -115,7 +115,8 @@ def read_volume(item: Item, options: PrepareOptions) -> Decoded:
     volume = read_volume_slices(item.path, options.axis, options.percentiles, options.min_foreground)
     if not volume.slices:
         raise KneegenError(f"{item.path}: every slice along {options.axis} is near-empty")
-    return Decoded(item, volume.slices, volume.patient, item.name, volume.side, volume.window, volume.skipped_empty)
+    patient = volume.patient or item.group  # nothing names the patient: the folder it is in does
+    return Decoded(item, volume.slices, patient, item.name, volume.side, volume.window, volume.skipped_empty)
 
 
 NIFTI = InputReader("nifti", read_volume, suffixes=VOLUME_SUFFIXES, volumetric=True)
@@ -308,22 +309,14 @@ def cut_slices(volume: np.ndarray, axis: int, min_foreground: float) -> tuple[li
     return kept, skipped
 
 
-def identify(path: Path, raw: RawVolume) -> tuple[str, str | None]:
-    """Patient and side: from an AKOA name first, then the DICOM header, then the name itself."""
+def identify(path: Path, raw: RawVolume) -> tuple[str | None, str | None]:
+    """Patient and side: from an AKOA name first, then the DICOM header; None for what neither says."""
     # An AKOA slice is named after its volume file plus `_<slice>.png`, so the volume's own name
     # parses as its slice 0.
     akoa = parse_akoa_name(f"{path.name}_0.png")
     if akoa is not None:
         return akoa.patient, akoa.side
-    return raw.patient_id or volume_stem(path), DICOM_SIDES.get(str(raw.laterality or "").upper())
-
-
-def volume_stem(path: Path) -> str:
-    """The file name without .nii/.nii.gz; a folder's name as it is."""
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
+    return raw.patient_id or None, DICOM_SIDES.get(str(raw.laterality or "").upper())
 
 
 def is_nifti(path: Path) -> bool:
