@@ -28,8 +28,9 @@ class Interrupted(KneegenError):
 class StopRequest:
     """`requested` names the first signal received while active (None until then)."""
 
-    def __init__(self, active: bool) -> None:
+    def __init__(self, active: bool, until: str = "this step to save a checkpoint") -> None:
         self.active = active and threading.current_thread() is threading.main_thread()
+        self.until = until  # what the process finishes before it stops, for the message
         self.requested: str | None = None
         self.previous: dict[int, Any] = {}
 
@@ -49,7 +50,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
         console.print(
-            f"{self.requested}: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+            f"{self.requested}: stopping after {self.until} (Ctrl-C again to stop at once)",
             highlight=False,
         )
 

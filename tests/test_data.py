@@ -6,6 +6,10 @@ import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +432,69 @@ def test_a_failure_while_replacing_a_cache_leaves_the_old_cache_whole(small_src,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert open_cache(out).image_shape == (16, 16)
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no half-written folder beside it
+
+
+SLOW_PREPARE = """
+import sys, time
+import kneegen.data.prepare as prepare
+from kneegen.cli import main
+
+read = prepare.read_input
+
+def read_slowly(task):  # forked workers find it in __main__ too
+    open(MARKER, "a").close()  # reading has begun
+    time.sleep(0.05)
+    return read(task)
+
+MARKER = sys.argv.pop(1)
+prepare.read_input = read_slowly
+sys.argv[0] = "kneegen"
+main()
+"""
+
+
+def start_slow_prepare(phantom_src: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """The real CLI preparing with two worker processes, in a session of its own (so a signal can
+    reach the whole process group, as a terminal's Ctrl-C does); returns once reading has begun."""
+    marker, out = tmp_path / "reading", tmp_path / "out"
+    command = [sys.executable, "-c", SLOW_PREPARE, marker, "prepare", phantom_src, "--out", out, "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    process = subprocess.Popen(
+        [str(part) for part in command], env=env, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process, out
+
+
+def finish(process: subprocess.Popen) -> str:
+    """Its stderr once it ends; killed (and the test failed) if it hangs."""
+    try:
+        return process.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def test_ctrl_c_while_worker_processes_read_stops_cleanly(phantom_src, tmp_path):
+    """Ctrl-C once reading has begun: status 130, one line, no traceback, no hang, no cache."""
+    process, out = start_slow_prepare(phantom_src, tmp_path)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = finish(process)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_worker_leaves_ctrl_c_to_the_main_process(phantom_src, tmp_path):
+    """A worker killed mid-chunk by SIGINT breaks the pool, and racing its shutdown can hang it:
+    workers ignore the signal, so one that reaches the workers alone changes nothing."""
+    process, out = start_slow_prepare(phantom_src, tmp_path)
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGINT)
+    stderr = finish(process)
+    assert process.returncode == 0, stderr
+    assert open_cache(out).images.shape[0] == PHANTOM_IMAGES

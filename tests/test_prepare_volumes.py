@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def test_bad_volumes_are_skipped_with_reasons_or_stop_the_run_with_strict(mixed_
     with pytest.raises(KneegenError, match=r"fmri\.nii\.gz.*4-D.*--strict"):
         prepare_folder(mixed_src, tmp_path / "strict", prepare_options(SIZE, fractions=FIFTHS, strict=True))
     assert not (tmp_path / "strict").exists()
+
+
+def patched_nifti(path: Path, *patches: tuple[int, str, tuple[float, ...]]) -> Path:
+    """A small good .nii whose header bytes are then overwritten, as damage would: (offset, layout, values)."""
+    nib.save(nib.Nifti1Image(synthetic_knee(), np.eye(4)), path)
+    header = bytearray(path.read_bytes())
+    for offset, layout, values in patches:
+        struct.pack_into(layout, header, offset, *values)
+    path.write_bytes(bytes(header))
+    return path
+
+
+def test_headers_a_library_chokes_on_are_skipped_not_fatal(mixed_src, tmp_path):
+    """Whatever a damaged file makes nibabel or numpy raise costs that file only."""
+    # qform_code 0 and sform_code 1 at byte 252, the sform's first row (srow_x) at 280: NaN.
+    patched_nifti(mixed_src / "nan_affine.nii", (252, "<hh", (0, 1)), (280, "<4f", (float("nan"), 0, 0, 0)))
+    patched_nifti(mixed_src / "huge.nii", (40, "<4h", (3, 30000, 30000, 30000)))  # dim: 27e12 voxels claimed
+    summary = prepare_folder(mixed_src, tmp_path / "out", prepare_options(SIZE, fractions=FIFTHS))
+    reasons = dict(summary.skipped)
+    assert "LinAlgError" in reasons["nan_affine.nii"] and "\n" not in reasons["nan_affine.nii"]
+    assert "too large to read into memory" in reasons["huge.nii"]
+    assert summary.patients == 7
+    with pytest.raises(KneegenError, match=r"huge\.nii: too large.*--strict"):
+        prepare_folder(mixed_src, tmp_path / "strict", prepare_options(SIZE, fractions=FIFTHS, strict=True))
 
 
 def test_coronal_axis_and_window_reach_the_reader(mixed_src, tmp_path):

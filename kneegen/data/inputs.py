@@ -163,3 +163,9 @@ def load_reader(entry: EntryPoint) -> InputReader:
 def provider(entry: EntryPoint) -> str:
     """The distribution that installed an entry point, as pip names it."""
     return entry.dist.name if entry.dist is not None else "an unknown package"
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's message cut to its first line, so the error we raise stays one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__

@@ -10,7 +10,10 @@ names no format.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -24,11 +27,12 @@ from kneegen.data.decode import widen_to_16_bit
 from kneegen.data.destination import refuse_links_into, refuse_nested, refuse_to_clobber
 from kneegen.data.disk import check_room_for
 from kneegen.data.geometry import fit_to_size
-from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, load_readers
+from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line, load_readers
 from kneegen.data.options import PrepareOptions
 from kneegen.data.splits import SPLITS, split_patients
 from kneegen.data.summary import PrepareSummary, summarize
 from kneegen.errors import KneegenError
+from kneegen.interruption import StopRequest
 
 TASKS_PER_WORKER_CHUNK = 16  # images handed to a worker process at a time
 FOLDER_PATIENT = "file:"  # a patient named after the file or top folder it came from, not by the data
@@ -59,15 +63,16 @@ def prepare_folder(
     decoded, skipped = [], [{"path": str(path.relative_to(src)), "reason": reason} for path, reason in ignored]
     if on_progress is not None:
         on_progress(0, len(items))
-    for done, result in enumerate(read_all(items, options), start=1):
-        if on_progress is not None:
-            on_progress(done, len(items))
-        if result.reason is None:
-            decoded.append(result)
-            continue
-        if options.strict:
-            raise KneegenError(f"{result.item.path}: {result.reason} (without --strict it would be skipped)")
-        skipped.append({"path": result.item.name, "reason": result.reason})
+    with contextlib.closing(read_all(items, options)) as results:  # closed on any error: no worker reads on
+        for done, result in enumerate(results, start=1):
+            if on_progress is not None:
+                on_progress(done, len(items))
+            if result.reason is None:
+                decoded.append(result)
+                continue
+            if options.strict:
+                raise KneegenError(f"{result.item.path}: {result.reason} (without --strict it would be skipped)")
+            skipped.append({"path": result.item.name, "reason": result.reason})
     if not decoded:
         first = next(entry for entry in skipped if entry["path"] == items[0].name)
         raise KneegenError(
@@ -202,14 +207,35 @@ def input_item(path: Path, reader: InputReader, src: Path) -> Item:
 
 
 def read_all(items: list[Item], options: PrepareOptions) -> Iterator[Decoded]:
-    """Decoded inputs in order; several processes when there are cores and inputs to share."""
-    workers = options.workers or os.cpu_count() or 1
+    """Decoded inputs in order; several processes when there are cores and inputs to share.
+
+    With worker processes, Ctrl-C is the main process's alone: a worker killed mid-chunk breaks
+    the pool (and, racing its shutdown, can hang it), and one landing while a worker is forked
+    is swallowed. So the workers ignore it, and the main process only notes it and stops at the
+    next result, cancelling what is queued; a second Ctrl-C stops at once.
+    """
+    chunks = math.ceil(len(items) / TASKS_PER_WORKER_CHUNK)
+    workers = min(options.workers or os.cpu_count() or 1, chunks)  # never more processes than work
     tasks = [(item, options) for item in items]
-    if workers == 1 or len(items) < 2 * TASKS_PER_WORKER_CHUNK:
+    if workers == 1 or chunks < 2:
         yield from (read_input(task) for task in tasks)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(read_input, tasks, chunksize=TASKS_PER_WORKER_CHUNK)
+    with StopRequest(active=True, until="the files being read") as stop:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=ignore_ctrl_c)
+        try:
+            for result in pool.map(read_input, tasks, chunksize=TASKS_PER_WORKER_CHUNK):
+                if stop.requested:
+                    break
+                yield result
+        finally:  # also when the caller stops early: no queued input is read after that
+            pool.shutdown(wait=True, cancel_futures=True)
+        if stop.requested:
+            raise KeyboardInterrupt
+
+
+def ignore_ctrl_c() -> None:
+    """A worker process's start: Ctrl-C reaches the whole process group; the main process handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def read_input(task: tuple[Item, PrepareOptions]) -> Decoded:
@@ -221,6 +247,10 @@ def read_input(task: tuple[Item, PrepareOptions]) -> Decoded:
         raise  # the reader cannot read anything (its optional packages are missing): stop the run
     except KneegenError as exc:  # this input only, with its one-line reason
         return Decoded(item, [], reason=str(exc).removeprefix(f"{item.path}: "))
+    except MemoryError:  # e.g. a header claiming a volume of terabytes
+        return Decoded(item, [], reason="too large to read into memory: check its header gives its true size")
+    except Exception as exc:  # a damaged file can make a format's library raise anything: this input only
+        return Decoded(item, [], reason=f"cannot be read ({type(exc).__name__}: {first_line(exc)})")
     slices = [(index, fit_to_size(pixels, options.size, options.fit)) for index, pixels in decoded.slices]
     return replace(decoded, slices=slices, source_size=decoded.slices[0][1].shape)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from kneegen.data.akoa import parse_akoa_name
-from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable
+from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
@@ -321,9 +321,3 @@ def identify(path: Path, raw: RawVolume) -> tuple[str | None, str | None]:
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
-def first_line(exc: Exception) -> str:
-    """An exception's message cut to its first line, so the error we raise stays one line."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else exc.__class__.__name__
