@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kneegen.config import RunConfig, config_from_mapping, load_config
+from kneegen.data.cache import refuse_relative_miss
 from kneegen.engine.checkpoint import checkpoint_config
 from kneegen.engine.device import resolve_compute
 from kneegen.engine.plugins import check_overrides
@@ -74,6 +75,8 @@ def plan_training(request: TrainRequest) -> TrainPlan:
     if resume:
         run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
         cfg = config_to_resume(config, checkpoint, run_dir, overrides)
+        if config is None and "data" not in overrides:  # the data dir the run recorded
+            refuse_relative_miss(cfg.data, checkpoint or run_dir, "--data")
     else:
         if config is None:
             config, note = hardware_recipe(request.device or "auto", request.precision or "auto")

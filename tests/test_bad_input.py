@@ -183,6 +183,16 @@ def test_validate_from_another_folder_names_the_relative_data_dir_instead_of_ask
     assert snapshot(workspace) == before
 
 
+def test_resume_from_another_folder_names_the_relative_data_dir_instead_of_asking_to_prepare(workspace, monkeypatch):
+    monkeypatch.chdir(workspace / "notes")
+    before = snapshot(workspace)
+    result = invoke("train", "--resume", "--run-dir", "../the-run", "--epochs", 3)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "data/prepared" in lines[0] and "--data DIR" in lines[0] and "kneegen prepare" not in lines[0]
+    assert snapshot(workspace) == before
+
+
 def test_version_prints_the_installed_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip().startswith("kneegen 0.")

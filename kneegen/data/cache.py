@@ -118,15 +118,22 @@ def open_cache(root: Path) -> PreparedData:
 
 
 def open_trained_on(data: str, checkpoint: Path, flag: str = "") -> PreparedData:
-    """The prepared data dir a checkpoint's run recorded. A relative path there is relative to the
-    folder the training ran in, so from another folder the data is there but not found: say that,
-    rather than asking to prepare data the user already has (`open_cache` names any other miss)."""
+    """The prepared data dir a checkpoint's run recorded (`open_cache` names any miss but the one
+    `refuse_relative_miss` explains)."""
+    refuse_relative_miss(data, checkpoint, flag)
+    return open_cache(Path(data))
+
+
+def refuse_relative_miss(data: str, recorded_in: Path, flag: str = "") -> None:
+    """A relative data dir in a run's files is relative to the folder the training ran in, so from
+    another folder the data is there but not found: say that, rather than asking to prepare data
+    the user already has."""
     root = Path(data)
     if root.is_absolute() or root.exists():
-        return open_cache(root)
+        return
     ways = [f"give {flag} DIR", "run this from that folder"] if flag else ["run this from that folder"]
     raise KneegenError(
-        f"{checkpoint} trained on the data dir {data}, relative to the folder its training ran in, and not found "
+        f"{recorded_in} trained on the data dir {data}, relative to the folder its training ran in, and not found "
         f"from {Path.cwd()}: {' or '.join(ways)}"
     )
 
