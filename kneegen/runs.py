@@ -8,7 +8,10 @@ that need a checkpoint default to the latest run's best.pt, and accept a bare fi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kneegen.errors import KneegenError
@@ -17,6 +20,7 @@ RUNS_ROOT = Path("runs")
 CONFIG = "config.yaml"  # the run's config, written before its first step
 LAST = "last.pt"
 BEST = "best.pt"
+LOCK = ".training.lock"  # held by the process training into a run dir, while it does
 STEP_CHECKPOINTS = "checkpoints"  # folder of the kept step checkpoints
 STEP_PATTERN = "step-*.pt"
 
@@ -33,12 +37,42 @@ def new_run_dir(root: Path = RUNS_ROOT) -> Path:
 
 def start_run_dir(run_dir: Path) -> Path:
     """Create the run dir; an existing one holds someone's results and is never reused silently."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if holds_anything(run_dir):
         raise KneegenError(
             f"run dir {run_dir} already exists: pass --resume to continue it, or choose another --run-dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+@contextlib.contextmanager
+def training_into(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir for one training process: a second one (say, `--resume` typed twice)
+    would write the same checkpoints and metrics, each cutting back the other's. The lock is the
+    kernel's (flock), so a process that dies, even by kill -9, lets go of it."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: the run dir is not guarded
+        yield
+        return
+    path = run_dir / LOCK
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise KneegenError(
+                f"run dir {run_dir} is being trained by another process (pid {holder}): let it finish "
+                "(or stop it) first, or train into another --run-dir"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: nobody else is removing or writing it
 
 
 def latest_run(root: Path = RUNS_ROOT) -> Path:
@@ -85,8 +119,9 @@ def check_resume_target(checkpoint: Path, run_dir: Path) -> None:
 
 
 def holds_anything(path: Path) -> bool:
-    """Whether `path` is a file, or a folder with anything in it: a place a new run may not write."""
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    """Whether `path` is a file, or a folder with anything in it: a place a new run may not write
+    (a lock left by a training process that was killed holds nothing)."""
+    return path.exists() and (not path.is_dir() or any(entry.name != LOCK for entry in path.iterdir()))
 
 
 def same_place(a: Path, b: Path) -> bool:

@@ -67,6 +67,7 @@ from kneegen.runs import (
     latest_run_dir,
     new_run_dir,
     start_run_dir,
+    training_into,
 )
 
 PACE_EPOCHS = 3  # the cooldown's plan follows the mean time of this process's last epochs, not its first
@@ -101,7 +102,7 @@ def run_training(
     compute = resolve_compute(cfg.device, cfg.precision, allow_fp16=True)
     torch.backends.cudnn.benchmark = compute.device.type == "cuda"  # fixed shapes: cuDNN may pick the fastest
 
-    with process_group(dist, compute) as (dist, compute):
+    with process_group(dist, compute) as (dist, compute), contextlib.ExitStack() as held:
         # 2. The network (a latent model's on its autoencoder's latents), and a batch that fits in memory.
         latent, input_shape = None, (1, *data.image_shape)
         if cfg.model.autoencoder:
@@ -118,8 +119,8 @@ def run_training(
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 
-        # 3. A new run dir, or the state of the interrupted run; then the epochs.
-        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data, latent)
+        # 3. A new run dir, or the state of the interrupted run, held by this run; then the epochs.
+        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data, latent, held)
         if latent is not None:
             train_images, val_images = latent_splits(cfg, data, latent, compute, dist)
         run = Run(
@@ -244,16 +245,25 @@ def open_run_dir(
     checkpoint: Path | None,
     data: PreparedData,
     latent: LatentSpace | None = None,
+    held: contextlib.ExitStack | None = None,
 ) -> Path:
     """The run dir to write: a new one (chosen by rank 0), or with `resume` the interrupted run's,
     with `state` restored from its checkpoint (read by every process) and its metrics cut back
     to that checkpoint. A resumed run without any checkpoint yet starts from the beginning; it
     must train on `data` of the checkpoint's image shape (data prepared again since is named),
-    and a latent one must have `latent`, the autoencoder its checkpoint was trained with."""
+    and a latent one must have `latent`, the autoencoder its checkpoint was trained with.
+    Rank 0 holds the run dir in `held` before it changes a file there (`training_into`)."""
+    hold = held.enter_context if held is not None and dist.is_main else lambda context: None
     if not resume:
-        return Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
+        if not dist.is_main:
+            return Path(dist.broadcast(None))
+        chosen = start_run_dir(run_dir or new_run_dir())
+        hold(training_into(chosen))
+        return Path(dist.broadcast(str(chosen)))
     if run_dir is None:
         run_dir = home_run_of(checkpoint) if checkpoint else latest_run_dir()
+    if run_dir is not None and run_dir.is_dir():
+        hold(training_into(run_dir))
     resumed = resume_point(run_dir, checkpoint, cfg)
     if resumed is None:
         if run_dir is None or not (run_dir / CONFIG).is_file():

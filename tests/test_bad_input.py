@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kneegen.runs import training_into
+
 from helpers import invoke, one_line_error, tiny_run_dict
 
 PHANTOM = 40  # 2 patients: 20 train + 20 val images
@@ -190,6 +192,18 @@ def test_resume_from_another_folder_names_the_relative_data_dir_instead_of_askin
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "data/prepared" in lines[0] and "--data DIR" in lines[0] and "kneegen prepare" not in lines[0]
+    assert snapshot(workspace) == before
+
+
+def test_a_run_being_trained_is_refused_to_a_second_training(workspace, monkeypatch):
+    """`--resume` typed twice: the second would write the same checkpoints and metrics."""
+    monkeypatch.chdir(workspace)
+    before = snapshot(workspace)
+    with training_into(workspace / "the-run"):  # as the first training holds it
+        result = invoke("train", "--resume", "--run-dir", "the-run", "--epochs", 3)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "being trained by another process" in lines[0] and f"pid {os.getpid()}" in lines[0]
     assert snapshot(workspace) == before
 
 
