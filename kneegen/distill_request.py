@@ -11,7 +11,7 @@ from typing import Any
 
 from kneegen.config import RunConfig, SampleConfig, config_from_mapping, set_dotted
 from kneegen.engine.checkpoint import load_checkpoint
-from kneegen.engine.distillation import distillation_rounds, root_epochs
+from kneegen.engine.distillation import distillation_rounds, halvings, root_epochs
 from kneegen.engine.plugins import check_overrides
 from kneegen.engine.samplers import DISTILLED
 from kneegen.engine.training import TrainState
@@ -107,10 +107,12 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
             f"{teacher} is a {method} student, which samples in {counts}: sample it with --steps N (1 is its "
             "fewest) instead of distilling it further"
         )
+    steps = overrides.get("distill.steps", DEFAULT_STEPS)
+    if student_of and isinstance(steps, int) and steps not in halvings(int(student_of)):
+        raise KneegenError(f"--steps {steps}: {further_steps(teacher, int(student_of), raw)}")
     sample = raw.get("sample") or {}  # the teacher's, as checked when it trained
     guided = float(sample.get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
     guided_below = float(sample.get("autoguidance_sigma_max", SampleConfig.autoguidance_sigma_max))
-    steps = overrides.get("distill.steps", DEFAULT_STEPS)
     if not isinstance(steps, int) or steps < 1:
         steps = DEFAULT_STEPS  # for the derived keys only: the config check refuses the value itself
     derived = {
@@ -180,6 +182,17 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         f"{how}, over {cfg.train.epochs} epochs"
     )
     return cfg, origin
+
+
+def further_steps(student: Path, steps: int, raw: dict[str, Any]) -> str:
+    """What a student of `steps` can be distilled further to (each round halves its steps), and
+    where else to go for another count: the teacher it was distilled from."""
+    fewer = halvings(steps)
+    origin = (raw.get("distill") or {}).get("teacher")
+    elsewhere = f"; for another count distil its teacher ({origin}) with that --steps" if origin else ""
+    if not fewer:
+        return f"{student} was distilled for {steps} steps, an odd count, which no round can halve{elsewhere}"
+    return f"{student} was distilled for {steps} steps: give --steps {' or '.join(map(str, fewer))}{elsewhere}"
 
 
 def check_teacher_steps(cfg: RunConfig, teacher: Path, given: bool) -> None:

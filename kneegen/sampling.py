@@ -22,6 +22,7 @@ from kneegen.config import MAX_GUIDANCE, Spacing
 from kneegen.engine.compilation import compile_for_inference
 from kneegen.engine.denoiser import make_denoiser
 from kneegen.engine.device import Compute
+from kneegen.engine.distillation import halvings
 from kneegen.engine.latent import LatentSpace
 from kneegen.engine.pixels import to_uint8
 from kneegen.engine.samplers import CONSISTENCY, DISTILLED, StepCallback, generate, get_sampler, timesteps_for
@@ -135,11 +136,17 @@ def distilled_sampler(model: TrainedModel, asked: int | None) -> tuple[str, int]
             )
         return CONSISTENCY, model.distilled_steps
     if asked is not None and asked != model.distilled_steps:
-        further = f" (kneegen distill {model.source} --steps {asked})" if asked < model.distilled_steps else ""
+        fewer = halvings(model.distilled_steps)
+        further = (
+            f"distil it to {asked} (kneegen distill {model.source} --steps {asked}), "
+            if asked in fewer
+            else f"distil it to {' or '.join(map(str, fewer))} (kneegen distill {model.source} --steps N), "
+            if fewer
+            else ""
+        )
         raise KneegenError(
             f"--steps {asked}: {model.source} was distilled for {model.distilled_steps} steps, the only count its "
-            f"sampler runs: give --steps {model.distilled_steps}, distil it to fewer{further}, or choose another "
-            "--sampler"
+            f"sampler runs: give --steps {model.distilled_steps}, {further}or choose another --sampler"
         )
     return DISTILLED, model.distilled_steps
 

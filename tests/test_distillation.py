@@ -15,10 +15,10 @@ from typer.testing import Result
 
 from kneegen.config import RunConfig, load_config, to_dict
 from kneegen.data.cache import open_cache
-from kneegen.distill_request import distillation_config
+from kneegen.distill_request import distillation_config, further_steps
 from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.engine.device import resolve_compute
-from kneegen.engine.distillation import CLEAN, Distillation, start_distillation, two_step_target
+from kneegen.engine.distillation import CLEAN, Distillation, halvings, start_distillation, two_step_target
 from kneegen.engine.samplers import ImageNoise, ddim, dpm_solver_pp, get_sampler, timesteps_for, trailing_timesteps
 from kneegen.engine.schedule import Schedule
 from kneegen.engine.trained import load_trained_model
@@ -264,6 +264,8 @@ def test_a_student_samples_and_validates_with_its_own_steps_by_default(distilled
     "args, named",
     [
         (["sample", "single", "--checkpoint", "runs/student/last.pt", "--steps", 4], "distilled for 2 steps"),
+        (["sample", "single", "--checkpoint", "runs/student/last.pt", "--steps", 1], "distil it to 1 (kneegen distill"),
+        (["distill", "runs/student/last.pt", "--steps", 3], "give --steps 1"),  # its 2 steps halve to 1 only
         (["sample", "single", "--checkpoint", "runs/teacher/best.pt", "--sampler", "distilled"], "no distilled"),
         (["distill", "runs/student/last.pt", "--steps", 1, "--teacher-steps", 4], "--teacher-steps 4"),
         (["distill", "runs/teacher", "--steps", 4, "--teacher-steps", 12], "distill.teacher_steps 12"),
@@ -276,6 +278,13 @@ def test_what_a_student_cannot_do_is_refused_in_one_line(distilled, monkeypatch,
     monkeypatch.chdir(distilled)
     one_line_error(invoke(*args), named)
     assert sorted(p.name for p in (distilled / "runs").iterdir()) == ["student", "teacher"]  # no run was begun
+
+
+def test_a_student_distils_further_only_by_halving_and_an_odd_one_is_sent_to_its_teacher():
+    assert halvings(12) == [6, 3] and halvings(3) == [] and halvings(1) == []
+    odd = further_steps(Path("s.pt"), 3, {"distill": {"teacher": "/runs/t/best.pt"}})
+    assert "odd count" in odd and "distil its teacher (/runs/t/best.pt)" in odd and "--steps 1" not in odd
+    assert "give --steps 6 or 3" in further_steps(Path("s.pt"), 12, {})
 
 
 def test_a_student_distils_further_from_its_own_steps(distilled, monkeypatch):

@@ -71,6 +71,16 @@ def distillation_rounds(teacher_steps: int, steps: int) -> int:
     return (teacher_steps // steps).bit_length() - 1
 
 
+def halvings(steps: int) -> list[int]:
+    """The step counts a progressive student of `steps` can be distilled further to, one round
+    per halving: 12 → [6, 3]; none for an odd count."""
+    counts = []
+    while steps % 2 == 0:
+        steps //= 2
+        counts.append(steps)
+    return counts
+
+
 @dataclass
 class Distillation:
     """The teacher of the current round and where the rounds stand; kept in the training state
