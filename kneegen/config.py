@@ -73,9 +73,10 @@ def model_from_mapping(raw: Any, source: str) -> ModelConfig:
     flat = {key: raw.pop(key) for key in FLAT_UNET_KEYS if key in raw}
     for name, section in raw.items():
         if not isinstance(section, dict):
+            example = f"model.{name}.channels" if name == arch else f"model.{arch}.{name}"
             raise KneegenError(
-                f"{source}: unknown config key 'model.{name}'; a network's keys go in its "
-                f"section, e.g. model.{arch}.{name}"
+                f"{source}: model.{name} is given a value ({section!r}), but under model only arch, conditions and "
+                f"autoencoder take one; the other keys are networks' sections of keys, e.g. {example}"
             )
         sections[str(name)] = dict(section)
     if flat:
@@ -232,7 +233,7 @@ def config_from_mapping(raw: dict[str, Any], source: str, overrides: dict[str, A
     for dotted, value in overrides.items():
         set_dotted(raw, dotted, value, source)
     config = from_dict(RunConfig, raw, source, prefix="")
-    check_ranges(config, source)
+    check_ranges(config, f"{source} with the command line" if overrides else source)  # keys checked together
     return config
 
 

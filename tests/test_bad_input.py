@@ -125,6 +125,8 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "unknown precision": ((*TRAIN, "--precision", "fp8"), "fp8"),
     "batch size not a number": ((*TRAIN, "--set", "train.batch_size=abc"), "train.batch_size"),
     "unknown arch": ((*TRAIN, "--set", "model.arch=transformer"), "model.arch"),
+    "a network's section given a value": ((*TRAIN, "--set", "model.unet=3"), "e.g. model.unet.channels"),
+    "keys at odds, one from the command line": ((*TRAIN, "--set", "train.best_by=fid"), "with the command line"),
     "unknown sampler in config": ((*TRAIN, "--set", "sample.sampler=nope"), "nope"),
     "attention below the levels": ((*TRAIN, "--set", "model.unet.attention_levels=[5]"), "model.unet.attention_levels"),
     "no gradient accumulation": ((*TRAIN, "--set", "train.grad_accumulation=0"), "train.grad_accumulation"),
