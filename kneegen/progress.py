@@ -66,4 +66,5 @@ def progress_once_started(description: str) -> Iterator[Callable[[int, int], Non
         progress.live.transient = True
         raise
     finally:
-        progress.stop()
+        if progress.live.is_started:  # stopping a bar never shown still prints an empty line
+            progress.stop()

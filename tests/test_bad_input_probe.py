@@ -139,6 +139,7 @@ def edit_manifest(data: Path, edit) -> None:  # noqa: ANN001 - a small test help
         ("float images", "does not match manifest.json"),
         ("no split ranges", "does not match manifest.json"),
         ("ranges past the end", "does not match manifest.json"),
+        ("records of fewer slices", "does not match manifest.json"),
         ("newer version", "newer than this kneegen understands"),
     ],
 )
@@ -153,6 +154,8 @@ def test_a_cache_whose_images_and_manifest_disagree_is_refused(prepared, tmp_pat
         edit_manifest(data, lambda manifest: manifest.pop("split_ranges"))
     elif damage == "ranges past the end":
         edit_manifest(data, lambda manifest: manifest["split_ranges"].update(train=[0, count * 10]))
+    elif damage == "records of fewer slices":
+        edit_manifest(data, lambda manifest: manifest.update(slices=manifest["slices"][:2]))
     else:
         edit_manifest(data, lambda manifest: manifest.update(version=99))
     before = {path.name: path.read_bytes() for path in data.iterdir()}

@@ -560,12 +560,13 @@ def test_console_script_lists_the_builtin_commands(tmp_path):
 
 
 @pytest.mark.slow
-def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path):
-    result = run_script("train", "--data", "nowhere_data", cwd=tmp_path)
+@pytest.mark.parametrize("args", [("train", "--data", "nowhere_data"), ("prepare", "nowhere_data", "--out", "o")])
+def test_console_script_reports_a_user_error_as_one_line_on_stderr(tmp_path, args):
+    result = run_script(*args, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = result.stderr.splitlines()  # no empty line around it either
     assert len(lines) == 1 and "nowhere_data" in lines[0] and lines[0].startswith("error:")
 
 

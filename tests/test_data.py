@@ -18,7 +18,7 @@ from PIL import Image
 
 from kneegen.data.akoa import SliceName, parse_akoa_name
 from kneegen.data.cache import open_cache
-from kneegen.data.decode import read_gray
+from kneegen.data.decode import read_pages
 from kneegen.data.geometry import fit_to_size
 from kneegen.data.prepare import prepare_folder
 from kneegen.data.splits import SplitFractions
@@ -124,7 +124,7 @@ def test_cache_image_i_is_the_file_of_record_i(prepared, phantom_src):
     data = open_cache(prepared)
     records = manifest(prepared)["slices"]
     for i in [0, 17, 49, 50, 59]:
-        expected = fit_to_size(read_gray(phantom_src / records[i]["path"]), (IMAGE_SIZE, IMAGE_SIZE), "pad")
+        expected = fit_to_size(read_pages(phantom_src / records[i]["path"])[0], (IMAGE_SIZE, IMAGE_SIZE), "pad")
         np.testing.assert_array_equal(data.images[i], expected)
     assert data.images.std() > 10  # resized anatomy, not a blank image
 
@@ -251,6 +251,19 @@ def test_nested_akoa_folders_and_sub_folder_patients(tmp_path, phantom_src):
     assert_no_leak(tmp_path / "out")
     groups = {r["patient"] for r in manifest(tmp_path / "out")["slices"] if r["side"] is None}
     assert groups == {"file:subject_a", "file:subject_b"}
+
+
+def test_a_multi_page_tiff_is_a_stack_of_slices(tmp_path):
+    src = tmp_path / "stacks"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for patient in ("p1", "p2", "p3"):
+        pages = [Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)) for _ in range(3)]
+        pages[0].save(src / f"{patient}.tif", save_all=True, append_images=pages[1:])
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+    assert summary.images == 9 and summary.patients == 3 and summary.volumes == 3
+    records = manifest(tmp_path / "out")["slices"]
+    assert sorted(r["slice"] for r in records if r["path"] == "p2.tif") == [0, 1, 2]
 
 
 def test_inputs_all_in_one_top_folder_point_to_it(tmp_path):

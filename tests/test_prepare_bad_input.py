@@ -55,6 +55,21 @@ def test_a_link_to_nothing_is_skipped_and_counted_with_its_target(small_src, tmp
     )
 
 
+def test_a_loop_of_links_is_skipped_as_one(small_src, tmp_path):
+    (small_src / "loop1.png").symlink_to(small_src / "loop2.png")
+    (small_src / "loop2.png").symlink_to(small_src / "loop1.png")
+    skipped = dict(prepare_folder(small_src, tmp_path / "out", options()).skipped)
+    assert skipped["loop1.png"] == f"a link to {small_src / 'loop2.png'}, which leads round in a loop of links"
+
+
+def test_a_folder_of_hidden_files_only_says_they_are_not_read(tmp_path):
+    src = tmp_path / "hidden"
+    src.mkdir()
+    Image.new("L", (8, 8)).save(src / ".slice.png")
+    with pytest.raises(KneegenError, match="1 hidden entries"):
+        prepare_folder(src, tmp_path / "out", options())
+
+
 def test_strict_stops_at_a_link_to_nothing_naming_it(small_src, tmp_path):
     (small_src / "moved.png").symlink_to(tmp_path / "gone.png")
     with pytest.raises(KneegenError, match=r"moved\.png: a link to .*gone\.png, which is not there .*--strict"):

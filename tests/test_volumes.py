@@ -282,6 +282,46 @@ def test_folder_with_two_series_is_refused(tmp_path):
     assert_one_line_naming(excinfo, tmp_path / "series")
 
 
+def test_a_non_dicom_file_in_a_series_is_named_without_pydicoms_force_advice(tmp_path):
+    write_series(tmp_path / "series", "axial")
+    (tmp_path / "series" / "notes.dcm").write_text("not a DICOM file")
+    with pytest.raises(KneegenError, match="not a DICOM file") as excinfo:
+        read_volume_slices(tmp_path / "series")
+    assert_one_line_naming(excinfo, tmp_path / "series" / "notes.dcm")
+    assert "force" not in str(excinfo.value)
+
+
+def test_a_dicom_without_pixel_data_is_named_as_such(tmp_path):
+    images, _ = write_series(tmp_path / "series", "axial")
+    path = next((tmp_path / "series").glob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(KneegenError, match="holds no pixel data") as excinfo:
+        read_volume_slices(tmp_path / "series")
+    assert "decoders" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("orientation", [[0.0, 1.0, 0.0], [0.0] * 6], ids=["three numbers", "zero vectors"])
+def test_an_image_orientation_that_is_no_pair_of_unit_vectors_is_named(tmp_path, orientation):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    image = np.full((ROWS, COLUMNS), 500, np.uint16)
+    for k in range(3):
+        position = [0.0, 0.0, 2.5 * k]
+        write_dicom(
+            folder / f"{k}.dcm",
+            image,
+            k + 1,
+            "1.2.3",
+            ImageOrientationPatient=orientation,
+            ImagePositionPatient=position,
+        )
+    with pytest.raises(KneegenError, match="ImageOrientationPatient must be two unit vectors") as excinfo:
+        read_volume_slices(folder)
+    assert_one_line_naming(excinfo, folder)
+
+
 # --- Real files shipped with nibabel -----------------------------------------------------------
 
 

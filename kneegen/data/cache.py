@@ -140,9 +140,12 @@ def refuse_relative_miss(data: str, recorded_in: Path, flag: str = "") -> None:
 
 def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
     """Whether the (N, H, W) array is the one the manifest describes: its split ranges cover it
-    end to end, train then val then test, and its size and depth are the manifest's."""
+    end to end, train then val then test, it has a record per slice, and its size and depth are
+    the manifest's."""
     ranges = manifest.get("split_ranges")
     if images.ndim != 3 or not isinstance(ranges, dict) or not {"train", "val"} <= ranges.keys():
+        return False
+    if len(manifest.get("slices", images)) != len(images):  # the conditions and the summary read the records
         return False
     start = 0
     for name in ("train", "val", "test"):

@@ -5,7 +5,7 @@ Both come from the manifest `prepare` writes, row for row with `images.npy`:
 - side: 0 for a LEFT knee, 1 for a RIGHT one (AKOA names, DICOM laterality);
 - position: the slice index normalised within its volume, (index − first) / (last − first) over
   the volume's slices in the cache, so 0 is the first slice of the stack and 1 the last.
-A value that is not known (a PNG without an AKOA name, a volume of one slice) is NaN: such images
+A value that is not known (a PNG without an AKOA name, the one slice kept of a volume) is NaN: such images
 train with that condition dropped, so they still teach the model what a knee looks like.
 """
 

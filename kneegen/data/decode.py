@@ -32,19 +32,24 @@ class UnreadableFile(KneegenError):
 
 
 def read_image(item: Item, options: PrepareOptions) -> Decoded:
-    """A slice file; AKOA names give patient, knee and slice, other files their folder or name."""
-    pixels = read_gray(item.path)
+    """A slice file; AKOA names give patient, knee and slice, other files their folder or name.
+    A multi-page file (TIFF) is a stack: its pages are the slices of one volume, in page order."""
+    pages = read_pages(item.path)
     parsed = parse_akoa_name(item.path.name)
+    if len(pages) > 1:
+        patient, side = (parsed.patient, parsed.side) if parsed is not None else (item.group, None)
+        return Decoded(item, list(enumerate(pages)), patient, item.name, side)
     if parsed is not None:
-        return Decoded(item, [(parsed.slice_index, pixels)], parsed.patient, parsed.volume, parsed.side)
-    return Decoded(item, [(None, pixels)], item.group, item.group)
+        return Decoded(item, [(parsed.slice_index, pages[0])], parsed.patient, parsed.volume, parsed.side)
+    return Decoded(item, [(None, pages[0])], item.group, item.group)
 
 
 IMAGES = InputReader("image", read_image, suffixes=IMAGE_SUFFIXES)
 
 
-def read_gray(path: Path) -> np.ndarray:
-    """(H, W) uint8 for 8-bit sources, uint16 for 16-bit ones; UnreadableFile otherwise.
+def read_pages(path: Path) -> list[np.ndarray]:
+    """Each page (H, W): uint8 for 8-bit sources, uint16 for 16-bit ones; UnreadableFile otherwise.
+    Most files hold one page; a multi-page TIFF holds a stack.
 
     Pillow warns above `Image.MAX_IMAGE_PIXELS` and refuses above twice that; both are taken as
     one limit, so no warning reaches the terminal and no worker decodes gigabytes of pixels:
@@ -56,8 +61,12 @@ def read_gray(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()
-                return to_gray_array(image)
+                pages = []
+                for page in range(getattr(image, "n_frames", 1)):
+                    image.seek(page)
+                    image.load()
+                    pages.append(to_gray_array(image))
+                return pages
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise UnreadableFile(too_many_pixels(str(exc))) from None
     except UnidentifiedImageError:

@@ -11,6 +11,7 @@ names no format.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import signal
@@ -55,7 +56,7 @@ def prepare_folder(
     items, ignored = find_inputs(src)
     missing = [path for path, _ in ignored if not path.exists()]
     if options.strict and missing:
-        raise KneegenError(f"{missing[0]}: {dangling_link(missing[0])} (without --strict it would be skipped)")
+        raise KneegenError(f"{missing[0]}: {broken_link(missing[0])} (without --strict it would be skipped)")
     refuse_links_into(out, [item.path for item in items] + [path for path, _ in ignored], src)
     check_room_for(out, len(items) * options.size[0] * options.size[1])  # one 8-bit slice per input, at least
 
@@ -138,7 +139,7 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     ignored = []
     for path in files:
         if not path.exists():
-            ignored.append((path, dangling_link(path)))
+            ignored.append((path, broken_link(path)))
             continue
         part_of = readers.for_folder_of(path)
         if part_of is not None:
@@ -149,9 +150,11 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
         elif path.parent not in folders:
             ignored.append((path, f"not an image or volume ({path.suffix or 'no suffix'})"))
     if not items:
+        hidden = sum(1 for entry in src.iterdir() if entry.name.startswith("."))
+        left_out = f"; {hidden} hidden entries (names starting with a dot) are not read" if hidden else ""
         raise KneegenError(
-            f"no images (PNG/JPG/TIFF) or volumes found in {src} (the input readers claim {readers.claims()}): "
-            "point kneegen prepare at the folder that holds them"
+            f"no images (PNG/JPG/TIFF) or volumes found in {src} (the input readers claim {readers.claims()}"
+            f"{left_out}): point kneegen prepare at the folder that holds them"
         )
     return sorted(items, key=lambda item: str(item.path)), ignored
 
@@ -193,9 +196,16 @@ def is_file_or_link(path: Path) -> bool:
     return path.is_file() or (path.is_symlink() and not path.is_dir())
 
 
-def dangling_link(path: Path) -> str:
-    """Why a link to nothing is skipped: its target, so the user can find the disk it was on."""
-    return f"a link to {os.readlink(path)}, which is not there"
+def broken_link(path: Path) -> str:
+    """Why a link that leads to no file is skipped: its target, so the user can find the disk it
+    was on, or the loop it is part of."""
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"a link to {target}, which leads round in a loop of links"
+    return f"a link to {target}, which is not there"
 
 
 def input_item(path: Path, reader: InputReader, src: Path) -> Item:

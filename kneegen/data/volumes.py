@@ -187,7 +187,12 @@ def read_dicom_file(pydicom: ModuleType, path: Path) -> Any:
     """One parsed DICOM file; the folder's other checks need every header."""
     try:
         return pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except pydicom.errors.InvalidDicomError:  # its own message asks for force=True, which is no answer here
+        raise KneegenError(
+            f"{path}: not a DICOM file (no 'DICM' marker after its 128-byte preamble): remove it from the series "
+            "folder, or export the series again"
+        ) from None
+    except (OSError, ValueError, EOFError) as exc:
         raise KneegenError(f"{path}: cannot be read as DICOM ({first_line(exc)}): remove or replace the file") from None
 
 
@@ -218,6 +223,11 @@ def image_orientation(datasets: list[Any], folder: Path) -> tuple[np.ndarray, np
             f"{folder}: a slice has no ImageOrientationPatient, so its plane is unknown: export the series again"
         )
     values = np.array(orientations, dtype=float)  # (N, 6)
+    if values.shape[1] != 6 or not np.allclose(np.linalg.norm(values.reshape(-1, 2, 3), axis=2), 1, atol=1e-2):
+        raise KneegenError(
+            f"{folder}: ImageOrientationPatient must be two unit vectors (6 numbers), not {list(values[0])}: "
+            "export the series again"
+        )
     if not np.allclose(values, values[0], atol=1e-4):
         raise KneegenError(f"{folder}: the slices have different orientations: the folder should hold one series")
     return values[0, :3], values[0, 3:]
@@ -248,6 +258,10 @@ def sort_along_normal(datasets: list[Any], normal: np.ndarray, folder: Path) -> 
 
 def dicom_pixels(ds: Any) -> np.ndarray:
     """One slice's pixels in physical units (RescaleSlope/Intercept applied), float32 (rows, columns)."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise KneegenError(
+            f"{ds.filename}: holds no pixel data (a header-only file?): remove it from the series folder"
+        )
     try:
         stored = ds.pixel_array
     except (AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
