@@ -298,6 +298,8 @@ def check_ranges(config: RunConfig, source: str = "config") -> None:
     """The bounds the types cannot express, each named by its key; lists are checked per item."""
     for key, bounds in RANGES.items():
         check_bound(key, get_dotted(config, key), bounds, source)
+    if not config.data.strip():
+        raise KneegenError(f"{source}: data is empty: give the prepared data dir, e.g. --data data/prepared")
     if config.train.best_by == "fid" and config.train.fid_every == 0:
         raise KneegenError(
             f"{source}: train.best_by = fid needs train.fid_every > 0 (epochs between FIDs): set both, "

@@ -111,16 +111,26 @@ def check_resumable(path: Path, payload: dict[str, Any], cfg: RunConfig) -> str:
     saved = to_dict(resolve_plugins(from_dict(RunConfig, payload["config"], source=str(path), prefix=""), str(path)))
     current = to_dict(resolve_plugins(cfg, "config"))
     changed = [
-        f"{section}.{key}"
+        difference
         for section in ARCHITECTURE_SECTIONS
         for key in sorted(current.get(section, {}).keys() | saved.get(section, {}).keys())  # one side may omit it
-        if current.get(section, {}).get(key) != saved.get(section, {}).get(key)
-        and not moved(section, key, current, saved)
+        if not moved(section, key, current, saved)
+        for difference in differences(
+            f"{section}.{key}", saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        )
     ]
     if payload["batch_in_epoch"] > 0:
-        changed += [f"train.{key}" for key in POSITION_KEYS if current["train"][key] != saved["train"][key]]
+        changed += [
+            (f"train.{key}", saved["train"][key], current["train"][key])
+            for key in POSITION_KEYS
+            if current["train"][key] != saved["train"][key]
+        ]
     if changed:
-        raise KneegenError(f"--resume: {', '.join(changed)} differ from the config of {path}; keep them as they were")
+        values = "; ".join(f"{key}: {was!r} there, {now!r} now" for key, was, now in changed)
+        raise KneegenError(
+            f"--resume: {', '.join(key for key, _, _ in changed)} differ from the config of {path} ({values}); "
+            "keep them as they were"
+        )
     allowed = [
         f"train.{key} {saved['train'][key]} → {value}"
         for key, value in current["train"].items()
@@ -135,6 +145,18 @@ def latent_record(space: LatentSpace, image_shape: tuple[int, int]) -> dict[str,
     """What a latent checkpoint records of its autoencoder: which one (by content hash), the
     scale its latents were trained at, and their (C, h, w)."""
     return {"digest": space.digest, "scale": space.scale, "shape": list(space.shape_of(image_shape))}
+
+
+def differences(key: str, saved: Any, current: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of each leaf that differs, so a message names
+    model.unet.channels rather than all of model.unet."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            difference
+            for name in sorted(saved.keys() | current.keys())
+            for difference in differences(f"{key}.{name}", saved.get(name), current.get(name))
+        ]
+    return [] if saved == current else [(key, saved, current)]
 
 
 def moved(section: str, key: str, current: dict[str, Any], saved: dict[str, Any]) -> bool:

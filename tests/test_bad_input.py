@@ -127,6 +127,7 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "unknown arch": ((*TRAIN, "--set", "model.arch=transformer"), "model.arch"),
     "a network's section given a value": ((*TRAIN, "--set", "model.unet=3"), "e.g. model.unet.channels"),
     "keys at odds, one from the command line": ((*TRAIN, "--set", "train.best_by=fid"), "with the command line"),
+    "empty data dir": ((*TRAIN, "--set", "data="), "data is empty"),
     "unknown sampler in config": ((*TRAIN, "--set", "sample.sampler=nope"), "nope"),
     "attention below the levels": ((*TRAIN, "--set", "model.unet.attention_levels=[5]"), "model.unet.attention_levels"),
     "no gradient accumulation": ((*TRAIN, "--set", "train.grad_accumulation=0"), "train.grad_accumulation"),
@@ -141,6 +142,10 @@ CASES: dict[str, tuple[tuple[object, ...], str]] = {  # name: (arguments, text t
     "resume from a non-checkpoint": (("train", "--resume-from", "broken.pt"), "broken.pt"),
     "resume from a truncated checkpoint": (("train", "--resume-from", "cut.pt"), "cut.pt"),
     "resume a folder that is no run": (("train", "--resume", "--run-dir", "notes"), "notes"),
+    "resume with a wider network": (
+        ("train", "--resume", "--run-dir", "the-run", "--set", "model.unet.channels=24"),
+        "model.unet.channels: 16 there, 24 now",
+    ),
     "image size the network cannot halve": ((*TRAIN, "--set", "model.unet.channel_mults=[1,1,1,1,1,1]"), "--size"),
     # validate
     "validate a non-checkpoint": (("validate", "broken.pt"), "broken.pt"),
