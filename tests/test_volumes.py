@@ -322,6 +322,17 @@ def test_an_image_orientation_that_is_no_pair_of_unit_vectors_is_named(tmp_path,
     assert_one_line_naming(excinfo, folder)
 
 
+def test_slices_across_thick_voxels_get_square_pixels(tmp_path):
+    """3 mm slices, 1 mm pixels: a sagittal cut runs down the 3 mm axis and is stretched 3× there;
+    an axial cut, in the 1 mm plane, keeps its voxel grid."""
+    path = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(synthetic_knee(), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+    sagittal = read_volume_slices(path, axis="sagittal", min_foreground=0.0)
+    assert {image.shape for _, image in sagittal.slices} == {(3 * Z, Y)}
+    axial = read_volume_slices(path, axis="axial", min_foreground=0.0)
+    assert {image.shape for _, image in axial.slices} == {(Y, X)}
+
+
 # --- Real files shipped with nibabel -----------------------------------------------------------
 
 

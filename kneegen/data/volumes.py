@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from kneegen.data.akoa import parse_akoa_name
+from kneegen.data.geometry import resize
 from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line
 from kneegen.errors import KneegenError
 
@@ -99,12 +100,18 @@ def read_volume_slices(
     nib = import_reader("nibabel", path)
     raw = read_dicom_series(path) if path.is_dir() else read_nifti(path, nib)
     check_volume(raw.data, path)
-    volume = nib.orientations.apply_orientation(raw.data, nib.orientations.io_orientation(raw.affine))  # (X, Y, Z)
+    orientation = nib.orientations.io_orientation(raw.affine)
+    volume = nib.orientations.apply_orientation(raw.data, orientation)  # (X, Y, Z)
+    spacing = np.empty(3)  # mm per voxel along X, Y, Z
+    spacing[orientation[:, 0].astype(int)] = nib.affines.voxel_sizes(raw.affine)
 
-    # 2. Window the whole volume, then cut it into slices.
+    # 2. Window the whole volume, then cut it into slices of square pixels.
     window = intensity_window(volume, percentiles, path)
     scaled = apply_window(volume, window)
-    slices, skipped = cut_slices(scaled, AXES.index(axis), min_foreground)
+    cut = AXES.index(axis)
+    slices, skipped = cut_slices(scaled, cut, min_foreground)
+    across, down = (spacing[i] for i in range(3) if i != cut)  # the image's columns run along the first
+    slices = [(index, square_pixels(image, down, across)) for index, image in slices]
 
     patient, side = identify(path, raw)
     return VolumeSlices(path, patient, side, volume.shape, window, slices, skipped)
@@ -321,6 +328,16 @@ def cut_slices(volume: np.ndarray, axis: int, min_foreground: float) -> tuple[li
         else:
             kept.append((index, image))
     return kept, skipped
+
+
+def square_pixels(image: np.ndarray, row_mm: float, column_mm: float) -> np.ndarray:
+    """The slice resampled so a pixel spans as many mm down as across: a cut across thick slices
+    (an axial cut of a sagittal scan) is otherwise squashed by their thickness over the pixel
+    size. The finer spacing is kept; the coarser axis is interpolated up to it."""
+    finer = min(row_mm, column_mm)
+    height, width = image.shape
+    shape = (max(1, round(height * row_mm / finer)), max(1, round(width * column_mm / finer)))
+    return resize(image, shape)
 
 
 def identify(path: Path, raw: RawVolume) -> tuple[str | None, str | None]:
