@@ -258,6 +258,7 @@ def test_skip_reasons_that_start_with_a_file_inside_a_volume_count_as_their_kind
         ("dcm1", "vol/dcm1/a.dcm: cannot be read as DICOM (File is missing its header): remove or replace the file"),
         ("dcm2", "vol/dcm2/b.dcm: cannot be read as DICOM (truncated): remove or replace the file"),
         ("k.nii.gz", "shape is 2-D: give 3-D volumes"),
+        ("bad.dcm", "cannot be read (ValueError: invalid literal for int() with base 10: '1A')"),
     ]
     summary = PrepareSummary(0, 0, 0, {}, (32, 32), "uint8", "pad", {}, {}, skipped)
-    assert summary.skip_reasons() == {"cannot be read as DICOM": 2, "shape is N-D": 1}
+    assert summary.skip_reasons() == {"cannot be read as DICOM": 2, "shape is N-D": 1, "cannot be read": 1}

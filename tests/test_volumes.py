@@ -322,6 +322,43 @@ def test_an_image_orientation_that_is_no_pair_of_unit_vectors_is_named(tmp_path,
     assert_one_line_naming(excinfo, folder)
 
 
+def restamp(folder: Path, **attributes: object) -> None:
+    """Set header attributes in every file of a written series."""
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for name, value in attributes.items():
+            setattr(ds, name, value)
+        ds.save_as(path)
+
+
+def test_a_colour_series_is_refused_rather_than_windowed_as_grey(tmp_path):
+    write_series(tmp_path / "series", "axial")
+    restamp(tmp_path / "series", PhotometricInterpretation="PALETTE COLOR")
+    with pytest.raises(KneegenError, match="PALETTE COLOR images are colour") as excinfo:
+        read_volume_slices(tmp_path / "series")
+    assert_one_line_naming(excinfo, tmp_path / "series")
+
+
+def test_monochrome1_is_shown_inverted_like_monochrome2(tmp_path):
+    write_series(tmp_path / "series", "axial")
+    grey = read_volume_slices(tmp_path / "series", axis="axial", min_foreground=0.0)
+    restamp(tmp_path / "series", PhotometricInterpretation="MONOCHROME1")
+    inverted = read_volume_slices(tmp_path / "series", axis="axial", min_foreground=0.0)
+    for (_, a), (_, b) in zip(grey.slices, inverted.slices):
+        assert np.abs(a.astype(int) + b.astype(int) - 65535).max() <= 1
+
+
+def test_uncompressed_pixel_data_cut_short_is_damaged_not_missing_a_decoder(tmp_path):
+    write_series(tmp_path / "series", "axial")
+    path = next((tmp_path / "series").glob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:-20]
+    ds.save_as(path)
+    with pytest.raises(KneegenError, match="pixel data is damaged") as excinfo:
+        read_volume_slices(tmp_path / "series")
+    assert "decoder" not in str(excinfo.value)
+
+
 def test_slices_across_thick_voxels_get_square_pixels(tmp_path):
     """3 mm slices, 1 mm pixels: a sagittal cut runs down the 3 mm axis and is stretched 3× there;
     an axial cut, in the 1 mm plane, keeps its voxel grid."""

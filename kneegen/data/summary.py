@@ -46,11 +46,11 @@ class PrepareSummary:
         return {name: counts.patients for name, counts in self.splits.items()}
 
     def skip_reasons(self) -> Counter[str]:
-        """How many inputs were skipped for each kind of reason: the file a reason starts with,
-        details in brackets and advice after a colon dropped, numbers made alike, so one kind of
-        problem counts as one line."""
+        """How many inputs were skipped for each kind of reason: the file a reason starts with and
+        all from the first bracket (details, nested or not) or colon (advice) on dropped, numbers
+        made alike, so one kind of problem counts as one line."""
         reasons = (LEADING_PATH.sub("", reason) for _, reason in self.skipped)
-        kinds = (re.sub(r"\d+", "N", re.sub(r"\s*\([^)]*\)", "", reason)).split(":")[0] for reason in reasons)
+        kinds = (re.sub(r"\d+", "N", reason.split("(")[0].split(":")[0]).strip() for reason in reasons)
         return Counter(kinds)
 
 

@@ -22,6 +22,7 @@ nibabel and pydicom are the optional `volumes` extra, imported only when a volum
 from __future__ import annotations
 
 import importlib
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ AXES = ("sagittal", "coronal", "axial")  # slices along RAS x, y, z
 UINT16_MAX = 65535
 FOREGROUND_LEVEL = 0.05 * UINT16_MAX  # a pixel is foreground above 5 % of the window
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes point left/posterior, RAS's right/anterior
+PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 SAME_POSITION_MM = 1e-3  # slices closer than this along the normal are at the same position
 DICOM_SIDES = {"L": "LEFT", "R": "RIGHT"}
 MISSING_READERS = "reading NIfTI/DICOM volumes needs nibabel and pydicom: pip install 'kneegen[volumes]'"
@@ -149,6 +152,8 @@ def read_nifti(path: Path, nib: ModuleType) -> RawVolume:
         raise KneegenError(
             f"{path}: cannot be read as NIfTI ({first_line(exc)}): check the file is complete, or export it again"
         ) from None
+    if getattr(image, "affine", None) is None:  # CIFTI: surface and parcel data in a .nii, no voxel grid
+        raise KneegenError(f"{path}: a {type(image).__name__} holds no voxel grid to slice: give NIfTI volumes")
     while data.ndim > 3 and data.shape[-1] == 1:  # a 4-D file holding one volume
         data = data[..., 0]
     return RawVolume(data, image.affine, None, None)
@@ -164,7 +169,9 @@ def read_dicom_series(folder: Path) -> RawVolume:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == DICOM_SUFFIX)
     if not files:
         raise KneegenError(f"{folder}: no .dcm files in this folder: give a NIfTI file or a folder of one DICOM series")
-    datasets = [read_dicom_file(pydicom, f) for f in files]
+    with warnings.catch_warnings():  # pydicom warns of each odd tag on stderr; what matters is refused below
+        warnings.simplefilter("ignore")
+        datasets = [read_dicom_file(pydicom, f) for f in files]
     check_one_series(datasets, folder)
 
     # 1. Geometry: in-plane directions from the orientation, slice order along their normal.
@@ -173,7 +180,9 @@ def read_dicom_series(folder: Path) -> RawVolume:
     datasets, step = sort_along_normal(datasets, normal, folder)
 
     # 2. Pixels in physical units, stacked as (columns, rows, slices) to match the affine's axes.
-    pixels = [dicom_pixels(ds) for ds in datasets]  # each (rows, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixels = [dicom_pixels(ds) for ds in datasets]  # each (rows, columns)
     if len({p.shape for p in pixels}) > 1:
         raise KneegenError(f"{folder}: the slices have different sizes: the folder should hold one series")
     data = np.stack([p.T for p in pixels], axis=-1)  # (I, J, K)
@@ -210,7 +219,20 @@ def check_one_series(datasets: list[Any], folder: Path) -> None:
         raise KneegenError(
             f"{folder}: the .dcm files belong to {len(series)} series: put each series in its own folder"
         )
+    for ds in datasets:
+        if not any(tag in ds for tag in PIXEL_DATA_TAGS):
+            what = str(ds.get("Modality") or "") or getattr(ds.get("SOPClassUID"), "name", "") or "no image"
+            raise KneegenError(
+                f"{ds.filename}: holds no pixel data ({what}: an RT plan, report or waveform is no image slice): "
+                "remove it from the series folder"
+            )
     first = datasets[0]
+    photometric = str(first.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    if photometric not in GREY_PHOTOMETRICS:
+        raise KneegenError(
+            f"{folder}: {photometric} images are colour, and MRI slices are grey (MONOCHROME1/2): "
+            "give the series' grey-scale images, or convert them to grey first"
+        )
     if "MOSAIC" in first.get("ImageType", []):
         raise KneegenError(
             f"{folder}: Siemens mosaic images (each file packs many slices): "
@@ -265,28 +287,33 @@ def sort_along_normal(datasets: list[Any], normal: np.ndarray, folder: Path) -> 
 
 def dicom_pixels(ds: Any) -> np.ndarray:
     """One slice's pixels in physical units (RescaleSlope/Intercept applied), float32 (rows, columns)."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise KneegenError(
-            f"{ds.filename}: holds no pixel data (a header-only file?): remove it from the series folder"
-        )
     try:
         stored = ds.pixel_array
     except (AttributeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed:
+            raise KneegenError(
+                f"{ds.filename}: its {syntax.name} pixel data needs a decoder pydicom does not have here: install one "
+                "(pydicom's docs list them per syntax: e.g. pylibjpeg with pylibjpeg-libjpeg for JPEG, pyjpegls for "
+                "JPEG-LS) or export the series uncompressed"
+            ) from None
         raise KneegenError(
-            f"{ds.filename}: its pixel data cannot be decoded ({first_line(exc)}): "
-            "install pydicom's decoders (e.g. pylibjpeg) or export the series uncompressed"
+            f"{ds.filename}: its pixel data is damaged ({first_line(exc)}): export the series again"
         ) from None
     slope = float(ds.get("RescaleSlope") or 1.0)
     intercept = float(ds.get("RescaleIntercept") or 0.0)
-    return stored.astype(np.float32) * slope + intercept
+    physical = stored.astype(np.float32) * slope + intercept
+    # MONOCHROME1 shows its lowest values white: negated, the window maps them as MONOCHROME2's do.
+    return -physical if str(ds.get("PhotometricInterpretation") or "").strip().upper() == "MONOCHROME1" else physical
 
 
 def check_volume(data: np.ndarray, path: Path) -> None:
     """One finite 3-D volume, at least two voxels along every axis."""
     if data.ndim != 3 or min(data.shape) < 2:
         what = f"{data.ndim}-D" if data.ndim != 3 else "a single slice"
+        split = ": split it into 3-D files first (e.g. fslsplit, or nibabel's four_to_three)" if data.ndim > 3 else ""
         raise KneegenError(
-            f"{path}: shape {tuple(data.shape)} is {what}: kneegen needs one 3-D volume per file or DICOM folder"
+            f"{path}: shape {tuple(data.shape)} is {what}: kneegen needs one 3-D volume per file or DICOM folder{split}"
         )
     if not np.isfinite(data).all():
         n_nan = int(np.isnan(data).sum())
