@@ -109,7 +109,8 @@ def distillation_config(teacher: Path, overrides: dict[str, Any]) -> tuple[RunCo
         )
     steps = overrides.get("distill.steps", DEFAULT_STEPS)
     if student_of and isinstance(steps, int) and steps not in halvings(int(student_of)):
-        raise KneegenError(f"--steps {steps}: {further_steps(teacher, int(student_of), raw)}")
+        given = "" if "distill.steps" in overrides else " (the default)"
+        raise KneegenError(f"--steps {steps}{given}: {further_steps(teacher, int(student_of), raw)}")
     sample = raw.get("sample") or {}  # the teacher's, as checked when it trained
     guided = float(sample.get("autoguidance", 1.0)) if payload.get("guide") is not None else 1.0
     guided_below = float(sample.get("autoguidance_sigma_max", SampleConfig.autoguidance_sigma_max))

@@ -9,11 +9,13 @@ that need a checkpoint default to the latest run's best.pt, and accept a bare fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kneegen.engine.distributed import Distributed
 from kneegen.errors import KneegenError
 
 RUNS_ROOT = Path("runs")
@@ -21,6 +23,7 @@ CONFIG = "config.yaml"  # the run's config, written before its first step
 LAST = "last.pt"
 BEST = "best.pt"
 LOCK = ".training.lock"  # held by the process training into a run dir, while it does
+UNLOCKABLE = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}  # flock's "not on this file system"
 STEP_CHECKPOINTS = "checkpoints"  # folder of the kept step checkpoints
 STEP_PATTERN = "step-*.pt"
 
@@ -49,14 +52,14 @@ def start_run_dir(run_dir: Path) -> Path:
 def training_into(run_dir: Path) -> Iterator[None]:
     """Hold the run dir for one training process: a second one (say, `--resume` typed twice)
     would write the same checkpoints and metrics, each cutting back the other's. The lock is the
-    kernel's (flock), so a process that dies, even by kill -9, lets go of it."""
+    kernel's (flock), so a process that dies, even by kill -9, lets go of it. The file stays:
+    removing it would let a process that opened it before lock a file nobody else sees."""
     try:
         import fcntl
     except ImportError:  # no advisory locks on this platform: the run dir is not guarded
         yield
         return
-    path = run_dir / LOCK
-    with open(path, "a+") as handle:
+    with open(run_dir / LOCK, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,13 +69,39 @@ def training_into(run_dir: Path) -> Iterator[None]:
                 f"run dir {run_dir} is being trained by another process (pid {holder}): let it finish "
                 "(or stop it) first, or train into another --run-dir"
             ) from None
+        except OSError as error:  # a file system without locks (NFS without lockd, Lustre without flock)
+            if error.errno not in UNLOCKABLE:
+                raise
+            yield
+            return
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # still held: nobody else is removing or writing it
+        yield
+
+
+class RunDirHold:
+    """The run dirs one training holds (`training_into`, by rank 0, until `stack` closes). A
+    refusal reaches every process, so no rank waits on a collective rank 0 never joins."""
+
+    def __init__(self, stack: contextlib.ExitStack, dist: Distributed) -> None:
+        self.stack, self.dist = stack, dist
+        self.held: set[Path] = set()
+
+    def __call__(self, run_dir: Path) -> None:
+        where = run_dir.resolve()
+        if where in self.held:
+            return
+        refusal = None
+        if self.dist.is_main:
+            try:
+                self.stack.enter_context(training_into(run_dir))
+            except KneegenError as error:
+                refusal = str(error)
+        refusal = self.dist.broadcast(refusal)
+        if refusal:
+            raise KneegenError(refusal)
+        self.held.add(where)
 
 
 def latest_run(root: Path = RUNS_ROOT) -> Path:

@@ -136,14 +136,9 @@ def distilled_sampler(model: TrainedModel, asked: int | None) -> tuple[str, int]
             )
         return CONSISTENCY, model.distilled_steps
     if asked is not None and asked != model.distilled_steps:
-        fewer = halvings(model.distilled_steps)
-        further = (
-            f"distil it to {asked} (kneegen distill {model.source} --steps {asked}), "
-            if asked in fewer
-            else f"distil it to {' or '.join(map(str, fewer))} (kneegen distill {model.source} --steps N), "
-            if fewer
-            else ""
-        )
+        further = ""
+        if asked in halvings(model.distilled_steps):  # fewer steps: one more round or two
+            further = f"distil it to {asked} (kneegen distill {model.source} --steps {asked}), "
         raise KneegenError(
             f"--steps {asked}: {model.source} was distilled for {model.distilled_steps} steps, the only count its "
             f"sampler runs: give --steps {model.distilled_steps}, {further}or choose another --sampler"

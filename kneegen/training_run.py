@@ -62,12 +62,12 @@ from kneegen.runs import (
     CONFIG,
     LAST,
     STEP_CHECKPOINTS,
+    RunDirHold,
     check_resume_target,
     home_run_of,
     latest_run_dir,
     new_run_dir,
     start_run_dir,
-    training_into,
 )
 
 PACE_EPOCHS = 3  # the cooldown's plan follows the mean time of this process's last epochs, not its first
@@ -103,7 +103,14 @@ def run_training(
     torch.backends.cudnn.benchmark = compute.device.type == "cuda"  # fixed shapes: cuDNN may pick the fastest
 
     with process_group(dist, compute) as (dist, compute), contextlib.ExitStack() as held:
-        # 2. The network (a latent model's on its autoencoder's latents), and a batch that fits in memory.
+        # 2. A run being resumed is held first, before this process uses the device it trains on.
+        hold = RunDirHold(held, dist)
+        if resume:
+            run_dir = run_dir or (home_run_of(checkpoint) if checkpoint else latest_run_dir())
+            if run_dir is not None and run_dir.is_dir():
+                hold(run_dir)
+
+        # 3. The network (a latent model's on its autoencoder's latents), and a batch that fits in memory.
         latent, input_shape = None, (1, *data.image_shape)
         if cfg.model.autoencoder:
             latent, cfg = open_latent_space(cfg, data.image_shape, compute)
@@ -119,8 +126,8 @@ def run_training(
         cfg, memory_note = dist.broadcast(fit_batch_in_memory(cfg, plan, dist.world_size) if plan else (cfg, ""))
         fid = TrainingFid(data, compute, cfg.train.fid_samples) if cfg.train.fid_every and dist.is_main else None
 
-        # 3. A new run dir, or the state of the interrupted run, held by this run; then the epochs.
-        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data, latent, held)
+        # 4. A new run dir, or the state of the interrupted run, held by this run; then the epochs.
+        run_dir = open_run_dir(state, cfg, dist, run_dir, resume, checkpoint, data, hold, latent)
         if latent is not None:
             train_images, val_images = latent_splits(cfg, data, latent, compute, dist)
         run = Run(
@@ -244,26 +251,21 @@ def open_run_dir(
     resume: bool,
     checkpoint: Path | None,
     data: PreparedData,
+    hold: RunDirHold,
     latent: LatentSpace | None = None,
-    held: contextlib.ExitStack | None = None,
 ) -> Path:
     """The run dir to write: a new one (chosen by rank 0), or with `resume` the interrupted run's,
     with `state` restored from its checkpoint (read by every process) and its metrics cut back
     to that checkpoint. A resumed run without any checkpoint yet starts from the beginning; it
     must train on `data` of the checkpoint's image shape (data prepared again since is named),
     and a latent one must have `latent`, the autoencoder its checkpoint was trained with.
-    Rank 0 holds the run dir in `held` before it changes a file there (`training_into`)."""
-    hold = held.enter_context if held is not None and dist.is_main else lambda context: None
+    The run dir is held (`hold`) before a file in it changes."""
     if not resume:
-        if not dist.is_main:
-            return Path(dist.broadcast(None))
-        chosen = start_run_dir(run_dir or new_run_dir())
-        hold(training_into(chosen))
-        return Path(dist.broadcast(str(chosen)))
+        chosen = Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
+        hold(chosen)
+        return chosen
     if run_dir is None:
         run_dir = home_run_of(checkpoint) if checkpoint else latest_run_dir()
-    if run_dir is not None and run_dir.is_dir():
-        hold(training_into(run_dir))
     resumed = resume_point(run_dir, checkpoint, cfg)
     if resumed is None:
         if run_dir is None or not (run_dir / CONFIG).is_file():
@@ -294,8 +296,10 @@ def open_run_dir(
         raise KneegenError(f"{path} already has {state.epoch} epochs: raise --epochs to train further")
     run_dir = run_dir or Path(dist.broadcast(str(start_run_dir(new_run_dir())) if dist.is_main else None))
     if dist.is_main:
-        console.print(f"resuming from {path} (epoch {state.epoch}, step {state.step}){changes}", highlight=False)
         run_dir.mkdir(parents=True, exist_ok=True)
+    hold(run_dir)  # a new dir, for a checkpoint continued elsewhere; else held already
+    if dist.is_main:
+        console.print(f"resuming from {path} (epoch {state.epoch}, step {state.step}){changes}", highlight=False)
         keep_metrics_up_to(run_dir / METRICS_FILE, state)
         drop_snapshots_after(run_dir, state.step)
         for folder in (run_dir, run_dir / STEP_CHECKPOINTS, run_dir / SNAPSHOTS):

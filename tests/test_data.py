@@ -248,6 +248,8 @@ def test_nested_akoa_folders_and_sub_folder_patients(tmp_path, phantom_src):
     summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.6, 0.4, 0.0)))
     assert summary.images == 42
     assert summary.patients == 3 + 2  # AKOA patients wherever they sit; a plain top folder is one patient
+    akoa_volumes = {parse_akoa_name(path.name).volume for path in src.rglob("OAI*.png")}
+    assert summary.volumes == len(akoa_volumes) + 4  # each knee folder its own volume
     assert_no_leak(tmp_path / "out")
     groups = {r["patient"] for r in manifest(tmp_path / "out")["slices"] if r["side"] is None}
     assert groups == {"file:subject_a", "file:subject_b"}
@@ -266,6 +268,18 @@ def test_a_multi_page_tiff_is_a_stack_of_slices(tmp_path):
     assert sorted(r["slice"] for r in records if r["path"] == "p2.tif") == [0, 1, 2]
 
 
+def test_only_a_tiff_is_a_stack_and_its_pages_share_one_size(tmp_path):
+    src = tmp_path / "odd"
+    src.mkdir()
+    frames = [Image.fromarray(np.full((20, 30), value, np.uint8)) for value in (60, 120, 180)]
+    for patient in ("p1", "p2"):  # an animated PNG: one slice, its first frame
+        frames[0].save(src / f"{patient}.png", save_all=True, append_images=frames[1:])
+    frames[0].save(src / "p3.tif", save_all=True, append_images=[frames[1].resize((10, 10))])  # a preview page
+    summary = prepare_folder(src, tmp_path / "out", prepare_options((16, 16), fractions=SplitFractions(0.5, 0.5, 0.0)))
+    assert summary.images == 2
+    assert "a stack's pages share one size" in dict(summary.skipped)["p3.tif"]
+
+
 def test_inputs_all_in_one_top_folder_point_to_it(tmp_path):
     src = tmp_path / "plain"
     rng = np.random.default_rng(0)
@@ -277,6 +291,17 @@ def test_inputs_all_in_one_top_folder_point_to_it(tmp_path):
         prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
     assert f"run kneegen prepare {src / 'all'}" in str(info.value)
     assert prepare_folder(src / "all", tmp_path / "out", prepare_options((16, 16))).patients == 3
+
+
+def test_one_patients_folder_of_slices_is_not_advised_into_a_slice_level_split(tmp_path):
+    src = tmp_path / "one"
+    (src / "patient1").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(src / "patient1" / f"s{i}.png")
+    with pytest.raises(KneegenError, match="add other patients' folders beside it") as info:
+        prepare_folder(src, tmp_path / "out", prepare_options((16, 16)))
+    assert "run kneegen prepare" not in str(info.value)
 
 
 def test_loose_files_without_akoa_names_are_one_group_each(tmp_path):
@@ -396,6 +421,37 @@ def test_non_empty_foreign_folder_is_not_clobbered(small_src, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["images.npy", "thesis.tex"]
 
 
+def test_a_staging_folder_a_killed_prepare_left_is_no_obstacle_and_is_cleared(small_src, tmp_path):
+    out = tmp_path / "out"
+    (out / ".kneegen.x1y2.partial").mkdir(parents=True)
+    (out / ".kneegen.x1y2.partial" / "images.npy").write_bytes(b"half")
+    prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))  # no --overwrite needed
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "manifest.json"]
+
+
+def test_a_replacement_cut_short_between_its_moves_is_still_replaced_with_overwrite(small_src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare_folder(small_src, out, prepare_options((16, 16), **half_split()))
+    rename, moves = os.replace, []
+
+    def cut_after_the_manifest_steps_aside(src, dst):
+        moves.append(Path(dst).name)
+        if len(moves) == 2:  # the new images.npy: killed here
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr("kneegen.data.cache.os.replace", cut_after_the_manifest_steps_aside)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(KneegenError, match="already holds prepared data"):
+        prepare_folder(small_src, out, prepare_options((24, 24), **half_split()))
+    prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
+    assert open_cache(out).image_shape == (24, 24)
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "manifest.json"]
+
+
 def test_a_cache_behind_a_link_to_another_disk_is_replaced_whole(small_src, tmp_path, monkeypatch):
     """Renames across file systems fail (EXDEV); here every rename that leaves the cache's own
     folder does, as it would were the cache a mount point or a link to another disk."""
@@ -444,7 +500,7 @@ def test_a_failure_while_replacing_a_cache_leaves_the_old_cache_whole(small_src,
         prepare_folder(small_src, out, prepare_options((24, 24), **half_split()), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert open_cache(out).image_shape == (16, 16)
-    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no half-written folder beside it
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written folder inside it
 
 
 SLOW_PREPARE = """
@@ -456,29 +512,41 @@ read = prepare.read_input
 
 def read_slowly(task):  # forked workers find it in __main__ too
     open(MARKER, "a").close()  # reading has begun
-    time.sleep(0.05)
+    time.sleep(SECONDS)
     return read(task)
 
-MARKER = sys.argv.pop(1)
+MARKER, SECONDS = sys.argv.pop(1), float(sys.argv.pop(1))
 prepare.read_input = read_slowly
 sys.argv[0] = "kneegen"
 main()
 """
 
+POSIX_PROCESS_GROUPS = pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir(), reason="needs process groups and /proc (Linux)"
+)
 
-def start_slow_prepare(phantom_src: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+
+def start_slow_prepare(phantom_src: Path, tmp_path: Path, seconds_per_input: float) -> tuple[subprocess.Popen, Path]:
     """The real CLI preparing with two worker processes, in a session of its own (so a signal can
     reach the whole process group, as a terminal's Ctrl-C does); returns once reading has begun."""
     marker, out = tmp_path / "reading", tmp_path / "out"
-    command = [sys.executable, "-c", SLOW_PREPARE, marker, "prepare", phantom_src, "--out", out, "--workers", "2"]
+    command = [sys.executable, "-c", SLOW_PREPARE, marker, seconds_per_input, "prepare", phantom_src, "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     process = subprocess.Popen(
-        [str(part) for part in command], env=env, start_new_session=True, stderr=subprocess.PIPE, text=True
+        [str(part) for part in [*command, "--workers", 2]],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return process, out
+
+
+def worker_pids(process: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -490,24 +558,37 @@ def finish(process: subprocess.Popen) -> str:
         raise
 
 
-def test_ctrl_c_while_worker_processes_read_stops_cleanly(phantom_src, tmp_path):
-    """Ctrl-C once reading has begun: status 130, one line, no traceback, no hang, no cache."""
-    process, out = start_slow_prepare(phantom_src, tmp_path)
-    os.killpg(process.pid, signal.SIGINT)
+@pytest.mark.slow
+@POSIX_PROCESS_GROUPS
+@pytest.mark.parametrize("presses", [1, 3])
+def test_ctrl_c_while_worker_processes_read_stops_at_once(phantom_src, tmp_path, presses):
+    """Ctrl-C (once, or again while it stops) amid half-second reads of 30 inputs per worker:
+    status 130 within seconds, one line, no traceback, no cache, and no worker left running."""
+    process, out = start_slow_prepare(phantom_src, tmp_path, seconds_per_input=0.5)
+    workers = worker_pids(process)
+    pressed = time.monotonic()
+    for _ in range(presses):
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.05)
     stderr = finish(process)
-    assert process.returncode == 130, stderr
+    assert process.returncode in (130, -signal.SIGINT), stderr  # a shell shows either as 130
+    assert time.monotonic() - pressed < 5  # reading on would take 15 s
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert not (out / "manifest.json").exists()
+    time.sleep(1.5)  # a worker's input (0.5 s) is read by now: an orphan would still be running
+    assert workers and not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
+@pytest.mark.slow
+@POSIX_PROCESS_GROUPS
 def test_a_worker_leaves_ctrl_c_to_the_main_process(phantom_src, tmp_path):
     """A worker killed mid-chunk by SIGINT breaks the pool, and racing its shutdown can hang it:
     workers ignore the signal, so one that reaches the workers alone changes nothing."""
-    process, out = start_slow_prepare(phantom_src, tmp_path)
-    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    process, out = start_slow_prepare(phantom_src, tmp_path, seconds_per_input=0.05)
+    workers = worker_pids(process)
     assert workers
     for pid in workers:
-        os.kill(int(pid), signal.SIGINT)
+        os.kill(pid, signal.SIGINT)
     stderr = finish(process)
     assert process.returncode == 0, stderr
     assert open_cache(out).images.shape[0] == PHANTOM_IMAGES

@@ -66,7 +66,7 @@ def test_a_folder_of_hidden_files_only_says_they_are_not_read(tmp_path):
     src = tmp_path / "hidden"
     src.mkdir()
     Image.new("L", (8, 8)).save(src / ".slice.png")
-    with pytest.raises(KneegenError, match="1 hidden entries"):
+    with pytest.raises(KneegenError, match="1 hidden entry"):
         prepare_folder(src, tmp_path / "out", options())
 
 

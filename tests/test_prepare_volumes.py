@@ -108,9 +108,9 @@ def test_headers_a_library_chokes_on_are_skipped_not_fatal(mixed_src, tmp_path):
     summary = prepare_folder(mixed_src, tmp_path / "out", prepare_options(SIZE, fractions=FIFTHS))
     reasons = dict(summary.skipped)
     assert "LinAlgError" in reasons["nan_affine.nii"] and "\n" not in reasons["nan_affine.nii"]
-    assert "too large to read into memory" in reasons["huge.nii"]
+    assert "its header describes 98.2 TiB of voxels" in reasons["huge.nii"]  # 27e12 float32 voxels
     assert summary.patients == 7
-    with pytest.raises(KneegenError, match=r"huge\.nii: too large.*--strict"):
+    with pytest.raises(KneegenError, match=r"huge\.nii: its header describes.*--strict"):
         prepare_folder(mixed_src, tmp_path / "strict", prepare_options(SIZE, fractions=FIFTHS, strict=True))
 
 
@@ -148,3 +148,9 @@ def test_volumes_named_by_neither_file_nor_header_take_the_patient_folder_at_the
         splits.setdefault(record["patient"], set()).add(record["split"])
     assert sorted(splits) == ["file:sub-01", "file:sub-02", "file:sub-03"]
     assert all(len(where) == 1 for where in splits.values())
+
+
+def test_a_source_that_is_itself_one_dicom_series_is_one_input(tmp_path):
+    write_series(tmp_path / "series", "sagittal")
+    with pytest.raises(KneegenError, match="1 patients cannot fill"):  # one series: one patient, no split
+        prepare_folder(tmp_path / "series", tmp_path / "out", prepare_options(SIZE, fractions=FIFTHS))

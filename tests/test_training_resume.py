@@ -24,7 +24,7 @@ from kneegen.engine.checkpoint import load_checkpoint
 from kneegen.errors import KneegenError
 from kneegen.metrics_log import read_metrics
 from kneegen.run_checkpoints import resume_point
-from kneegen.runs import step_checkpoint, step_checkpoints
+from kneegen.runs import step_checkpoint, step_checkpoints, training_into
 from kneegen.training_run import run_training
 
 from helpers import TINY_MODEL, invoke, one_line_error, tiny_config, tiny_run_dict
@@ -302,3 +302,18 @@ def test_resume_refuses_images_of_another_size_and_names_other_or_reprepared_dat
     assert f"with train.epochs 3 → 4, {tmp_path / 'copy'} prepared again since last.pt was saved" in " ".join(
         again.output.split()
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="run dirs are held with flock")
+def test_every_process_of_a_torchrun_is_refused_a_run_dir_being_trained(straight_run, tmp_path):
+    """Rank 0 finds the run dir held; the refusal reaches rank 1 too, which would otherwise wait on
+    a collective until gloo's timeout (half an hour)."""
+    run_dir = tmp_path / "held"
+    shutil.copytree(straight_run, run_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "kneegen", "train", "--resume", "--run-dir", str(run_dir), "--epochs", "9"]
+    with training_into(run_dir):
+        launched = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert launched.returncode != 0
+    assert launched.stderr.count("being trained by another process") == 2, launched.stderr[-3000:]

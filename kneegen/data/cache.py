@@ -26,7 +26,8 @@ from kneegen.errors import KneegenError
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
 CACHE_FORMAT = "kneegen-cache"
-STAGING_SUFFIX = ".partial"  # the hidden folder a new cache is written into first
+STAGING_PREFIX, STAGING_SUFFIX = ".kneegen.", ".partial"  # the hidden folder a new cache is written into first
+REPLACING = ".kneegen.replacing.json"  # the old manifest, while a new cache's files move in
 CACHE_VERSION = 2  # 2: test split, uint16 pixels, options and source sizes in the manifest
 
 
@@ -77,6 +78,16 @@ def content_key(cache: PreparedData) -> str:
 
 def is_cache(root: Path) -> bool:
     return (root / MANIFEST_FILE).is_file()
+
+
+def is_replaceable(root: Path) -> bool:
+    """A cache, or one whose replacement a crash cut short (its old manifest set aside)."""
+    return is_cache(root) or (root / REPLACING).is_file()
+
+
+def staging_folders(root: Path) -> list[Path]:
+    """The hidden folders `write_cache` stages a new cache in (left behind only by a killed prepare)."""
+    return [path for path in root.glob(f"{STAGING_PREFIX}*{STAGING_SUFFIX}") if path.is_dir()]
 
 
 def open_cache(root: Path) -> PreparedData:
@@ -145,7 +156,8 @@ def matches_manifest(images: np.ndarray, manifest: dict[str, Any]) -> bool:
     ranges = manifest.get("split_ranges")
     if images.ndim != 3 or not isinstance(ranges, dict) or not {"train", "val"} <= ranges.keys():
         return False
-    if len(manifest.get("slices", images)) != len(images):  # the conditions and the summary read the records
+    records = manifest.get("slices", images)  # the conditions and the summary read them
+    if not isinstance(records, (list, np.ndarray)) or len(records) != len(images):
         return False
     start = 0
     for name in ("train", "val", "test"):
@@ -163,20 +175,26 @@ def write_cache(root: Path, images: np.ndarray, manifest: dict[str, Any]) -> Non
     """Write the new cache into a hidden folder inside `root`, then move its two files in.
 
     A cache being replaced stays whole until the new one is complete (a full disk or a crash
-    while writing leaves it untouched); only then does it lose its manifest, get the new array
-    and finally the new manifest, so a manifest never pairs with pixels it does not describe.
-    Inside `root`, not beside it: the moves are renames on one file system even where `root` is
-    a mount point or a link to another disk, so they cannot fail half-way.
+    while writing leaves it untouched); only then does its manifest step aside (as REPLACING, so
+    a crash in the moves leaves a folder `--overwrite` still knows as a cache), the new array
+    and finally the new manifest move in, so a manifest never pairs with pixels it does not
+    describe. Inside `root`, not beside it: the moves are renames on one file system even where
+    `root` is a mount point or a link to another disk, so they cannot fail half-way. Staging
+    folders a killed prepare left behind are removed first.
     """
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".kneegen.", suffix=STAGING_SUFFIX, dir=root))
+    for left in staging_folders(root):
+        shutil.rmtree(left, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=STAGING_SUFFIX, dir=root))
     try:
         np.save(staging / IMAGES_FILE, images)
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **manifest}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        (root / MANIFEST_FILE).unlink(missing_ok=True)
+        if (root / MANIFEST_FILE).exists():
+            os.replace(root / MANIFEST_FILE, root / REPLACING)
         os.replace(staging / IMAGES_FILE, root / IMAGES_FILE)
         os.replace(staging / MANIFEST_FILE, root / MANIFEST_FILE)
+        (root / REPLACING).unlink(missing_ok=True)
     except OSError as error:
         if is_disk_full(error):  # a failed write names no file: the one-line report names the cache
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root)) from error

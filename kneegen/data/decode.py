@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kneegen.data.akoa import parse_akoa_name
-from kneegen.data.inputs import Decoded, InputReader, Item
+from kneegen.data.inputs import FOLDER_PATIENT, Decoded, InputReader, Item
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ class UnreadableFile(KneegenError):
 
 
 def read_image(item: Item, options: PrepareOptions) -> Decoded:
-    """A slice file; AKOA names give patient, knee and slice, other files their folder or name.
-    A multi-page file (TIFF) is a stack: its pages are the slices of one volume, in page order."""
+    """A slice file; AKOA names give patient, knee and slice, other files their top folder (the
+    patient) and own folder (the volume), or their own name. A multi-page TIFF is a stack: its
+    pages are the slices of one volume, in page order."""
     pages = read_pages(item.path)
     parsed = parse_akoa_name(item.path.name)
     if len(pages) > 1:
@@ -41,7 +43,10 @@ def read_image(item: Item, options: PrepareOptions) -> Decoded:
         return Decoded(item, list(enumerate(pages)), patient, item.name, side)
     if parsed is not None:
         return Decoded(item, [(parsed.slice_index, pages[0])], parsed.patient, parsed.volume, parsed.side)
-    return Decoded(item, [(None, pages[0])], item.group, item.group)
+    folder = Path(item.name).parent
+    return Decoded(
+        item, [(None, pages[0])], item.group, f"{FOLDER_PATIENT}{folder if folder != Path('.') else item.name}"
+    )
 
 
 IMAGES = InputReader("image", read_image, suffixes=IMAGE_SUFFIXES)
@@ -61,18 +66,32 @@ def read_pages(path: Path) -> list[np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                pages = []
-                for page in range(getattr(image, "n_frames", 1)):
-                    image.seek(page)
-                    image.load()
-                    pages.append(to_gray_array(image))
-                return pages
+                return [to_gray_array(page) for page in stack_pages(image)]
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise UnreadableFile(too_many_pixels(str(exc))) from None
     except UnidentifiedImageError:
         raise UnreadableFile("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise UnreadableFile(f"corrupt or truncated image ({exc})") from None
+
+
+def stack_pages(image: Image.Image) -> Iterator[Image.Image]:
+    """A TIFF's pages, each loaded in turn; any other format's first frame only (an animated PNG
+    or a JPEG's thumbnail frame is no stack of slices). Pages of another size than the first (a
+    preview) and stacks past Pillow's pixel limit in all are refused, as one image over it is."""
+    pages = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+    width, height = image.size
+    if pages * width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise UnreadableFile(too_many_pixels(f"({pages * width * height} pixels)"))
+    for page in range(pages):
+        image.seek(page)
+        if image.size != (width, height):
+            raise UnreadableFile(
+                f"page {page + 1} is {image.size[0]}x{image.size[1]}, page 1 {width}x{height}: "
+                "a stack's pages share one size"
+            )
+        image.load()
+        yield image
 
 
 def too_many_pixels(pillow_message: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kneegen.data.cache import MANIFEST_FILE, is_cache
+from kneegen.data.cache import MANIFEST_FILE, is_replaceable, staging_folders
 from kneegen.errors import KneegenError
 
 
@@ -56,9 +56,9 @@ def refuse_to_clobber(out: Path, overwrite: bool, flag: str = "--out") -> None:
     other files may hold some named as a cache's are. `flag` is the option that named `out`."""
     if out.is_file():
         raise KneegenError(f"{out} is a file: choose a folder for {flag}")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not (set(out.iterdir()) - set(staging_folders(out))):
         return
-    if is_cache(out):
+    if is_replaceable(out):
         if overwrite:
             return
         raise KneegenError(

@@ -61,6 +61,9 @@ class InputReader:
                 )
 
 
+FOLDER_PATIENT = "file:"  # a patient (or volume) named after the folder or file it came from, not by the data
+
+
 @dataclass
 class Item:
     """One input: a file or a folder, and the reader that claimed it."""
@@ -68,7 +71,7 @@ class Item:
     path: Path
     reader: InputReader
     name: str  # the path relative to the source folder, as the manifest records it
-    group: str  # the patient when the name carries none: its sub-folder, else the file itself
+    group: str  # the patient when nothing in the input names one: its folder at the top of SRC, else itself
 
 
 @dataclass

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
-import signal
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -28,15 +25,14 @@ from kneegen.data.decode import widen_to_16_bit
 from kneegen.data.destination import refuse_links_into, refuse_nested, refuse_to_clobber
 from kneegen.data.disk import check_room_for
 from kneegen.data.geometry import fit_to_size
-from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line, load_readers
+from kneegen.data.inputs import FOLDER_PATIENT, Decoded, InputReader, Item, ReaderUnavailable, first_line, load_readers
 from kneegen.data.options import PrepareOptions
 from kneegen.data.splits import SPLITS, split_patients
 from kneegen.data.summary import PrepareSummary, summarize
+from kneegen.data.workers import map_in_processes
 from kneegen.errors import KneegenError
-from kneegen.interruption import StopRequest
 
-TASKS_PER_WORKER_CHUNK = 16  # images handed to a worker process at a time
-FOLDER_PATIENT = "file:"  # a patient named after the file or top folder it came from, not by the data
+INPUTS_WORTH_WORKERS = 32  # fewer inputs are read in this process: starting workers would cost more
 
 
 def prepare_folder(
@@ -85,7 +81,7 @@ def prepare_folder(
     sides: dict[str, set[str]] = {}
     for result in decoded:
         sides.setdefault(result.patient, set()).add(result.side)  # type: ignore[arg-type]
-    refuse_one_folder_patient(sides, src)
+    refuse_one_folder_patient(decoded, src)
     assignment = split_patients(sides, options.fractions, options.seed)
     rows = [
         (SPLITS.index(assignment[r.patient]), n, r, index, pixels)
@@ -151,7 +147,8 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
             ignored.append((path, f"not an image or volume ({path.suffix or 'no suffix'})"))
     if not items:
         hidden = sum(1 for entry in src.iterdir() if entry.name.startswith("."))
-        left_out = f"; {hidden} hidden entries (names starting with a dot) are not read" if hidden else ""
+        entries = "entry (its name starts" if hidden == 1 else "entries (their names start"
+        left_out = f"; {hidden} hidden {entries} with a dot) are not read" if hidden else ""
         raise KneegenError(
             f"no images (PNG/JPG/TIFF) or volumes found in {src} (the input readers claim {readers.claims()}"
             f"{left_out}): point kneegen prepare at the folder that holds them"
@@ -159,18 +156,26 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     return sorted(items, key=lambda item: str(item.path)), ignored
 
 
-def refuse_one_folder_patient(sides: dict[str, set[str]], src: Path) -> None:
+def refuse_one_folder_patient(decoded: list[Decoded], src: Path) -> None:
     """All inputs in one folder at the top of `src`, and nothing else saying whose they are: that
-    folder is one patient, which no split can use; its sub-folders likely are the patients."""
-    (patient,) = sides if len(sides) == 1 else (None,)
-    if patient is None or not patient.startswith(FOLDER_PATIENT):
+    folder is one patient, which no split can use. If it holds folders of inputs, they likely are
+    the patients; if not, its files are one patient's slices, and splitting them would leak."""
+    patients = {result.patient for result in decoded}
+    if len(patients) > 1 or not next(iter(patients)).startswith(FOLDER_PATIENT):
         return
-    folder = src / patient.removeprefix(FOLDER_PATIENT)
-    if folder.is_dir():
-        raise KneegenError(
-            f"every input is in {folder}, taken as one patient (no file name or header says whose they are), "
-            f"and a split needs several: if the folders in {folder} are patients, run kneegen prepare {folder}"
-        )
+    folder = src / next(iter(patients)).removeprefix(FOLDER_PATIENT)
+    if not folder.is_dir():
+        return
+    nested = any(len(Path(result.item.name).parts) > 2 for result in decoded)
+    advice = (
+        f"if the folders in {folder} are patients, run kneegen prepare {folder}"
+        if nested
+        else "add other patients' folders beside it"
+    )
+    raise KneegenError(
+        f"every input is in {folder}, taken as one patient (no file name or header says whose they are), "
+        f"and a split needs several: {advice}"
+    )
 
 
 def walk_files(src: Path) -> list[Path]:
@@ -213,39 +218,18 @@ def input_item(path: Path, reader: InputReader, src: Path) -> Item:
     however deep its files lie (`<patient>/<visit>/<knee>/…` keeps a patient's visits and knees
     together): the safe side for leakage. A loose file at the top is its own."""
     name = path.relative_to(src)
-    return Item(path, reader, str(name), f"{FOLDER_PATIENT}{name.parts[0]}")
+    top = name.parts[0] if name.parts else src.name  # SRC itself is the input (one DICOM series)
+    return Item(path, reader, str(name), f"{FOLDER_PATIENT}{top}")
 
 
 def read_all(items: list[Item], options: PrepareOptions) -> Iterator[Decoded]:
-    """Decoded inputs in order; several processes when there are cores and inputs to share.
-
-    With worker processes, Ctrl-C is the main process's alone: a worker killed mid-chunk breaks
-    the pool (and, racing its shutdown, can hang it), and one landing while a worker is forked
-    is swallowed. So the workers ignore it, and the main process only notes it and stops at the
-    next result, cancelling what is queued; a second Ctrl-C stops at once.
-    """
-    chunks = math.ceil(len(items) / TASKS_PER_WORKER_CHUNK)
-    workers = min(options.workers or os.cpu_count() or 1, chunks)  # never more processes than work
+    """Decoded inputs in order; several processes when there are cores and inputs to share."""
+    workers = min(options.workers or os.cpu_count() or 1, len(items))  # never more processes than inputs
     tasks = [(item, options) for item in items]
-    if workers == 1 or chunks < 2:
+    if workers == 1 or len(items) < INPUTS_WORTH_WORKERS:
         yield from (read_input(task) for task in tasks)
         return
-    with StopRequest(active=True, until="the files being read") as stop:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=ignore_ctrl_c)
-        try:
-            for result in pool.map(read_input, tasks, chunksize=TASKS_PER_WORKER_CHUNK):
-                if stop.requested:
-                    break
-                yield result
-        finally:  # also when the caller stops early: no queued input is read after that
-            pool.shutdown(wait=True, cancel_futures=True)
-        if stop.requested:
-            raise KeyboardInterrupt
-
-
-def ignore_ctrl_c() -> None:
-    """A worker process's start: Ctrl-C reaches the whole process group; the main process handles it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield from map_in_processes(read_input, tasks, workers, until="the files being read")
 
 
 def read_input(task: tuple[Item, PrepareOptions]) -> Decoded:

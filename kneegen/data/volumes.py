@@ -22,6 +22,7 @@ nibabel and pydicom are the optional `volumes` extra, imported only when a volum
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from kneegen.data.akoa import parse_akoa_name
+from kneegen.data.disk import size_text
 from kneegen.data.geometry import resize
 from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line
 from kneegen.errors import KneegenError
@@ -147,6 +149,7 @@ def read_nifti(path: Path, nib: ModuleType) -> RawVolume:
 
     try:
         image = nib.load(path)
+        check_voxels_present(image, path)
         data = image.get_fdata(dtype=np.float32)
     except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
         raise KneegenError(
@@ -157,6 +160,20 @@ def read_nifti(path: Path, nib: ModuleType) -> RawVolume:
     while data.ndim > 3 and data.shape[-1] == 1:  # a 4-D file holding one volume
         data = data[..., 0]
     return RawVolume(data, image.affine, None, None)
+
+
+def check_voxels_present(image: Any, path: Path) -> None:
+    """An uncompressed file must hold the voxels its header describes: a damaged header can claim
+    terabytes, which reading would try to allocate before finding the file short."""
+    proxy = getattr(image, "dataobj", None)
+    if path.name.lower().endswith(".gz") or not all(hasattr(proxy, key) for key in ("shape", "dtype", "offset")):
+        return
+    needed = proxy.offset + math.prod(proxy.shape) * np.dtype(proxy.dtype).itemsize
+    if needed > path.stat().st_size:
+        raise KneegenError(
+            f"{path}: its header describes {size_text(needed)} of voxels and the file holds "
+            f"{size_text(path.stat().st_size)}: the file is damaged or cut short; export it again"
+        )
 
 
 def read_dicom_series(folder: Path) -> RawVolume:
@@ -254,7 +271,7 @@ def image_orientation(datasets: list[Any], folder: Path) -> tuple[np.ndarray, np
     values = np.array(orientations, dtype=float)  # (N, 6)
     if values.shape[1] != 6 or not np.allclose(np.linalg.norm(values.reshape(-1, 2, 3), axis=2), 1, atol=1e-2):
         raise KneegenError(
-            f"{folder}: ImageOrientationPatient must be two unit vectors (6 numbers), not {list(values[0])}: "
+            f"{folder}: ImageOrientationPatient must be two unit vectors (6 numbers), not {values[0].tolist()}: "
             "export the series again"
         )
     if not np.allclose(values, values[0], atol=1e-4):
