@@ -259,13 +259,13 @@ def open_run_dir(
     to that checkpoint. A resumed run without any checkpoint yet starts from the beginning; it
     must train on `data` of the checkpoint's image shape (data prepared again since is named),
     and a latent one must have `latent`, the autoencoder its checkpoint was trained with.
-    The run dir is held (`hold`) before a file in it changes."""
+    On `resume`, `run_dir` is the run being continued, as `run_training` found it (None: a
+    checkpoint copied out of its run, continued in a new dir). The run dir is held (`hold`)
+    before a file in it changes."""
     if not resume:
         chosen = Path(dist.broadcast(str(start_run_dir(run_dir or new_run_dir())) if dist.is_main else None))
         hold(chosen)
         return chosen
-    if run_dir is None:
-        run_dir = home_run_of(checkpoint) if checkpoint else latest_run_dir()
     resumed = resume_point(run_dir, checkpoint, cfg)
     if resumed is None:
         if run_dir is None or not (run_dir / CONFIG).is_file():
