@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kneegen.data.prepare import find_inputs
 from kneegen.data.volumes import AXES, find_volumes, read_volume_slices
 from kneegen.errors import KneegenError
 
@@ -280,6 +281,21 @@ def test_folder_with_two_series_is_refused(tmp_path):
     with pytest.raises(KneegenError, match="2 series") as excinfo:
         read_volume_slices(tmp_path / "series")
     assert_one_line_naming(excinfo, tmp_path / "series")
+
+
+def test_dicom_files_without_a_suffix_are_a_series_by_their_marker(tmp_path):
+    """Many exports (OAI's among them) name DICOM files 001, 002, …: the DICM marker finds them."""
+    write_series(tmp_path / "named", "sagittal")
+    shutil.copytree(tmp_path / "named", tmp_path / "bare" / "series")
+    for path in (tmp_path / "bare" / "series").glob("*.dcm"):
+        path.rename(path.with_suffix(""))
+    (tmp_path / "bare" / "series" / "README").write_text("not a slice")
+    items, _ = find_inputs(tmp_path / "bare")
+    assert [(item.name, item.reader.name) for item in items] == [("series", "dicom")]
+    bare = read_volume_slices(tmp_path / "bare" / "series", min_foreground=0.0)
+    named = read_volume_slices(tmp_path / "named", min_foreground=0.0)
+    assert len(bare.slices) == len(named.slices) == N_SLICES
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(bare.slices, named.slices))
 
 
 def test_a_non_dicom_file_in_a_series_is_named_without_pydicoms_force_advice(tmp_path):

@@ -51,6 +51,7 @@ class InputReader:
     read: Callable[[Item, PrepareOptions], Decoded]
     suffixes: tuple[str, ...] = ()  # files ending in one of these (any case) are one input each
     folder_suffixes: tuple[str, ...] = ()  # a folder directly holding such files is one input
+    folder_marker: tuple[int, bytes] | None = None  # or files no suffix claims, holding these bytes at this offset
     volumetric: bool = False  # an input is a volume: the manifest records its window and slice counts
 
     def __post_init__(self) -> None:
@@ -104,14 +105,20 @@ class InputReaders:
         return next((self.files[tail] for tail in tails if tail in self.files), None)
 
     def for_folder_of(self, path: Path) -> InputReader | None:
-        """The reader that takes `path`'s folder as one input because of this file, if any."""
-        return self.folders.get(path.suffix.lower())
+        """The reader that takes `path`'s folder as one input because of this file, if any: by its
+        suffix, or, for a file no suffix claims (DICOM files are often named 00000001), by its marker."""
+        reader = self.folders.get(path.suffix.lower())
+        if reader is not None or self.for_file(path) is not None:
+            return reader
+        return next((r for r in self.by_name.values() if r.folder_marker and has_marker(path, r.folder_marker)), None)
 
     def claims(self) -> str:
         """What the readers claim, for a message: 'dicom: folders of .dcm; image: .png .jpg'."""
 
         def claim(reader: InputReader) -> str:
             folders = [f"folders of {suffix}" for suffix in reader.folder_suffixes]
+            if reader.folder_marker:
+                folders.append(f"or of files marked {reader.folder_marker[1].decode(errors='replace')}")
             return f"{reader.name}: {' '.join([*reader.suffixes, *folders])}"
 
         return "; ".join(claim(reader) for _, reader in sorted(self.by_name.items()))
@@ -166,6 +173,17 @@ def load_reader(entry: EntryPoint) -> InputReader:
 def provider(entry: EntryPoint) -> str:
     """The distribution that installed an entry point, as pip names it."""
     return entry.dist.name if entry.dist is not None else "an unknown package"
+
+
+def has_marker(path: Path, marker: tuple[int, bytes]) -> bool:
+    """Whether the file holds `marker`'s bytes at its offset (an unreadable file does not)."""
+    offset, expected = marker
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(len(expected)) == expected
+    except OSError:
+        return False
 
 
 def first_line(exc: Exception) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from kneegen.data.akoa import parse_akoa_name
 from kneegen.data.disk import size_text
 from kneegen.data.geometry import resize
-from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line
+from kneegen.data.inputs import Decoded, InputReader, Item, ReaderUnavailable, first_line, has_marker
 from kneegen.errors import KneegenError
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 DICOM_SUFFIX = ".dcm"
+DICOM_MARKER = (128, b"DICM")  # after a DICOM file's 128-byte preamble, whatever its name
 AXES = ("sagittal", "coronal", "axial")  # slices along RAS x, y, z
 UINT16_MAX = 65535
 FOREGROUND_LEVEL = 0.05 * UINT16_MAX  # a pixel is foreground above 5 % of the window
@@ -84,7 +85,7 @@ def find_volumes(src: Path) -> list[Path]:
     for path in (p for p in src.rglob("*") if p.is_file()):
         if is_nifti(path):
             found.add(path)
-        elif path.suffix.lower() == DICOM_SUFFIX:
+        elif is_dicom_file(path):
             found.add(path.parent)
     return sorted(found)
 
@@ -132,7 +133,7 @@ def read_volume(item: Item, options: PrepareOptions) -> Decoded:
 
 
 NIFTI = InputReader("nifti", read_volume, suffixes=VOLUME_SUFFIXES, volumetric=True)
-DICOM = InputReader("dicom", read_volume, folder_suffixes=(DICOM_SUFFIX,), volumetric=True)
+DICOM = InputReader("dicom", read_volume, folder_suffixes=(DICOM_SUFFIX,), folder_marker=DICOM_MARKER, volumetric=True)
 
 
 def import_reader(name: str, path: Path) -> ModuleType:
@@ -183,9 +184,12 @@ def read_dicom_series(folder: Path) -> RawVolume:
     per folder, and guessing which series the user meant would hide the mistake.
     """
     pydicom = import_reader("pydicom", folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == DICOM_SUFFIX)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
     if not files:
-        raise KneegenError(f"{folder}: no .dcm files in this folder: give a NIfTI file or a folder of one DICOM series")
+        raise KneegenError(
+            f"{folder}: no DICOM files (.dcm, or marked DICM) in this folder: give a NIfTI file or a folder of one "
+            "DICOM series"
+        )
     with warnings.catch_warnings():  # pydicom warns of each odd tag on stderr; what matters is refused below
         warnings.simplefilter("ignore")
         datasets = [read_dicom_file(pydicom, f) for f in files]
@@ -392,6 +396,13 @@ def identify(path: Path, raw: RawVolume) -> tuple[str | None, str | None]:
     if akoa is not None:
         return akoa.patient, akoa.side
     return raw.patient_id or None, DICOM_SIDES.get(str(raw.laterality or "").upper())
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A file of a DICOM series: named .dcm, or, named otherwise (OAI's are 001, 002, …), marked DICM."""
+    if path.suffix.lower() == DICOM_SUFFIX:
+        return True
+    return not path.name.startswith(".") and not is_nifti(path) and has_marker(path, DICOM_MARKER)
 
 
 def is_nifti(path: Path) -> bool:
