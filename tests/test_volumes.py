@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +298,19 @@ def test_dicom_files_without_a_suffix_are_a_series_by_their_marker(tmp_path):
     named = read_volume_slices(tmp_path / "named", min_foreground=0.0)
     assert len(bare.slices) == len(named.slices) == N_SLICES
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(bare.slices, named.slices))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_not_opened_to_look_for_a_marker(tmp_path):
+    (tmp_path / "src").mkdir()
+    write_series(tmp_path / "src" / "series", "axial")
+    os.mkfifo(tmp_path / "pipe")  # opened for reading, it would wait for a writer
+    (tmp_path / "src" / "series" / "feed").symlink_to(tmp_path / "pipe")  # a link is listed, a FIFO is not
+    found: list = []
+    looking = threading.Thread(target=lambda: found.append(find_inputs(tmp_path / "src")), daemon=True)
+    looking.start()
+    looking.join(timeout=20)
+    assert found and [item.name for item in found[0][0]] == ["series"]
 
 
 def test_a_non_dicom_file_in_a_series_is_named_without_pydicoms_force_advice(tmp_path):

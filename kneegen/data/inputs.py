@@ -176,8 +176,11 @@ def provider(entry: EntryPoint) -> str:
 
 
 def has_marker(path: Path, marker: tuple[int, bytes]) -> bool:
-    """Whether the file holds `marker`'s bytes at its offset (an unreadable file does not)."""
+    """Whether the file holds `marker`'s bytes at its offset (an unreadable file does not; nor does
+    anything but a regular file: opening a FIFO would wait for a writer)."""
     offset, expected = marker
+    if not path.is_file():
+        return False
     try:
         with open(path, "rb") as handle:
             handle.seek(offset)
