@@ -125,9 +125,9 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
     readers = load_readers()
     files = walk_files(src)
     # 1. Folder shapes first: a folder some of whose files make it one input (a DICOM series).
+    part_of = {path: readers.for_folder_of(path) for path in files}  # once: a marker is read from the file
     folders: dict[Path, InputReader] = {}
-    for path in files:
-        reader = readers.for_folder_of(path)
+    for path, reader in part_of.items():
         if reader is not None:
             folders.setdefault(path.parent, reader)
     # 2. Every other file is an input of its own or ignored; a claimed folder's other files silently.
@@ -137,9 +137,8 @@ def find_inputs(src: Path) -> tuple[list[Item], list[tuple[Path, str]]]:
         if not path.exists():
             ignored.append((path, broken_link(path)))
             continue
-        part_of = readers.for_folder_of(path)
-        if part_of is not None:
-            if folders[path.parent] is not part_of:  # two folder kinds in one folder: the first file's wins
+        if part_of[path] is not None:
+            if folders[path.parent] is not part_of[path]:  # two folder kinds in one folder: the first file's wins
                 ignored.append((path, f"in a folder read as one {folders[path.parent].name} input"))
         elif (reader := readers.for_file(path)) is not None:
             items.append(input_item(path, reader, src))
